@@ -1,0 +1,292 @@
+"""The real Linux kernel: `Kernel` implemented with os, fcntl, mmap and eventfd.
+
+This is the only module in aiovfio that calls `fcntl.ioctl`. Every call is
+logged at debug level (once structlog is configured) with its arguments and
+result. Errors propagate as `OSError` with the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from pathlib import Path
+
+from .. import _log
+from .._uapi import iommufd as iommufd_uapi
+from .._uapi import vfio as uapi
+from .._uapi.iommufd import IommufdIoctl
+from .._uapi.vfio import Ioctl
+from .protocol import PciIds
+
+__all__ = ["LinuxKernel"]
+
+_O_FLAGS = os.O_RDWR | os.O_CLOEXEC
+
+
+def _fields(arg: ctypes.Structure) -> dict[str, int]:
+    return {name: getattr(arg, name) for name, *_ in arg._fields_}
+
+
+class LinuxKernel:
+    """Real syscalls. `sysfs` and `dev` roots are configurable for tests."""
+
+    name = "linux"
+
+    def __init__(self, *, sysfs: str | os.PathLike[str] = "/sys", dev: str | os.PathLike[str] = "/dev") -> None:
+        self.sysfs = Path(sysfs)
+        self.dev = Path(dev)
+
+    def __repr__(self) -> str:
+        return f"<LinuxKernel sysfs={str(self.sysfs)!r} dev={str(self.dev)!r}>"
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _ioctl(self, what: str, fd: int, request: int, arg: ctypes.Structure | bytearray) -> int:
+        """One ioctl with an in/out buffer; returns the ioctl's return value."""
+        try:
+            rc = fcntl.ioctl(fd, request, arg, True)
+        except OSError as exc:
+            if _log.enabled():
+                _log.logger.debug("kernel.ioctl", op=what, fd=fd, errno=exc.errno)
+            raise
+        if _log.enabled():
+            shown = _fields(arg) if isinstance(arg, ctypes.Structure) else {"len": len(arg)}
+            _log.logger.debug("kernel.ioctl", op=what, fd=fd, result=rc, **shown)
+        return rc
+
+    def _ioctl_int(self, what: str, fd: int, request: int, value: int | None = None) -> int:
+        """One ioctl whose argument is an integer (or none); returns its result."""
+        try:
+            rc = fcntl.ioctl(fd, request) if value is None else fcntl.ioctl(fd, request, value)
+        except OSError as exc:
+            if _log.enabled():
+                _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, errno=exc.errno)
+            raise
+        if _log.enabled():
+            _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, result=rc)
+        return rc
+
+    def _open(self, path: Path) -> int:
+        fd = os.open(path, _O_FLAGS)
+        _log.debug("kernel.open", path=str(path), fd=fd)
+        return fd
+
+    # --- files -----------------------------------------------------------------
+
+    def vfio_available(self) -> bool:
+        return (self.dev / "vfio" / "vfio").exists()
+
+    def open_container(self) -> int:
+        return self._open(self.dev / "vfio" / "vfio")
+
+    def open_group(self, group: int) -> int:
+        return self._open(self.dev / "vfio" / str(int(group)))
+
+    def close(self, fd: int) -> None:
+        _log.debug("kernel.close", fd=fd)
+        os.close(fd)
+
+    # --- container -------------------------------------------------------------
+
+    def get_api_version(self, container: int) -> int:
+        return self._ioctl_int("VFIO_GET_API_VERSION", container, Ioctl.GET_API_VERSION)
+
+    def check_extension(self, container: int, extension: int) -> int:
+        return self._ioctl_int(
+            "VFIO_CHECK_EXTENSION", container, Ioctl.CHECK_EXTENSION, int(extension)
+        )
+
+    def set_iommu(self, container: int, iommu_type: int) -> None:
+        self._ioctl_int("VFIO_SET_IOMMU", container, Ioctl.SET_IOMMU, int(iommu_type))
+
+    def iommu_get_info(self, container: int, info: bytearray) -> None:
+        self._ioctl("VFIO_IOMMU_GET_INFO", container, Ioctl.IOMMU_GET_INFO, info)
+
+    def map_dma(self, container: int, arg: uapi.vfio_iommu_type1_dma_map) -> None:
+        self._ioctl("VFIO_IOMMU_MAP_DMA", container, Ioctl.IOMMU_MAP_DMA, arg)
+
+    def unmap_dma(self, container: int, arg: uapi.vfio_iommu_type1_dma_unmap) -> None:
+        self._ioctl("VFIO_IOMMU_UNMAP_DMA", container, Ioctl.IOMMU_UNMAP_DMA, arg)
+
+    # --- group -----------------------------------------------------------------
+
+    def group_get_status(self, group_fd: int, arg: uapi.vfio_group_status) -> None:
+        self._ioctl("VFIO_GROUP_GET_STATUS", group_fd, Ioctl.GROUP_GET_STATUS, arg)
+
+    def group_set_container(self, group_fd: int, container: int) -> None:
+        self._ioctl(
+            "VFIO_GROUP_SET_CONTAINER",
+            group_fd,
+            Ioctl.GROUP_SET_CONTAINER,
+            bytearray(ctypes.c_int32(container)),
+        )
+
+    def group_unset_container(self, group_fd: int) -> None:
+        self._ioctl_int("VFIO_GROUP_UNSET_CONTAINER", group_fd, Ioctl.GROUP_UNSET_CONTAINER)
+
+    def group_get_device_fd(self, group_fd: int, name: str) -> int:
+        # A mutable buffer makes fcntl.ioctl return the ioctl's value: the new fd.
+        buf = bytearray(name.encode() + b"\0")
+        return self._ioctl("VFIO_GROUP_GET_DEVICE_FD", group_fd, Ioctl.GROUP_GET_DEVICE_FD, buf)
+
+    # --- device ----------------------------------------------------------------
+
+    def device_get_info(self, device: int, info: bytearray) -> None:
+        self._ioctl("VFIO_DEVICE_GET_INFO", device, Ioctl.DEVICE_GET_INFO, info)
+
+    def device_get_region_info(self, device: int, info: bytearray) -> None:
+        self._ioctl("VFIO_DEVICE_GET_REGION_INFO", device, Ioctl.DEVICE_GET_REGION_INFO, info)
+
+    def device_get_irq_info(self, device: int, arg: uapi.vfio_irq_info) -> None:
+        self._ioctl("VFIO_DEVICE_GET_IRQ_INFO", device, Ioctl.DEVICE_GET_IRQ_INFO, arg)
+
+    def device_set_irqs(self, device: int, arg: bytearray) -> None:
+        self._ioctl("VFIO_DEVICE_SET_IRQS", device, Ioctl.DEVICE_SET_IRQS, arg)
+
+    def device_reset(self, device: int) -> None:
+        self._ioctl_int("VFIO_DEVICE_RESET", device, Ioctl.DEVICE_RESET)
+
+    def device_get_pci_hot_reset_info(self, device: int, info: bytearray) -> None:
+        self._ioctl(
+            "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+            device,
+            Ioctl.DEVICE_GET_PCI_HOT_RESET_INFO,
+            info,
+        )
+
+    def device_pci_hot_reset(self, device: int, arg: bytearray) -> None:
+        self._ioctl("VFIO_DEVICE_PCI_HOT_RESET", device, Ioctl.DEVICE_PCI_HOT_RESET, arg)
+
+    def device_feature(self, device: int, arg: bytearray) -> int:
+        return self._ioctl("VFIO_DEVICE_FEATURE", device, Ioctl.DEVICE_FEATURE, arg)
+
+    # --- iommufd ---------------------------------------------------------------
+
+    def iommufd_available(self) -> bool:
+        return (self.dev / "iommu").exists()
+
+    def open_iommufd(self) -> int:
+        return self._open(self.dev / "iommu")
+
+    def open_device_cdev(self, cdev: str) -> int:
+        if "/" in cdev or not cdev:
+            raise FileNotFoundError(f"not a VFIO cdev name: {cdev!r}")
+        return self._open(self.dev / "vfio" / "devices" / cdev)
+
+    def device_bind_iommufd(self, device: int, arg: uapi.vfio_device_bind_iommufd) -> None:
+        self._ioctl("VFIO_DEVICE_BIND_IOMMUFD", device, Ioctl.DEVICE_BIND_IOMMUFD, arg)
+
+    def device_attach_iommufd_pt(
+        self, device: int, arg: uapi.vfio_device_attach_iommufd_pt
+    ) -> None:
+        self._ioctl("VFIO_DEVICE_ATTACH_IOMMUFD_PT", device, Ioctl.DEVICE_ATTACH_IOMMUFD_PT, arg)
+
+    def device_detach_iommufd_pt(
+        self, device: int, arg: uapi.vfio_device_detach_iommufd_pt
+    ) -> None:
+        self._ioctl("VFIO_DEVICE_DETACH_IOMMUFD_PT", device, Ioctl.DEVICE_DETACH_IOMMUFD_PT, arg)
+
+    def ioas_alloc(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_alloc) -> None:
+        self._ioctl("IOMMU_IOAS_ALLOC", iommufd, IommufdIoctl.IOAS_ALLOC, arg)
+
+    def ioas_map(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_map) -> None:
+        self._ioctl("IOMMU_IOAS_MAP", iommufd, IommufdIoctl.IOAS_MAP, arg)
+
+    def ioas_unmap(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_unmap) -> None:
+        self._ioctl("IOMMU_IOAS_UNMAP", iommufd, IommufdIoctl.IOAS_UNMAP, arg)
+
+    def ioas_iova_ranges(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_iova_ranges) -> None:
+        self._ioctl("IOMMU_IOAS_IOVA_RANGES", iommufd, IommufdIoctl.IOAS_IOVA_RANGES, arg)
+
+    def iommufd_destroy(self, iommufd: int, arg: iommufd_uapi.iommu_destroy) -> None:
+        self._ioctl("IOMMU_DESTROY", iommufd, IommufdIoctl.DESTROY, arg)
+
+    # --- device I/O ------------------------------------------------------------
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(5, f"short read: {len(data)} of {size} bytes at {offset:#x}")
+        return data
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        n = os.pwrite(fd, data, offset)
+        if n != len(data):
+            raise OSError(5, f"short write: {n} of {len(data)} bytes at {offset:#x}")
+
+    def mmap(self, fd: int, length: int, offset: int, *, writable: bool) -> mmap.mmap:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        m = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        _log.debug("kernel.mmap", fd=fd, length=length, offset=offset, writable=writable)
+        return m
+
+    # --- eventfd ---------------------------------------------------------------
+
+    def eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        _log.debug("kernel.eventfd", fd=fd)
+        return fd
+
+    def eventfd_read(self, fd: int) -> int:
+        return os.eventfd_read(fd)
+
+    # --- sysfs -----------------------------------------------------------------
+
+    def _pci(self, bdf: str) -> Path:
+        if "/" in bdf or not bdf:
+            raise FileNotFoundError(f"not a PCI address: {bdf!r}")
+        return self.sysfs / "bus" / "pci" / "devices" / bdf
+
+    def pci_devices(self) -> tuple[str, ...]:
+        base = self.sysfs / "bus" / "pci" / "devices"
+        try:
+            return tuple(sorted(p.name for p in base.iterdir()))
+        except FileNotFoundError:
+            return ()
+
+    def iommu_group(self, bdf: str) -> int | None:
+        link = self._pci(bdf) / "iommu_group"
+        if not self._pci(bdf).exists():
+            raise FileNotFoundError(2, f"no PCI device {bdf}", str(self._pci(bdf)))
+        try:
+            return int(os.path.basename(os.readlink(link)))
+        except FileNotFoundError:
+            return None
+
+    def group_devices(self, group: int) -> tuple[str, ...]:
+        base = self.sysfs / "kernel" / "iommu_groups" / str(int(group)) / "devices"
+        return tuple(sorted(p.name for p in base.iterdir()))
+
+    def driver(self, bdf: str) -> str | None:
+        path = self._pci(bdf)
+        if not path.exists():
+            raise FileNotFoundError(2, f"no PCI device {bdf}", str(path))
+        try:
+            return os.path.basename(os.readlink(path / "driver"))
+        except FileNotFoundError:
+            return None
+
+    def pci_ids(self, bdf: str) -> PciIds:
+        path = self._pci(bdf)
+
+        def hexval(name: str) -> int:
+            return int((path / name).read_text().strip(), 16)
+
+        return PciIds(
+            vendor=hexval("vendor"),
+            device=hexval("device"),
+            subsystem_vendor=hexval("subsystem_vendor"),
+            subsystem_device=hexval("subsystem_device"),
+            class_code=hexval("class"),
+            revision=hexval("revision"),
+        )
+
+    def device_cdev(self, bdf: str) -> str | None:
+        base = self._pci(bdf) / "vfio-dev"
+        try:
+            names = sorted(p.name for p in base.iterdir())
+        except FileNotFoundError:
+            return None
+        return names[0] if names else None

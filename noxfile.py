@@ -1,0 +1,86 @@
+"""Developer tasks: `nox -s tests`, `demo`, `vm`, `lint`, `typecheck`, `bench`, `docs`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import nox
+
+nox.needs_version = ">=2024.10"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+KERNELS = ("6.1", "6.12")
+
+
+def _group(name: str) -> list[str]:
+    return list(nox.project.dependency_groups(PYPROJECT, name))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite on the simulated machine, on asyncio, uvloop and trio."""
+    session.install("-e", ".[trio,uvloop]", *_group("test"))
+    session.run("python", "-m", "pytest", "--ignore=tests/vm", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The edu driver on the simulated machine: the README's first command."""
+    session.install("-e", ".")
+    session.run("python", "-m", "aiovfio", "demo", *session.posargs)
+
+
+@nox.session
+def vm(session: nox.Session) -> None:
+    """The real-kernel suite inside a QEMU guest, once per Debian kernel.
+
+    Provisions the guest first (root: apt packages and Debian's kernels into a
+    cache folder). `nox -s vm -- 6.12` runs one kernel only.
+    """
+    session.install("-e", ".[trio,uvloop]", *_group("test"))
+    session.run("python", "-m", "aiovfio.testing.vm", "--setup")
+    kernels = [k for k in session.posargs if k in KERNELS] or list(KERNELS)
+    python = os.path.realpath(os.path.join(session.bin, "python"))
+    for kernel in kernels:
+        session.run(
+            "python", "-m", "aiovfio.testing.vm", "--kernel", kernel, "--",
+            python, "-m", "pytest", "-p", "no:cacheprovider", "tests/vm",
+            "-o", "addopts=-ra --strict-markers", "-q",
+        )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and the examples."""
+    session.install("-e", ".[trio,uvloop]", *_group("typing"))
+    session.run("mypy", "--strict", "aiovfio", "examples")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed figures beside their raw baselines, with ratios."""
+    session.install("-e", ".[trio,uvloop]")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """API reference (pdoc) into docs/_build."""
+    session.install("-e", ".[trio]", *_group("docs"))
+    session.run("pdoc", "-o", "docs/_build", "aiovfio", "!aiovfio._uapi")
+
+
+if __name__ == "__main__":
+    sys.exit("run this file with nox")
