@@ -1,0 +1,1 @@
+"""Tools for testing drivers: the QEMU-guest harness (`aiovfio.testing.vm`)."""
