@@ -46,7 +46,7 @@ class LinuxKernel:
     def _ioctl(self, what: str, fd: int, request: int, arg: ctypes.Structure | bytearray) -> int:
         """One ioctl with an in/out buffer; returns the ioctl's return value."""
         try:
-            rc = fcntl.ioctl(fd, request, arg, True)
+            rc: int = fcntl.ioctl(fd, request, arg, True)
         except OSError as exc:
             if _log.enabled():
                 _log.logger.debug("kernel.ioctl", op=what, fd=fd, errno=exc.errno)

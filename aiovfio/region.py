@@ -1,0 +1,443 @@
+"""Device regions (PCI BARs, ROM, config space) and exact-width register access.
+
+Register accessors are synchronous: a register access is one CPU load or
+store through an mmap, or one pread/pwrite of exactly that width on a
+trapped region. Bounds, alignment and value range are checked before any
+syscall. Where the region offers mmap (the MMAP flag, or sparse areas), the
+mapped parts are accessed through typed memoryviews (one aligned load or
+store of the exact width); everything else goes through pread/pwrite.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from typing import TYPE_CHECKING
+
+from attrs import define, field, frozen
+
+from . import _log, errors
+from ._uapi import caps
+from ._uapi import vfio as uapi
+from ._util import kcall
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["Region", "RegionInfo", "query_region_info"]
+
+
+
+@frozen
+class RegionInfo:
+    """What VFIO_DEVICE_GET_REGION_INFO says about one region."""
+
+    index: int
+    flags: uapi.RegionFlag
+    size: int
+    #: where the region starts in the device fd (for pread/pwrite/mmap)
+    offset: int
+    #: (offset, size) areas that may be mmap'd; the whole region when MMAP
+    #: is set without a sparse-mmap capability
+    mmap_areas: tuple[tuple[int, int], ...] = ()
+    #: (type, subtype) from the region-type capability, None without one
+    type: tuple[int, int] | None = None
+    #: the MSI-X table in this BAR may be mmap'd (MSIX_MAPPABLE capability)
+    msix_mappable: bool = False
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & uapi.RegionFlag.READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & uapi.RegionFlag.WRITE)
+
+    @property
+    def mappable(self) -> bool:
+        return bool(self.flags & uapi.RegionFlag.MMAP) and bool(self.mmap_areas)
+
+    def __repr__(self) -> str:
+        names = [f.name for f in uapi.RegionFlag if f & self.flags and f.name]
+        areas = ", ".join(f"{o:#x}+{s:#x}" for o, s in self.mmap_areas)
+        extra = f" mmap=[{areas}]" if areas else ""
+        if self.type is not None:
+            extra += f" type={self.type[0]:#x}/{self.type[1]:#x}"
+        if self.msix_mappable:
+            extra += " msix-mappable"
+        return (
+            f"RegionInfo(index={self.index}, size={self.size:#x}, "
+            f"flags={'|'.join(names) or '0'}{extra})"
+        )
+
+
+def query_region_info(kernel: Kernel, fd: int, index: int, target: str) -> RegionInfo:
+    """VFIO_DEVICE_GET_REGION_INFO with the two-call dance for capability chains."""
+    head = ctypes.sizeof(uapi.vfio_region_info)
+    buf = bytearray(uapi.vfio_region_info(argsz=head, index=index))
+    op = "VFIO_DEVICE_GET_REGION_INFO"
+    kcall(op, f"{target} region {index}", kernel.device_get_region_info, fd, buf)
+    need = uapi.vfio_region_info.from_buffer_copy(buf).argsz
+    if need > head:
+        buf = bytearray(uapi.vfio_region_info(argsz=need, index=index)) + bytes(need - head)
+        kcall(op, f"{target} region {index}", kernel.device_get_region_info, fd, buf)
+    info = uapi.vfio_region_info.from_buffer_copy(buf)
+    flags = uapi.RegionFlag(info.flags & 0xF)
+    areas: tuple[tuple[int, int], ...] = ()
+    rtype: tuple[int, int] | None = None
+    msix = False
+    if flags & uapi.RegionFlag.MMAP:
+        areas = ((0, int(info.size)),)
+    if flags & uapi.RegionFlag.CAPS and info.cap_offset:
+        for cap in caps.walk(buf, info.cap_offset, start=head):
+            if cap.id == uapi.RegionCap.SPARSE_MMAP:
+                areas = tuple(caps.sparse_mmap_areas(cap))
+            elif cap.id == uapi.RegionCap.TYPE:
+                rtype = caps.region_type(cap)
+            elif cap.id == uapi.RegionCap.MSIX_MAPPABLE:
+                msix = True
+    return RegionInfo(
+        index=index,
+        flags=flags,
+        size=int(info.size),
+        offset=int(info.offset),
+        mmap_areas=tuple((int(o), int(s)) for o, s in areas if s),
+        type=rtype,
+        msix_mappable=msix,
+    )
+
+
+@define(eq=False, repr=False)
+class _Area:
+    """One mmap'd part of a region, with typed views for each width."""
+
+    start: int
+    end: int
+    mm: mmap.mmap
+    views: dict[int, memoryview[int]]
+
+    def release(self) -> None:
+        for v in self.views.values():
+            v.release()
+        self.views.clear()
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view from read()/`mapped`
+            _log.logger.warning("region.mmap_still_referenced", start=hex(self.start))
+
+
+@define(eq=False, repr=False)
+class Region:
+    """One region of an open device: `device.bar(0)`, `device.config`.
+
+    `read8`..`read64` and `write8`..`write64` access exactly that width at a
+    naturally aligned offset; `read` and `write` move bulk bytes.
+    """
+
+    info: RegionInfo
+    _kernel: Kernel = field(alias="kernel")
+    _fd: int = field(alias="fd")
+    #: "device 0000:00:04.0 BAR0", for messages
+    label: str
+    _areas: list[_Area] = field(factory=list, init=False)
+    # Fast-path state: when one area covers the whole region, its typed views.
+    _v8: memoryview[int] | None = field(default=None, init=False)
+    _v16: memoryview[int] | None = field(default=None, init=False)
+    _v32: memoryview[int] | None = field(default=None, init=False)
+    _v64: memoryview[int] | None = field(default=None, init=False)
+    # The same views for writes, only when the region is writable.
+    _w8: memoryview[int] | None = field(default=None, init=False)
+    _w16: memoryview[int] | None = field(default=None, init=False)
+    _w32: memoryview[int] | None = field(default=None, init=False)
+    _w64: memoryview[int] | None = field(default=None, init=False)
+    # Highest valid offset per width; -1 once closed (so every access fails fast).
+    _end1: int = field(default=-1, init=False)
+    _end2: int = field(default=-1, init=False)
+    _end4: int = field(default=-1, init=False)
+    _end8: int = field(default=-1, init=False)
+    _base: int = field(default=0, init=False)
+    _closed: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        size = self.info.size
+        self._base = self.info.offset
+        self._end1, self._end2, self._end4, self._end8 = size - 1, size - 2, size - 4, size - 8
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("mmap" if self._v32 is not None else "trapped")
+        if self._areas and self._v32 is None and not self._closed:
+            state = "sparse mmap"
+        return f"<Region {self.label} size={self.info.size:#x} {state}>"
+
+    # --- description ---------------------------------------------------------------
+
+    @property
+    def index(self) -> int:
+        return self.info.index
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def flags(self) -> uapi.RegionFlag:
+        return self.info.flags
+
+    @property
+    def mappable(self) -> bool:
+        return self.info.mappable
+
+    @property
+    def mapped(self) -> bool:
+        """Whether accesses go through an mmap (whole region) rather than the kernel."""
+        return self._v32 is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- set-up and tear-down ----------------------------------------------------------
+
+    def map(self) -> None:
+        """mmap every area the region offers (done by `Device.bar`)."""
+        if not self.info.mappable:
+            return
+        writable = self.info.writable
+        try:
+            for off, size in self.info.mmap_areas:
+                try:
+                    mm = self._kernel.mmap(self._fd, size, self._base + off, writable=writable)
+                except OSError as exc:
+                    where = f"{self.label} area {off:#x}+{size:#x}"
+                    raise errors.from_oserror(exc, "mmap", where) from exc
+                raw = memoryview(mm)
+                views = {1: raw.cast("B"), 2: raw.cast("H"), 4: raw.cast("I"), 8: raw.cast("Q")}
+                raw.release()
+                self._areas.append(_Area(off, off + size, mm, views))
+        except BaseException:
+            self.close()
+            raise
+        if len(self._areas) == 1 and self._areas[0].start == 0 and \
+                self._areas[0].end == self.info.size:
+            v = self._areas[0].views
+            self._v8, self._v16, self._v32, self._v64 = v.get(1), v.get(2), v.get(4), v.get(8)
+            if writable:
+                self._w8, self._w16, self._w32, self._w64 = self._v8, self._v16, self._v32, self._v64
+
+    def close(self) -> None:
+        """Unmap; later accesses raise ClosedResourceError. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._end1 = self._end2 = self._end4 = self._end8 = -1
+        self._v8 = self._v16 = self._v32 = self._v64 = None
+        self._w8 = self._w16 = self._w32 = self._w64 = None
+        areas, self._areas = self._areas, []
+        for area in areas:
+            area.release()
+
+    # --- errors --------------------------------------------------------------------
+
+    def _bad(self, offset: object, width: int, what: str) -> errors.VfioError:
+        if self._closed:
+            return errors.ClosedResourceError(f"{self.label} is closed (its device was closed)")
+        if not isinstance(offset, int):
+            return errors.InvalidArgument(f"{what} on {self.label}: offset {offset!r} is not an int")
+        if offset < 0 or offset + width > self.info.size:
+            return errors.RegionAccessError(
+                f"{what} at {offset:#x} is outside {self.label} (size {self.info.size:#x}); "
+                f"offsets run from 0 to {self.info.size - width:#x} for {width}-byte access"
+            )
+        if offset % width:
+            return errors.AlignmentError(
+                f"{what} at {offset:#x} on {self.label} is not {width}-byte aligned"
+            )
+        if not self.info.readable and what.startswith("read"):
+            return errors.RegionAccessError(f"{self.label} is not readable")
+        if not self.info.writable and what.startswith("write"):
+            return errors.RegionAccessError(f"{self.label} is not writable")
+        return errors.RegionAccessError(f"{what} at {offset:#x} on {self.label} failed")
+
+    def _bad_value(self, value: object, width: int, offset: int) -> errors.VfioError:
+        return errors.InvalidArgument(
+            f"write{width * 8} of {value!r} at {offset:#x} on {self.label}: the value must be "
+            f"an int in [0, {(1 << (width * 8)) - 1:#x}]"
+        )
+
+    # --- the slow path: areas and the kernel -----------------------------------------------
+
+    def _load(self, offset: int, width: int) -> int:
+        for area in self._areas:
+            if area.start <= offset and offset + width <= area.end:
+                return int(area.views[width][(offset - area.start) // width])
+        if not self.info.readable:
+            raise self._bad(offset, width, f"read{width * 8}")
+        try:
+            data = self._kernel.pread(self._fd, width, self._base + offset)
+        except OSError as exc:
+            raise errors.from_oserror(exc, "pread", f"{self.label} at {offset:#x}") from exc
+        return int.from_bytes(data, "little")
+
+    def _store(self, offset: int, width: int, value: int) -> None:
+        if not self.info.writable:
+            raise self._bad(offset, width, f"write{width * 8}")
+        try:
+            data = value.to_bytes(width, "little")
+        except (OverflowError, AttributeError, TypeError):
+            raise self._bad_value(value, width, offset) from None
+        for area in self._areas:
+            if area.start <= offset and offset + width <= area.end:
+                area.views[width][(offset - area.start) // width] = value
+                return
+        try:
+            self._kernel.pwrite(self._fd, data, self._base + offset)
+        except OSError as exc:
+            raise errors.from_oserror(exc, "pwrite", f"{self.label} at {offset:#x}") from exc
+
+    # --- exact-width accessors (hot path) ---------------------------------------------------
+
+    def read8(self, offset: int) -> int:
+        try:
+            if offset < 0 or offset > self._end1:
+                raise self._bad(offset, 1, "read8")
+        except TypeError:
+            raise self._bad(offset, 1, "read8") from None
+        v = self._v8
+        return v[offset] if v is not None else self._load(offset, 1)
+
+    def read16(self, offset: int) -> int:
+        try:
+            if offset & 1 or offset < 0 or offset > self._end2:
+                raise self._bad(offset, 2, "read16")
+        except TypeError:
+            raise self._bad(offset, 2, "read16") from None
+        v = self._v16
+        return v[offset >> 1] if v is not None else self._load(offset, 2)
+
+    def read32(self, offset: int) -> int:
+        try:
+            if offset & 3 or offset < 0 or offset > self._end4:
+                raise self._bad(offset, 4, "read32")
+        except TypeError:
+            raise self._bad(offset, 4, "read32") from None
+        v = self._v32
+        return v[offset >> 2] if v is not None else self._load(offset, 4)
+
+    def read64(self, offset: int) -> int:
+        try:
+            if offset & 7 or offset < 0 or offset > self._end8:
+                raise self._bad(offset, 8, "read64")
+        except TypeError:
+            raise self._bad(offset, 8, "read64") from None
+        v = self._v64
+        return v[offset >> 3] if v is not None else self._load(offset, 8)
+
+    def write8(self, offset: int, value: int) -> None:
+        try:
+            if offset < 0 or offset > self._end1:
+                raise self._bad(offset, 1, "write8")
+        except TypeError:
+            raise self._bad(offset, 1, "write8") from None
+        v = self._w8
+        if v is None:
+            self._store(offset, 1, value)
+            return
+        try:
+            v[offset] = value
+        except (ValueError, TypeError):
+            raise self._bad_value(value, 1, offset) from None
+
+    def write16(self, offset: int, value: int) -> None:
+        try:
+            if offset & 1 or offset < 0 or offset > self._end2:
+                raise self._bad(offset, 2, "write16")
+        except TypeError:
+            raise self._bad(offset, 2, "write16") from None
+        v = self._w16
+        if v is None:
+            self._store(offset, 2, value)
+            return
+        try:
+            v[offset >> 1] = value
+        except (ValueError, TypeError):
+            raise self._bad_value(value, 2, offset) from None
+
+    def write32(self, offset: int, value: int) -> None:
+        try:
+            if offset & 3 or offset < 0 or offset > self._end4:
+                raise self._bad(offset, 4, "write32")
+        except TypeError:
+            raise self._bad(offset, 4, "write32") from None
+        v = self._w32
+        if v is None:
+            self._store(offset, 4, value)
+            return
+        try:
+            v[offset >> 2] = value
+        except (ValueError, TypeError):
+            raise self._bad_value(value, 4, offset) from None
+
+    def write64(self, offset: int, value: int) -> None:
+        try:
+            if offset & 7 or offset < 0 or offset > self._end8:
+                raise self._bad(offset, 8, "write64")
+        except TypeError:
+            raise self._bad(offset, 8, "write64") from None
+        v = self._w64
+        if v is None:
+            self._store(offset, 8, value)
+            return
+        try:
+            v[offset >> 3] = value
+        except (ValueError, TypeError):
+            raise self._bad_value(value, 8, offset) from None
+
+    # --- bulk ----------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` (for RAM-like areas; registers want readN)."""
+        self._check_span(offset, length, "read")
+        if not self.info.readable:
+            raise errors.RegionAccessError(f"{self.label} is not readable")
+        for area in self._areas:
+            if area.start <= offset and offset + length <= area.end:
+                return bytes(area.views[1][offset - area.start : offset - area.start + length])
+        if length == 0:
+            return b""
+        try:
+            return self._kernel.pread(self._fd, length, self._base + offset)
+        except OSError as exc:
+            raise errors.from_oserror(exc, "pread", f"{self.label} at {offset:#x}") from exc
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset` (for RAM-like areas; registers want writeN)."""
+        try:
+            payload = bytes(data)
+        except TypeError:
+            raise errors.InvalidArgument(
+                f"write on {self.label}: data must be bytes-like, not {type(data).__name__}"
+            ) from None
+        self._check_span(offset, len(payload), "write")
+        if not self.info.writable:
+            raise errors.RegionAccessError(f"{self.label} is not writable")
+        if not payload:
+            return
+        for area in self._areas:
+            if area.start <= offset and offset + len(payload) <= area.end:
+                area.views[1][offset - area.start : offset - area.start + len(payload)] = payload
+                return
+        try:
+            self._kernel.pwrite(self._fd, payload, self._base + offset)
+        except OSError as exc:
+            raise errors.from_oserror(exc, "pwrite", f"{self.label} at {offset:#x}") from exc
+
+    def _check_span(self, offset: int, length: int, what: str) -> None:
+        if self._closed:
+            raise errors.ClosedResourceError(f"{self.label} is closed (its device was closed)")
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise errors.InvalidArgument(f"{what} on {self.label}: offset and length must be ints")
+        if length < 0 or offset < 0 or offset + length > self.info.size:
+            raise errors.RegionAccessError(
+                f"{what} of {length:#x} bytes at {offset:#x} is outside {self.label} "
+                f"(size {self.info.size:#x})"
+            )
