@@ -120,9 +120,7 @@ class Device:
         k = self.kernel
         # GET_DEVICE_FD may reset the function (vfio-pci's open path): a thread.
         try:
-            self._fd = await anyio.to_thread.run_sync(
-                k.group_get_device_fd, group.fd, self.name
-            )
+            self._fd = await anyio.to_thread.run_sync(k.group_get_device_fd, group.fd, self.name)
         except OSError as exc:
             hint = None
             if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
@@ -257,10 +255,16 @@ class Device:
         if kind >= self.info.num_irqs:
             raise errors.Unsupported(f"{self.label} has no {kind.name.lower()} IRQ index")
         arg = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=int(kind))
-        kcall("VFIO_DEVICE_GET_IRQ_INFO", f"{self.label} irq {kind.name.lower()}",
-              self.kernel.device_get_irq_info, self._fd, arg)
-        return IrqInfo(index=int(kind), count=int(arg.count),
-                       flags=uapi.IrqInfoFlag(arg.flags & 0xF))
+        kcall(
+            "VFIO_DEVICE_GET_IRQ_INFO",
+            f"{self.label} irq {kind.name.lower()}",
+            self.kernel.device_get_irq_info,
+            self._fd,
+            arg,
+        )
+        return IrqInfo(
+            index=int(kind), count=int(arg.count), flags=uapi.IrqInfoFlag(arg.flags & 0xF)
+        )
 
     def interrupts(self, kind: str | int, count: int = 1) -> InterruptSet:
         """Enable `count` vectors of `kind` (an async context manager of InterruptStreams).
@@ -293,11 +297,8 @@ class Device:
         return InterruptSet(self, info, count)
 
     def _irq_kinds(self) -> list[str]:
-        kinds = []
-        for kind in IrqKind:
-            if kind < self.info.num_irqs and self.irq_info(kind).count:
-                kinds.append(kind.name.lower())
-        return kinds
+        n = self.info.num_irqs
+        return [k.name.lower() for k in IrqKind if k < n and self.irq_info(k).count]
 
     def _interrupts_opened(self, iset: InterruptSet) -> None:
         self._interrupt_sets.append(iset)
@@ -319,16 +320,16 @@ class Device:
         """Allocate and map memory on the device's container, below its DMA mask."""
         self._check_open()
         mask = dma_mask if dma_mask is not None else self.dma_mask
-        return self.container.dma_buffer(size, dma_mask=mask, readonly=readonly,
-                                         hugepages=hugepages)
+        return self.container.dma_buffer(
+            size, dma_mask=mask, readonly=readonly, hugepages=hugepages
+        )
 
     def map_dma(
         self, buffer: Buffer, *, iova: int | None = None, readonly: bool = False
     ) -> DmaMapping:
         """Map a caller's page-aligned buffer on the device's container."""
         self._check_open()
-        return self.container.map_dma(buffer, iova=iova, readonly=readonly,
-                                      dma_mask=self.dma_mask)
+        return self.container.map_dma(buffer, iova=iova, readonly=readonly, dma_mask=self.dma_mask)
 
     # --- reset ---------------------------------------------------------------------
 
@@ -361,8 +362,9 @@ def _find_group(kernel: Kernel, bdf: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def open_device(bdf: str, *, kernel: Kernel | None = None,
-                      dma_mask: int | None = None) -> AsyncIterator[Device]:
+async def open_device(
+    bdf: str, *, kernel: Kernel | None = None, dma_mask: int | None = None
+) -> AsyncIterator[Device]:
     """Open one PCI device: its own container, its group, then the device.
 
     `async with aiovfio.open_device("0000:01:00.0") as dev:` Everything is
@@ -371,7 +373,10 @@ async def open_device(bdf: str, *, kernel: Kernel | None = None,
     k = kernel if kernel is not None else default_kernel()
     name = normalize_bdf(bdf)
     number = _find_group(k, name)
-    async with Container(kernel=k) as container, container.group(number) as group, \
-            group.open_device(name) as device:
+    async with (
+        Container(kernel=k) as container,
+        container.group(number) as group,
+        group.open_device(name) as device,
+    ):
         device.dma_mask = dma_mask
         yield device

@@ -95,8 +95,13 @@ class Group:
     def _status(self) -> int:
         self._check_open()
         arg = uapi.vfio_group_status(argsz=8, flags=0)
-        kcall("VFIO_GROUP_GET_STATUS", self.label, self.container.kernel.group_get_status,
-              self._fd, arg)
+        kcall(
+            "VFIO_GROUP_GET_STATUS",
+            self.label,
+            self.container.kernel.group_get_status,
+            self._fd,
+            arg,
+        )
         return int(arg.flags)
 
     def _check_open(self) -> None:
@@ -137,13 +142,17 @@ class Group:
         path = f"/dev/vfio/{self.number}"
         if exc.errno == errno.ENOENT:
             return errors.from_oserror(
-                exc, "open", path,
+                exc,
+                "open",
+                path,
                 hint=f"no VFIO group {self.number}: bind its devices to vfio-pci "
                 f"(`aiovfio bind BDF`) or check the number with `aiovfio ls`",
             )
         if exc.errno == errno.EBUSY:
             return errors.from_oserror(
-                exc, "open", path,
+                exc,
+                "open",
+                path,
                 hint=f"group {self.number} is already open, in this or another process; "
                 f"close that first (one opener at a time)",
             )

@@ -80,8 +80,9 @@ class IrqInfo:
         return f"IrqInfo({self.kind}, count={self.count}, flags={names})"
 
 
-def set_irqs_buffer(index: int, flags: int, start: int, fds: Sequence[int] | None,
-                    count: int = 0) -> bytearray:
+def set_irqs_buffer(
+    index: int, flags: int, start: int, fds: Sequence[int] | None, count: int = 0
+) -> bytearray:
     """A vfio_irq_set followed by its eventfd array (or no data)."""
     head = ctypes.sizeof(uapi.vfio_irq_set)
     n = len(fds) if fds is not None else count
@@ -195,9 +196,7 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
         if self._closed:
             raise errors.ClosedResourceError(f"{self!r} is closed")
         if self._receiving:
-            raise errors.BusyResourceError(
-                f"another task is already receiving from {self!r}"
-            )
+            raise errors.BusyResourceError(f"another task is already receiving from {self!r}")
         self._receiving = True
         try:
             if self._pending:
@@ -338,8 +337,13 @@ class InterruptSet:
             None,
             count=1,
         )
-        kcall("VFIO_DEVICE_SET_IRQS", f"{self.label} (unmask)", dev.kernel.device_set_irqs,
-              dev.fd, buf)
+        kcall(
+            "VFIO_DEVICE_SET_IRQS",
+            f"{self.label} (unmask)",
+            dev.kernel.device_set_irqs,
+            dev.fd,
+            buf,
+        )
 
     def _trigger(self, vector: int) -> None:
         dev = self.device
@@ -350,5 +354,10 @@ class InterruptSet:
             None,
             count=1,
         )
-        kcall("VFIO_DEVICE_SET_IRQS", f"{self.label} (trigger)", dev.kernel.device_set_irqs,
-              dev.fd, buf)
+        kcall(
+            "VFIO_DEVICE_SET_IRQS",
+            f"{self.label} (trigger)",
+            dev.kernel.device_set_irqs,
+            dev.fd,
+            buf,
+        )

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["Region", "RegionInfo", "query_region_info"]
 
 
-
 @frozen
 class RegionInfo:
     """What VFIO_DEVICE_GET_REGION_INFO says about one region."""
@@ -217,12 +216,20 @@ class Region:
         except BaseException:
             self.close()
             raise
-        if len(self._areas) == 1 and self._areas[0].start == 0 and \
-                self._areas[0].end == self.info.size:
+        if (
+            len(self._areas) == 1
+            and self._areas[0].start == 0
+            and self._areas[0].end == self.info.size
+        ):
             v = self._areas[0].views
             self._v8, self._v16, self._v32, self._v64 = v.get(1), v.get(2), v.get(4), v.get(8)
             if writable:
-                self._w8, self._w16, self._w32, self._w64 = self._v8, self._v16, self._v32, self._v64
+                self._w8, self._w16, self._w32, self._w64 = (
+                    self._v8,
+                    self._v16,
+                    self._v32,
+                    self._v64,
+                )
 
     def close(self) -> None:
         """Unmap; later accesses raise ClosedResourceError. A second call does nothing."""
@@ -242,7 +249,9 @@ class Region:
         if self._closed:
             return errors.ClosedResourceError(f"{self.label} is closed (its device was closed)")
         if not isinstance(offset, int):
-            return errors.InvalidArgument(f"{what} on {self.label}: offset {offset!r} is not an int")
+            return errors.InvalidArgument(
+                f"{what} on {self.label}: offset {offset!r} is not an int"
+            )
         if offset < 0 or offset + width > self.info.size:
             return errors.RegionAccessError(
                 f"{what} at {offset:#x} is outside {self.label} (size {self.info.size:#x}); "

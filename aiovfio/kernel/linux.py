@@ -34,7 +34,9 @@ class LinuxKernel:
 
     name = "linux"
 
-    def __init__(self, *, sysfs: str | os.PathLike[str] = "/sys", dev: str | os.PathLike[str] = "/dev") -> None:
+    def __init__(
+        self, *, sysfs: str | os.PathLike[str] = "/sys", dev: str | os.PathLike[str] = "/dev"
+    ) -> None:
         self.sysfs = Path(sysfs)
         self.dev = Path(dev)
 

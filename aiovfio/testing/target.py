@@ -26,8 +26,13 @@ SIM_EDU = "0000:00:04.0"
 SIM_NVME = "0000:00:05.0"
 
 
-_OURS = ("/dev/vfio", "/dev/iommu", "anon_inode:[vfio-device]", "anon_inode:[eventfd]",
-         "anon_inode:vfio")
+_OURS = (
+    "/dev/vfio",
+    "/dev/iommu",
+    "anon_inode:[vfio-device]",
+    "anon_inode:[eventfd]",
+    "anon_inode:vfio",
+)
 
 
 def in_guest() -> bool:
