@@ -870,9 +870,10 @@ class Binder:
     ) -> BindResult:
         """Release a function from vfio-pci and give it back to its previous driver.
 
-        The previous driver comes from the state file; `to` names another one;
-        without either the kernel picks (drivers_probe). `load` runs
-        `modprobe` for a driver that is not loaded.
+        The previous driver (and driver_override) comes from the state file;
+        `to` names another driver and pins it with driver_override; without
+        either the kernel picks (drivers_probe). `load` runs `modprobe` for a
+        driver that is not loaded.
         """
         function = self.sysfs.function(address)
         path = self.sysfs.path(address)
@@ -896,7 +897,12 @@ class Binder:
         target = to if to is not None else (saved.driver if saved else None)
         if target == VFIO_DRIVER:
             target = None
-        override = saved.driver_override if saved and saved.driver_override != VFIO_DRIVER else None
+        if to is not None:
+            override: str | None = to  # pin it, as `driverctl set-override` does
+        elif saved and saved.driver_override != VFIO_DRIVER:
+            override = saved.driver_override
+        else:
+            override = None
         notes: list[str] = []
         if target and not self.sysfs.driver_loaded(target) and load:
             self._run(["modprobe", target])

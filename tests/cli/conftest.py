@@ -21,6 +21,9 @@ import pytest
 import aiovfio.sysfs
 from aiovfio.sysfs import Roots
 
+#: The real single-write writer; the fake calls it first, then reacts.
+_write_attribute = aiovfio.sysfs.write_attribute
+
 EDU = "0000:00:04.0"
 NVME = "0000:00:05.0"
 ICH9_LPC = "0000:00:1f.0"
@@ -82,7 +85,7 @@ class FakeKernel:
         (self.proc / "self" / "mounts").write_text("proc /proc proc rw 0 0\n")
         (self.proc / "self" / "limits").write_text(
             "Limit                     Soft Limit           Hard Limit           Units\n"
-            "Max locked memory         8388608              8388608              bytes\n"
+            "Max locked memory         unlimited            unlimited            bytes\n"
         )
         (self.proc / "self" / "status").write_text("Name:\tpython\nCapEff:\t0000000000000000\n")
         self.add_driver("vfio-pci")
@@ -97,6 +100,15 @@ class FakeKernel:
         d.mkdir(exist_ok=True)
         for attr in ("bind", "unbind", "new_id"):
             (d / attr).touch()
+
+    def remove_driver(self, name: str) -> None:
+        d = self.pci / "drivers" / name
+        for entry in d.iterdir():
+            if entry.is_symlink():
+                self._unbind(entry.name)
+            else:
+                entry.unlink()
+        d.rmdir()
 
     def add_function(
         self,
@@ -208,6 +220,7 @@ class FakeKernel:
         real = Path(os.path.realpath(path))
         rel = real.relative_to(os.path.realpath(self.sysfs))
         self.writes.append((str(rel), value))
+        _write_attribute(path, value)
         parts = rel.parts
         if parts == ("bus", "pci", "drivers_probe"):
             self._probe(value.strip())
