@@ -19,7 +19,7 @@ from .container import Container
 from .irq import InterruptSet, IrqInfo, IrqKind
 from .kernel import Kernel, default_kernel
 from .pci import ConfigSpace
-from .region import Region, RegionInfo, query_region_info
+from .region import MappedRegion, Region, RegionInfo, query_region_info
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -239,9 +239,15 @@ class Device:
         info = self.region_info(index)
         if not info.size or not info.flags & (uapi.RegionFlag.READ | uapi.RegionFlag.WRITE):
             raise errors.Unsupported(f"{self.label} has no {what} (its region {index} is empty)")
-        cls = ConfigSpace if index == uapi.PciRegion.CONFIG else Region
+        cls: type[Region]
+        if index == uapi.PciRegion.CONFIG:
+            cls = ConfigSpace
+        elif info.mappable and info.mmap_areas == ((0, info.size),):
+            cls = MappedRegion
+        else:
+            cls = Region
         region = cls(info, self.kernel, self._fd, f"{self.label} {what}")
-        if index != uapi.PciRegion.CONFIG:
+        if cls is not ConfigSpace:
             region.map()
         self._regions[index] = region
         return region

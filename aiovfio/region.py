@@ -24,7 +24,7 @@ from ._util import kcall
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-__all__ = ["Region", "RegionInfo", "query_region_info"]
+__all__ = ["Region", "MappedRegion", "RegionInfo", "query_region_info"]
 
 
 @frozen
@@ -139,7 +139,7 @@ class Region:
     #: "device 0000:00:04.0 BAR0", for messages
     label: str
     _areas: list[_Area] = field(factory=list, init=False)
-    # Fast-path state: when one area covers the whole region, its typed views.
+    # MappedRegion's fast path: when one area covers the whole region, its typed views.
     _v8: memoryview[int] | None = field(default=None, init=False)
     _v16: memoryview[int] | None = field(default=None, init=False)
     _v32: memoryview[int] | None = field(default=None, init=False)
@@ -149,18 +149,11 @@ class Region:
     _w16: memoryview[int] | None = field(default=None, init=False)
     _w32: memoryview[int] | None = field(default=None, init=False)
     _w64: memoryview[int] | None = field(default=None, init=False)
-    # Highest valid offset per width; -1 once closed (so every access fails fast).
-    _end1: int = field(default=-1, init=False)
-    _end2: int = field(default=-1, init=False)
-    _end4: int = field(default=-1, init=False)
-    _end8: int = field(default=-1, init=False)
     _base: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        size = self.info.size
         self._base = self.info.offset
-        self._end1, self._end2, self._end4, self._end8 = size - 1, size - 2, size - 4, size - 8
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("mmap" if self._v32 is not None else "trapped")
@@ -236,7 +229,6 @@ class Region:
         if self._closed:
             return
         self._closed = True
-        self._end1 = self._end2 = self._end4 = self._end8 = -1
         self._v8 = self._v16 = self._v32 = self._v64 = None
         self._w8 = self._w16 = self._w32 = self._w64 = None
         areas, self._areas = self._areas, []
@@ -266,6 +258,14 @@ class Region:
         if not self.info.writable and what.startswith("write"):
             return errors.RegionAccessError(f"{self.label} is not writable")
         return errors.RegionAccessError(f"{what} at {offset:#x} on {self.label} failed")
+
+    def _bad_store(self, offset: object, width: int, value: object) -> errors.VfioError:
+        """Why a write was refused: the offset's fault first, then the value's."""
+        err = self._bad(offset, width, f"write{width * 8}")
+        if isinstance(err, errors.RegionAccessError) and "failed" in str(err):
+            assert isinstance(offset, int)
+            return self._bad_value(value, width, offset)
+        return err
 
     def _bad_value(self, value: object, width: int, offset: int) -> errors.VfioError:
         return errors.InvalidArgument(
@@ -306,100 +306,48 @@ class Region:
     # --- exact-width accessors (hot path) ---------------------------------------------------
 
     def read8(self, offset: int) -> int:
-        try:
-            if offset < 0 or offset > self._end1:
-                raise self._bad(offset, 1, "read8")
-        except TypeError:
-            raise self._bad(offset, 1, "read8") from None
-        v = self._v8
-        return v[offset] if v is not None else self._load(offset, 1)
+        return self._checked_load(offset, 1, "read8")
 
     def read16(self, offset: int) -> int:
-        try:
-            if offset & 1 or offset < 0 or offset > self._end2:
-                raise self._bad(offset, 2, "read16")
-        except TypeError:
-            raise self._bad(offset, 2, "read16") from None
-        v = self._v16
-        return v[offset >> 1] if v is not None else self._load(offset, 2)
+        return self._checked_load(offset, 2, "read16")
 
     def read32(self, offset: int) -> int:
-        try:
-            if offset & 3 or offset < 0 or offset > self._end4:
-                raise self._bad(offset, 4, "read32")
-        except TypeError:
-            raise self._bad(offset, 4, "read32") from None
-        v = self._v32
-        return v[offset >> 2] if v is not None else self._load(offset, 4)
+        return self._checked_load(offset, 4, "read32")
 
     def read64(self, offset: int) -> int:
-        try:
-            if offset & 7 or offset < 0 or offset > self._end8:
-                raise self._bad(offset, 8, "read64")
-        except TypeError:
-            raise self._bad(offset, 8, "read64") from None
-        v = self._v64
-        return v[offset >> 3] if v is not None else self._load(offset, 8)
+        return self._checked_load(offset, 8, "read64")
 
     def write8(self, offset: int, value: int) -> None:
-        try:
-            if offset < 0 or offset > self._end1:
-                raise self._bad(offset, 1, "write8")
-        except TypeError:
-            raise self._bad(offset, 1, "write8") from None
-        v = self._w8
-        if v is None:
-            self._store(offset, 1, value)
-            return
-        try:
-            v[offset] = value
-        except (ValueError, TypeError):
-            raise self._bad_value(value, 1, offset) from None
+        self._checked_store(offset, 1, value, "write8")
 
     def write16(self, offset: int, value: int) -> None:
-        try:
-            if offset & 1 or offset < 0 or offset > self._end2:
-                raise self._bad(offset, 2, "write16")
-        except TypeError:
-            raise self._bad(offset, 2, "write16") from None
-        v = self._w16
-        if v is None:
-            self._store(offset, 2, value)
-            return
-        try:
-            v[offset >> 1] = value
-        except (ValueError, TypeError):
-            raise self._bad_value(value, 2, offset) from None
+        self._checked_store(offset, 2, value, "write16")
 
     def write32(self, offset: int, value: int) -> None:
-        try:
-            if offset & 3 or offset < 0 or offset > self._end4:
-                raise self._bad(offset, 4, "write32")
-        except TypeError:
-            raise self._bad(offset, 4, "write32") from None
-        v = self._w32
-        if v is None:
-            self._store(offset, 4, value)
-            return
-        try:
-            v[offset >> 2] = value
-        except (ValueError, TypeError):
-            raise self._bad_value(value, 4, offset) from None
+        self._checked_store(offset, 4, value, "write32")
 
     def write64(self, offset: int, value: int) -> None:
-        try:
-            if offset & 7 or offset < 0 or offset > self._end8:
-                raise self._bad(offset, 8, "write64")
-        except TypeError:
-            raise self._bad(offset, 8, "write64") from None
-        v = self._w64
-        if v is None:
-            self._store(offset, 8, value)
-            return
-        try:
-            v[offset >> 3] = value
-        except (ValueError, TypeError):
-            raise self._bad_value(value, 8, offset) from None
+        self._checked_store(offset, 8, value, "write64")
+
+    def _checked_load(self, offset: int, width: int, what: str) -> int:
+        if not (
+            isinstance(offset, int)
+            and 0 <= offset <= self.info.size - width
+            and not offset % width
+            and not self._closed
+        ):
+            raise self._bad(offset, width, what)
+        return self._load(offset, width)
+
+    def _checked_store(self, offset: int, width: int, value: int, what: str) -> None:
+        if not (
+            isinstance(offset, int)
+            and 0 <= offset <= self.info.size - width
+            and not offset % width
+            and not self._closed
+        ):
+            raise self._bad(offset, width, what)
+        self._store(offset, width, value)
 
     # --- bulk ----------------------------------------------------------------------
 
@@ -450,3 +398,91 @@ class Region:
                 f"{what} of {length:#x} bytes at {offset:#x} is outside {self.label} "
                 f"(size {self.info.size:#x})"
             )
+
+
+# `offset & _OKn` is 0 exactly when offset is n-aligned and in [0, 2**62): a
+# negative int has every high bit set in Python's two's complement. One test
+# instead of two on the hottest path; the memoryview's own bounds check does
+# the rest.
+_OK1 = -(1 << 62)
+_OK2 = _OK1 | 1
+_OK4 = _OK1 | 3
+_OK8 = _OK1 | 7
+
+
+@define(eq=False, repr=False)
+class MappedRegion(Region):
+    """A region mmap'd whole: each access is one typed memoryview load or store.
+
+    The checks ride on the memoryview's own: a happy access costs one
+    alignment test, one sign test and one index; anything else falls through
+    to `Region._bad`, which says precisely what was wrong.
+    """
+
+    def read8(self, offset: int) -> int:
+        try:
+            if not offset & _OK1:
+                return self._v8[offset]  # type: ignore[index]
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad(offset, 1, "read8")
+
+    def read16(self, offset: int) -> int:
+        try:
+            if not offset & _OK2:
+                return self._v16[offset >> 1]  # type: ignore[index]
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad(offset, 2, "read16")
+
+    def read32(self, offset: int) -> int:
+        try:
+            if not offset & _OK4:
+                return self._v32[offset >> 2]  # type: ignore[index]
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad(offset, 4, "read32")
+
+    def read64(self, offset: int) -> int:
+        try:
+            if not offset & _OK8:
+                return self._v64[offset >> 3]  # type: ignore[index]
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad(offset, 8, "read64")
+
+    def write8(self, offset: int, value: int) -> None:
+        try:
+            if not offset & _OK1:
+                self._w8[offset] = value  # type: ignore[index]
+                return
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad_store(offset, 1, value)
+
+    def write16(self, offset: int, value: int) -> None:
+        try:
+            if not offset & _OK2:
+                self._w16[offset >> 1] = value  # type: ignore[index]
+                return
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad_store(offset, 2, value)
+
+    def write32(self, offset: int, value: int) -> None:
+        try:
+            if not offset & _OK4:
+                self._w32[offset >> 2] = value  # type: ignore[index]
+                return
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad_store(offset, 4, value)
+
+    def write64(self, offset: int, value: int) -> None:
+        try:
+            if not offset & _OK8:
+                self._w64[offset >> 3] = value  # type: ignore[index]
+                return
+        except (IndexError, ValueError, TypeError):
+            pass
+        raise self._bad_store(offset, 8, value)
