@@ -37,6 +37,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -531,6 +532,15 @@ def _uptimes(text: str) -> dict[str, float]:
     return stamps
 
 
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill QEMU and anything it started (it leads its own session), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+    proc.wait()
+
+
 @contextlib.contextmanager
 def _run_dir(keep: bool) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="aiovfio-vm."))
@@ -650,8 +660,7 @@ def run_in_guest(
                 timed_out = True
             finally:
                 if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                    _kill(proc)
             wall = time.monotonic() - started
 
         stamps = _uptimes(_read(run_dir / "times"))

@@ -1,0 +1,515 @@
+"""The QEMU-guest harness on the host, without a guest.
+
+Argument handling, the initramfs, the QEMU command line, the job file the
+guest sources, provisioning helpers, and the run protocol (exit codes,
+timings, console tail) against a stand-in for QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aiovfio.errors import SetupError
+from aiovfio.testing import vm, vm_setup
+from aiovfio.testing.vm_setup import KernelImage, VmSetupError
+
+RELEASE = "6.1.0-99-amd64"
+
+
+# --- fixtures ----------------------------------------------------------------------
+
+
+def _static_elf() -> bytes:
+    """A 64-bit ELF header with no program headers: "static" to the harness."""
+    header = bytearray(64)
+    header[:5] = b"\x7fELF\x02"
+    header[54:56] = (56).to_bytes(2, "little")
+    return bytes(header)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    """A kernel cache with one fake 6.1 kernel (vmlinux, modules, modules.dep)."""
+    root = tmp_path / "cache" / "linux-6.1"
+    modules = root / "lib" / "modules" / RELEASE
+    kernel = modules / "kernel"
+    kernel.mkdir(parents=True)
+    files = {
+        "virtio_ring.ko": b"ring",
+        "virtio.ko": b"virtio",
+        "virtio_pci.ko": b"vpci",
+        "9pnet.ko": b"9pnet",
+        "9pnet_virtio.ko": b"9pv",
+        "9p.ko": b"9p",
+    }
+    for name, data in files.items():
+        (kernel / name).write_bytes(data)
+    (kernel / "overlay.ko.xz").write_bytes(lzma.compress(b"overlay"))
+    (modules / "modules.dep").write_text(
+        textwrap.dedent(
+            """\
+            kernel/virtio_ring.ko:
+            kernel/virtio.ko: kernel/virtio_ring.ko
+            kernel/virtio_pci.ko: kernel/virtio.ko kernel/virtio_ring.ko
+            kernel/9pnet.ko:
+            kernel/9pnet_virtio.ko: kernel/9pnet.ko kernel/virtio.ko kernel/virtio_ring.ko
+            kernel/9p.ko: kernel/9pnet.ko
+            kernel/overlay.ko.xz:
+            kernel/unrelated.ko: kernel/9p.ko
+            """
+        )
+    )
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinux-{RELEASE}").write_bytes(_static_elf())
+    meta = {"release": RELEASE, "package": f"linux-image-{RELEASE}", "version": "6.1.999-1"}
+    (root / "kernel.json").write_text(json.dumps(meta))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def image(cache: Path) -> KernelImage:
+    return vm_setup.find_kernel("6.1", cache)
+
+
+@pytest.fixture
+def busybox(tmp_path: Path) -> Path:
+    path = tmp_path / "busybox"
+    path.write_bytes(_static_elf() + b"busybox")
+    return path
+
+
+def _cpio_entries(blob: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """name -> (mode, data, rdev) of a newc archive."""
+    entries: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
+    pos = 0
+    while True:
+        assert blob[pos : pos + 6] == b"070701"
+        fields = [int(blob[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmajor, rminor, namesize = (
+            fields[1],
+            fields[6],
+            fields[9],
+            fields[10],
+            fields[11],
+        )
+        name = blob[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        data = blob[pos : pos + size]
+        pos += size
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            assert pos == len(blob)
+            return entries
+        entries[name] = (mode, data, (rmajor, rminor))
+
+
+# --- command line ------------------------------------------------------------------
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert vm.main(["--help"]) == 0
+    assert "124 timeout" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kernel", "5.10", "--", "true"], "invalid choice"),
+        ([], "no command given"),
+        (["--"], "no command given"),
+        (["--setup", "--", "true"], "--setup takes no command"),
+        (["--kernel", "6.1", "--kernel", "6.12", "--", "true"], "one --kernel"),
+        (["--edu", "20", "--", "true"], "--edu and --nvme"),
+        (["--mem", "lots", "--", "true"], "--mem"),
+        (["--timeout", "-1", "--", "true"], "--timeout"),
+    ],
+)
+def test_bad_usage_is_exit_2_with_one_message(
+    argv: list[str],
+    message: str,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(cache))
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/bin/" + name)
+    assert vm.main(argv) == vm.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_missing_cache_says_to_run_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/bin/" + name)
+    assert vm.main(["--kernel", "6.12", "--", "true"]) == vm.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "kernel 6.12 is not in the cache" in err
+    assert "aiovfio vm --setup" in err
+
+
+def test_missing_qemu_is_exit_2(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(cache))
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
+    assert vm.main(["--", "true"]) == vm.EXIT_USAGE
+    assert "qemu-system-x86_64 is not installed" in capsys.readouterr().err
+
+
+def test_setup_error_is_an_aiovfio_setup_error() -> None:
+    assert issubclass(VmSetupError, SetupError)
+    with pytest.raises(VmSetupError, match="unknown kernel flavour"):
+        vm_setup.find_kernel("4.19")
+
+
+def test_the_module_runs_as_a_script() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "aiovfio.testing.vm", "--kernel", "nope", "--", "true"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == vm.EXIT_USAGE
+    assert "invalid choice" in done.stderr
+
+
+# --- devices, shares, QEMU ---------------------------------------------------------
+
+
+def test_devices_sit_at_fixed_slots_from_4() -> None:
+    devices = vm.guest_devices(2, 1)
+    assert [(d.kind, d.bdf) for d in devices] == [
+        ("edu", "0000:00:04.0"),
+        ("edu", "0000:00:05.0"),
+        ("nvme", "0000:00:06.0"),
+    ]
+    assert devices[2].ids == "1b36:0010"
+    assert devices[2].pci_class == "0x010802"
+    assert vm.guest_devices(0, 0) == ()
+
+
+def test_shares_take_the_free_slots(tmp_path: Path) -> None:
+    devices = vm.guest_devices(1, 1)
+    rw = (tmp_path / "a", tmp_path / "b")
+    shares = vm._shares(tmp_path / "run", rw, devices)
+    assert [(s.tag, s.slot) for s in shares] == [
+        ("hostroot", 1),
+        ("aiovfio", 2),
+        ("rw0", 3),
+        ("rw1", 6),
+    ]
+    assert not shares[0].writable
+
+
+def test_rw_folders_are_absolute_and_not_nested(tmp_path: Path) -> None:
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    assert vm._normalise_rw([inner, tmp_path / "a", tmp_path / "a"]) == (tmp_path / "a",)
+    with pytest.raises(VmSetupError, match="no such folder"):
+        vm._normalise_rw([tmp_path / "missing"])
+    with pytest.raises(VmSetupError, match="read-only"):
+        vm._normalise_rw(["/"])
+
+
+def test_qemu_command(image: KernelImage, tmp_path: Path) -> None:
+    run = tmp_path / "run,dir"
+    devices = vm.guest_devices(1, 1)
+    shares = vm._shares(run, (Path("/work/main"),), devices)
+    argv = vm.qemu_command(
+        qemu="qemu",
+        image=image,
+        initrd=tmp_path / "init.cpio",
+        run_dir=run,
+        devices=devices,
+        shares=shares,
+        append=["vfio_iommu_type1.dma_entry_limit=16"],
+    )
+    assert argv[argv.index("-kernel") + 1] == str(image.vmlinux)
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    cmdline = argv[argv.index("-append") + 1]
+    assert "intel_iommu=on" in cmdline.split()
+    assert cmdline.endswith("vfio_iommu_type1.dma_entry_limit=16")
+    assert "stdio,id=out,signal=off" in argv
+    # the IOMMU precedes every PCI device
+    devs = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devs[0].startswith("intel-iommu")
+    assert "edu,id=edu0,addr=0x4.0" in devs
+    assert any(
+        d.startswith("nvme,id=nvme0,serial=aiovfio0") and d.endswith("addr=0x5.0") for d in devs
+    )
+    # commas in paths are doubled for QEMU's option parser
+    assert any(f"path={tmp_path}/run,,dir," in a for a in argv)
+
+
+# --- the job the guest sources -----------------------------------------------------
+
+
+def test_job_round_trips_argv_env_and_settings(tmp_path: Path) -> None:
+    argv = ["python3", "-c", "print('it''s $HOME')", "", "a b\nc", "*"]
+    env = {"PLAIN": "1", "QUOTED": 'it\'s "x" $y `z`', "PWD": "/nope", "bad-name": "x", "vm_x": "1"}
+    job = vm.job_script(
+        argv,
+        env=env,
+        cwd=Path("/work/main"),
+        timeout=90,
+        devices=vm.guest_devices(1, 1),
+        kernel="6.12",
+    )
+    (tmp_path / "job").write_text(job)
+    script = (
+        '. "$1"; printf "%s\\0" "$@"; printf "%s\\0" "$PLAIN" "$QUOTED" "${PWD:-}" '
+        '"$AIOVFIO_GUEST" "$AIOVFIO_VM_EDU" "$AIOVFIO_VM_NVME" "$AIOVFIO_VM_KERNEL" '
+        '"$vm_cwd" "$vm_timeout" "$vm_devices" "${vm_x:-unset}"'
+    )
+    done = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", str(tmp_path / "job")],
+        capture_output=True,
+        env={"PATH": os.environ["PATH"]},
+        check=True,
+    )
+    values = done.stdout.decode().split("\0")[:-1]
+    assert values[: len(argv)] == argv
+    assert values[len(argv) :] == [
+        "1",
+        'it\'s "x" $y `z`',
+        str(Path.cwd()),  # the shell's own PWD, not the caller's
+        "1",
+        "0000:00:04.0",
+        "0000:00:05.0",
+        "6.12",
+        "/work/main",
+        "90",
+        "edu,0000:00:04.0,1234:11e8,0x00ff00 nvme,0000:00:05.0,1b36:0010,0x010802",
+        "unset",
+    ]
+
+
+def test_guest_scripts_are_shipped_and_parse() -> None:
+    for name in ("stage.sh", "bind.sh", "init"):
+        text = vm._guest_file(name).decode()
+        assert text.strip()
+        subprocess.run(["/bin/sh", "-n", "-c", text], check=True)
+
+
+# --- initramfs ---------------------------------------------------------------------
+
+
+def test_module_order_puts_dependencies_first(image: KernelImage) -> None:
+    order = vm._module_order(image.modules, ("virtio_pci", "9pnet_virtio", "9p", "overlay"))
+    assert order == [
+        "kernel/virtio_ring.ko",
+        "kernel/virtio.ko",
+        "kernel/virtio_pci.ko",
+        "kernel/9pnet.ko",
+        "kernel/9pnet_virtio.ko",
+        "kernel/9p.ko",
+        "kernel/overlay.ko.xz",
+    ]
+    with pytest.raises(VmSetupError, match="missing"):
+        vm._module_order(image.modules, ("nosuchmodule",))
+
+
+def test_initramfs_holds_busybox_init_nodes_and_modules(
+    image: KernelImage, busybox: Path, tmp_path: Path
+) -> None:
+    out = vm.build_initramfs(image, tmp_path / "initramfs", busybox=busybox)
+    entries = _cpio_entries(out.read_bytes())
+    assert entries["init"][1] == vm._guest_file("init")
+    assert entries["init"][0] == 0o100755
+    assert entries["bin/busybox"][1] == busybox.read_bytes()
+    assert entries["dev/console"][0] == 0o020600
+    assert entries["dev/console"][2] == (5, 1)
+    assert entries["dev/ttyS1"][2] == (4, 65)
+    assert entries["modules/overlay.ko"][1] == b"overlay"  # decompressed
+    order = entries["modules/order"][1].decode().split()
+    assert order[0] == "virtio_ring.ko"
+    assert order[-1] == "overlay.ko"
+    for folder in ("lower", "upper", "root"):
+        assert stat.S_ISDIR(entries[folder][0])
+    # cached by content
+    assert vm.build_initramfs(image, tmp_path / "initramfs", busybox=busybox) == out
+
+
+def test_initramfs_needs_a_static_busybox(image: KernelImage, tmp_path: Path) -> None:
+    dynamic = tmp_path / "busybox"
+    elf = bytearray(_static_elf()) + bytes(56)
+    elf[32:40] = (64).to_bytes(8, "little")  # e_phoff
+    elf[56:58] = (1).to_bytes(2, "little")  # e_phnum
+    elf[64:68] = (3).to_bytes(4, "little")  # PT_INTERP
+    dynamic.write_bytes(bytes(elf))
+    with pytest.raises(VmSetupError, match="busybox-static"):
+        vm.build_initramfs(image, tmp_path, busybox=dynamic)
+    with pytest.raises(VmSetupError, match="missing"):
+        vm.build_initramfs(image, tmp_path, busybox=tmp_path / "absent")
+
+
+# --- provisioning helpers ----------------------------------------------------------
+
+
+def test_extract_vmlinux_finds_the_compressed_elf(tmp_path: Path) -> None:
+    elf = _static_elf() + bytes(range(256)) * 40
+    bzimage = tmp_path / "vmlinuz"
+    bzimage.write_bytes(b"MZ" + b"\0" * 500 + b"\xfd7zXZ\x00junk" + lzma.compress(elf) + b"tail")
+    out = tmp_path / "vmlinux"
+    vm_setup.extract_vmlinux(bzimage, out)
+    assert out.read_bytes() == elf
+    bzimage.write_bytes(b"MZ no kernel here")
+    with pytest.raises(VmSetupError, match="no compressed ELF"):
+        vm_setup.extract_vmlinux(bzimage, out)
+
+
+def test_mirror_uri_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
+    sources = tmp_path / "debian.sources"
+    sources.write_text(
+        textwrap.dedent(
+            """\
+            Types: deb
+            # a comment
+            URIs: https://mirror.invalid/debian
+            Suites: bookworm bookworm-updates
+            Components: main
+
+            Types: deb
+            URIs: https://mirror.invalid/debian-security
+            Suites: bookworm-security
+            Components: main
+            """
+        )
+    )
+    legacy = tmp_path / "sources.list"
+    legacy.write_text("deb [arch=amd64] https://other.invalid/debian trixie main\n")
+    assert vm_setup.mirror_uri("bookworm", sources=sources, legacy=legacy) == (
+        "https://mirror.invalid/debian"
+    )
+    assert vm_setup.mirror_uri("trixie", sources=sources, legacy=legacy) == (
+        "https://other.invalid/debian"
+    )
+    with pytest.raises(VmSetupError, match="no apt source"):
+        vm_setup.mirror_uri("sid", sources=sources, legacy=legacy)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(tmp_path))
+    assert vm_setup.cache_dir() == tmp_path
+    monkeypatch.delenv("AIOVFIO_VM_CACHE")
+    assert vm_setup.cache_dir() == Path.home() / ".cache" / "aiovfio-vm"
+
+
+def test_incomplete_cache_entry_is_not_a_kernel(cache: Path) -> None:
+    (cache / "linux-6.1" / "boot" / f"vmlinux-{RELEASE}").unlink()
+    with pytest.raises(VmSetupError, match="aiovfio vm --setup"):
+        vm_setup.find_kernel("6.1", cache)
+
+
+# --- the run protocol, with a stand-in for QEMU ------------------------------------
+
+FAKE_QEMU = """\
+#!/bin/sh
+# Stands in for QEMU: finds the run folder, plays the guest's part, exits.
+for a in "$@"; do
+    case $a in local,id=aiovfio,path=*) run=${a#local,id=aiovfio,path=}; run=${run%%,*} ;; esac
+done
+echo "[    0.1] booting" >"$run/console.log"
+case $FAKE_GUEST in
+ok)
+    echo "guest says hello"
+    printf 'stage 2.5\\nbound 3.0\\ndone 4.25\\n' >"$run/times"
+    echo "edu 0000:00:04.0 group=4 driver=vfio-pci" >"$run/devices"
+    echo 7 >"$run/rc" ;;
+bind) echo 125 >"$run/rc"; echo "edu 0000:00:04.0 group=none driver=none" >"$run/devices" ;;
+panic) echo "[    3.0] Kernel panic - not syncing" >>"$run/console.log"; echo "qemu: warning" >&2 ;;
+hang) sleep 30 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    qemu = bin_dir / "qemu-system-x86_64"
+    qemu.write_text(FAKE_QEMU)
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(cache))
+    monkeypatch.setenv("FAKE_GUEST", "")
+    monkeypatch.setattr(vm, "build_initramfs", lambda image, out_dir: tmp_path / "init.cpio")
+    return qemu
+
+
+def _run(guest: str, tmp_path: Path, timeout: float = 900.0) -> vm.GuestResult:
+    os.environ["FAKE_GUEST"] = guest  # for the stand-in; monkeypatch restores it
+    with (tmp_path / "stdout").open("wb") as stdout:
+        return vm.run_in_guest(["true"], cwd=tmp_path, stdout=stdout, timeout=timeout)
+
+
+def test_run_returns_the_command_code_output_and_timings(fake_qemu: Path, tmp_path: Path) -> None:
+    result = _run("ok", tmp_path)
+    assert result.returncode == 7
+    assert not result.ok
+    assert result.kernel == RELEASE
+    assert (tmp_path / "stdout").read_text() == "guest says hello\n"
+    assert (result.timings.boot, result.timings.bound, result.timings.done) == (2.5, 3.0, 4.25)
+    assert result.timings.wall > 0
+    assert result.devices == ("edu 0000:00:04.0 group=4 driver=vfio-pci",)
+
+
+def test_run_reports_a_failed_binding(fake_qemu: Path, tmp_path: Path) -> None:
+    result = _run("bind", tmp_path)
+    assert result.returncode == vm.EXIT_BIND_FAILED
+    assert result.devices == ("edu 0000:00:04.0 group=none driver=none",)
+
+
+def test_a_guest_that_dies_is_99_with_its_console(fake_qemu: Path, tmp_path: Path) -> None:
+    result = _run("panic", tmp_path)
+    assert result.returncode == vm.EXIT_GUEST_DIED
+    assert "Kernel panic" in result.console_tail
+    assert "qemu: warning" in result.qemu_messages
+    assert result.timings.done is None
+
+
+def test_a_guest_past_its_time_is_killed_with_124(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vm, "BOOT_ALLOWANCE", 0.0)
+    result = _run("hang", tmp_path, timeout=0.5)
+    assert result.returncode == vm.EXIT_TIMEOUT
+    assert result.timings.wall < 10
+
+
+def test_main_prints_the_console_tail_on_failure(
+    fake_qemu: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FAKE_GUEST", "panic")
+    monkeypatch.chdir(tmp_path)
+    assert vm.main(["--", "true"]) == vm.EXIT_GUEST_DIED
+    err = capfd.readouterr().err
+    assert "guest console (tail)" in err
+    assert "Kernel panic" in err
+    assert "exit 99" in err
+
+
+def test_run_leaves_no_run_folder_behind(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    _run("ok", tmp_path)
+    assert list((tmp_path / "tmp").iterdir()) == []
