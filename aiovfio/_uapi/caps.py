@@ -11,11 +11,12 @@ loop, an offset past the buffer or a truncated header raises
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections.abc import Iterator
 
 from attrs import frozen
 
-from ..errors import CapabilityChainError
+from ..errors import CapabilityChainError, InvalidArgument
 from .vfio import (
     vfio_info_cap_header,
     vfio_iommu_type1_info_cap_iova_range,
@@ -27,13 +28,13 @@ from .vfio import (
 )
 
 __all__ = [
-    "Capability",
-    "walk",
-    "sparse_mmap_areas",
-    "region_type",
-    "iova_ranges",
-    "dma_avail",
     "MAX_CAPABILITIES",
+    "Capability",
+    "dma_avail",
+    "iova_ranges",
+    "region_type",
+    "sparse_mmap_areas",
+    "walk",
 ]
 
 #: A chain longer than this is treated as corrupt.
@@ -56,8 +57,13 @@ def walk(buf: bytes | bytearray | memoryview, first: int, *, start: int) -> list
     """Return the capabilities of `buf`, the chain starting at offset `first`.
 
     `start` is the size of the fixed structure: a capability may not begin
-    before it. `first == 0` means no chain.
+    before it. `first == 0` means no chain. A malformed chain (a loop, an
+    offset out of the buffer or inside the fixed structure, an unaligned or
+    truncated header, two capabilities overlapping) raises
+    `CapabilityChainError`.
     """
+    if start < 0:
+        raise InvalidArgument(f"fixed structure size {start} is negative")
     data = bytes(buf)
     return list(_iter(data, first, start))
 
@@ -72,12 +78,18 @@ def _iter(data: bytes, first: int, start: int) -> Iterator[Capability]:
             raise CapabilityChainError(f"capability chain loops back to offset {off:#x}")
         if len(seen) >= MAX_CAPABILITIES:
             raise CapabilityChainError(f"capability chain longer than {MAX_CAPABILITIES}")
+        if off < 0:
+            raise CapabilityChainError(f"capability offset {off} is negative")
         if off < start:
             raise CapabilityChainError(
                 f"capability at offset {off:#x} overlaps the {start}-byte info structure"
             )
         if off % 4:
             raise CapabilityChainError(f"capability at offset {off:#x} is not 4-byte aligned")
+        if off >= size:
+            raise CapabilityChainError(
+                f"capability offset {off:#x} is past the end of the {size:#x}-byte buffer"
+            )
         if off + _HEADER > size:
             raise CapabilityChainError(
                 f"capability header at {off:#x} is truncated: the buffer ends at {size:#x}"
@@ -88,6 +100,9 @@ def _iter(data: bytes, first: int, start: int) -> Iterator[Capability]:
         off = header.next
     # A capability extends to the next one in memory, or to the buffer's end.
     ordered = sorted(offsets)
+    for low, high in itertools.pairwise(ordered):
+        if high - low < _HEADER:
+            raise CapabilityChainError(f"capabilities at offsets {low:#x} and {high:#x} overlap")
     for off in offsets:
         header = vfio_info_cap_header.from_buffer_copy(data, off)
         later = [o for o in ordered if o > off]

@@ -2,6 +2,10 @@
 
 iommufd (kernel >= 6.2; the VFIO device cdev >= 6.6) does the container's
 job through IO address space (IOAS) objects on `/dev/iommu`.
+
+Field names are the header's, `__reserved` included: inside a class body
+Python mangles `arg.__reserved`, so read it there with
+`getattr(arg, "__reserved")`.
 """
 
 from __future__ import annotations
@@ -13,22 +17,23 @@ from .ioctl import IO
 
 __all__ = [
     "IOMMUFD_TYPE",
+    "STRUCTS",
+    "IoasMapFlag",
     "IommufdCmd",
     "IommufdIoctl",
-    "IoasMapFlag",
     "IommufdOption",
     "IommufdOptionOp",
+    "IommufdVfioIoasOp",
     "iommu_destroy",
     "iommu_ioas_alloc",
-    "iommu_iova_range",
-    "iommu_ioas_iova_ranges",
     "iommu_ioas_allow_iovas",
-    "iommu_ioas_map",
     "iommu_ioas_copy",
+    "iommu_ioas_iova_ranges",
+    "iommu_ioas_map",
     "iommu_ioas_unmap",
+    "iommu_iova_range",
     "iommu_option",
     "iommu_vfio_ioas",
-    "STRUCTS",
 ]
 
 IOMMUFD_TYPE = ";"
@@ -78,19 +83,27 @@ class IommufdOptionOp(enum.IntEnum):
     GET = 1
 
 
-class iommu_destroy(ctypes.Structure):  # noqa: N801
+class IommufdVfioIoasOp(enum.IntEnum):
+    """`op` of iommu_vfio_ioas: the IOAS that the VFIO container compat uses."""
+
+    GET = 0
+    SET = 1
+    CLEAR = 2
+
+
+class iommu_destroy(ctypes.Structure):
     _fields_ = [("size", _u32), ("id", _u32)]
 
 
-class iommu_ioas_alloc(ctypes.Structure):  # noqa: N801
+class iommu_ioas_alloc(ctypes.Structure):
     _fields_ = [("size", _u32), ("flags", _u32), ("out_ioas_id", _u32)]
 
 
-class iommu_iova_range(ctypes.Structure):  # noqa: N801
+class iommu_iova_range(ctypes.Structure):
     _fields_ = [("start", _u64), ("last", _u64)]
 
 
-class iommu_ioas_iova_ranges(ctypes.Structure):  # noqa: N801
+class iommu_ioas_iova_ranges(ctypes.Structure):
     """`allowed_iovas` is a user pointer to `num_iovas` iommu_iova_range."""
 
     _fields_ = [
@@ -103,7 +116,7 @@ class iommu_ioas_iova_ranges(ctypes.Structure):  # noqa: N801
     ]
 
 
-class iommu_ioas_allow_iovas(ctypes.Structure):  # noqa: N801
+class iommu_ioas_allow_iovas(ctypes.Structure):
     _fields_ = [
         ("size", _u32),
         ("ioas_id", _u32),
@@ -113,7 +126,7 @@ class iommu_ioas_allow_iovas(ctypes.Structure):  # noqa: N801
     ]
 
 
-class iommu_ioas_map(ctypes.Structure):  # noqa: N801
+class iommu_ioas_map(ctypes.Structure):
     _fields_ = [
         ("size", _u32),
         ("flags", _u32),
@@ -125,7 +138,7 @@ class iommu_ioas_map(ctypes.Structure):  # noqa: N801
     ]
 
 
-class iommu_ioas_copy(ctypes.Structure):  # noqa: N801
+class iommu_ioas_copy(ctypes.Structure):
     _fields_ = [
         ("size", _u32),
         ("flags", _u32),
@@ -137,11 +150,11 @@ class iommu_ioas_copy(ctypes.Structure):  # noqa: N801
     ]
 
 
-class iommu_ioas_unmap(ctypes.Structure):  # noqa: N801
+class iommu_ioas_unmap(ctypes.Structure):
     _fields_ = [("size", _u32), ("ioas_id", _u32), ("iova", _u64), ("length", _u64)]
 
 
-class iommu_option(ctypes.Structure):  # noqa: N801
+class iommu_option(ctypes.Structure):
     _fields_ = [
         ("size", _u32),
         ("option_id", _u32),
@@ -152,7 +165,7 @@ class iommu_option(ctypes.Structure):  # noqa: N801
     ]
 
 
-class iommu_vfio_ioas(ctypes.Structure):  # noqa: N801
+class iommu_vfio_ioas(ctypes.Structure):
     _fields_ = [("size", _u32), ("ioas_id", _u32), ("op", _u16), ("__reserved", _u16)]
 
 

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Cfg", "Command", "Status", "CapId", "ExtCapId", "MsiCtrl", "MsixCtrl",
-           "CAP_LIST_OFFSET", "EXT_CAP_START", "CONFIG_SPACE_SIZE", "EXT_CONFIG_SPACE_SIZE"]
+__all__ = [
+    "CAP_LIST_OFFSET",
+    "CONFIG_SPACE_SIZE",
+    "EXT_CAP_START",
+    "EXT_CONFIG_SPACE_SIZE",
+    "CapId",
+    "Cfg",
+    "Command",
+    "ExtCapId",
+    "MsiCtrl",
+    "MsixCtrl",
+    "Status",
+]
 
 CONFIG_SPACE_SIZE = 256
 EXT_CONFIG_SPACE_SIZE = 4096

@@ -3,8 +3,12 @@
 Names follow the kernel header so that a reader can grep one against the
 other; the golden test (tests/unit/test_uapi_golden.py) compiles the real
 header and compares every size, offset and number here with it.
-Flexible array members (`data[]`, `areas[]`...) are not fields: their
-structure's `sizeof` is the header's, as in C.
+A flexible array member (`data[]`, `areas[]`...) is a zero-length ctypes
+array, as in C: the structure's `sizeof` is the header's, the items start at
+the member's offset, and the item type's alignment counts in the structure's
+(vfio_region_info_cap_sparse_mmap is 8-aligned because of its u64 areas).
+Read the items from the buffer (`item.from_buffer_copy(buf, offset + i * size)`);
+the zero-length array itself holds none.
 """
 
 from __future__ import annotations
@@ -15,59 +19,62 @@ import enum
 from .ioctl import IO
 
 __all__ = [
+    "STRUCTS",
     "VFIO_API_VERSION",
-    "VFIO_TYPE",
     "VFIO_BASE",
-    "Extension",
-    "Ioctl",
-    "GroupFlag",
+    "VFIO_PCI_DEVID_NOT_OWNED",
+    "VFIO_PCI_DEVID_OWNED",
+    "VFIO_REGION_TYPE_PCI_VENDOR_MASK",
+    "VFIO_REGION_TYPE_PCI_VENDOR_TYPE",
+    "VFIO_TYPE",
+    "BusMasterOp",
+    "DeviceFeature",
+    "DeviceFeatureFlag",
     "DeviceFlag",
-    "RegionFlag",
-    "RegionCap",
     "DeviceInfoCap",
-    "IommuInfoCap",
-    "IrqInfoFlag",
-    "IrqSetFlag",
     "DmaMapFlag",
     "DmaUnmapFlag",
-    "IommuInfoFlag",
-    "DeviceFeatureFlag",
-    "DeviceFeature",
+    "Extension",
+    "GroupFlag",
     "HotResetFlag",
-    "PciRegion",
+    "Ioctl",
+    "IoeventfdFlag",
+    "IommuInfoCap",
+    "IommuInfoFlag",
+    "IrqInfoFlag",
+    "IrqSetFlag",
+    "PciAtomicCompFlag",
     "PciIrq",
+    "PciRegion",
+    "RegionCap",
+    "RegionFlag",
     "RegionType",
-    "VFIO_REGION_TYPE_PCI_VENDOR_TYPE",
-    "VFIO_REGION_TYPE_PCI_VENDOR_MASK",
-    "VFIO_PCI_DEVID_OWNED",
-    "VFIO_PCI_DEVID_NOT_OWNED",
-    "vfio_info_cap_header",
-    "vfio_group_status",
-    "vfio_device_info",
-    "vfio_device_info_cap_pci_atomic_comp",
-    "vfio_region_info",
-    "vfio_region_sparse_mmap_area",
-    "vfio_region_info_cap_sparse_mmap",
-    "vfio_region_info_cap_type",
-    "vfio_irq_info",
-    "vfio_irq_set",
-    "vfio_pci_dependent_device",
-    "vfio_pci_hot_reset_info",
-    "vfio_pci_hot_reset",
-    "vfio_device_ioeventfd",
+    "vfio_device_attach_iommufd_pt",
+    "vfio_device_bind_iommufd",
+    "vfio_device_detach_iommufd_pt",
     "vfio_device_feature",
     "vfio_device_feature_bus_master",
-    "vfio_device_bind_iommufd",
-    "vfio_device_attach_iommufd_pt",
-    "vfio_device_detach_iommufd_pt",
+    "vfio_device_info",
+    "vfio_device_info_cap_pci_atomic_comp",
+    "vfio_device_ioeventfd",
+    "vfio_group_status",
+    "vfio_info_cap_header",
+    "vfio_iommu_type1_dma_map",
+    "vfio_iommu_type1_dma_unmap",
     "vfio_iommu_type1_info",
-    "vfio_iova_range",
     "vfio_iommu_type1_info_cap_iova_range",
     "vfio_iommu_type1_info_cap_migration",
     "vfio_iommu_type1_info_dma_avail",
-    "vfio_iommu_type1_dma_map",
-    "vfio_iommu_type1_dma_unmap",
-    "STRUCTS",
+    "vfio_iova_range",
+    "vfio_irq_info",
+    "vfio_irq_set",
+    "vfio_pci_dependent_device",
+    "vfio_pci_hot_reset",
+    "vfio_pci_hot_reset_info",
+    "vfio_region_info",
+    "vfio_region_info_cap_sparse_mmap",
+    "vfio_region_info_cap_type",
+    "vfio_region_sparse_mmap_area",
 ]
 
 VFIO_API_VERSION = 0
@@ -160,6 +167,14 @@ class DeviceInfoCap(enum.IntEnum):
     ZPCI_UTIL = 3
     ZPCI_PFIP = 4
     PCI_ATOMIC_COMP = 5
+
+
+class PciAtomicCompFlag(enum.IntFlag):
+    """`flags` of vfio_device_info_cap_pci_atomic_comp: AtomicOp completer sizes."""
+
+    COMP32 = 1 << 0
+    COMP64 = 1 << 1
+    COMP128 = 1 << 2
 
 
 class RegionFlag(enum.IntFlag):
@@ -261,6 +276,23 @@ class DeviceFeature(enum.IntEnum):
     BUS_MASTER = 10
 
 
+class BusMasterOp(enum.IntEnum):
+    """`op` of vfio_device_feature_bus_master (DeviceFeature.BUS_MASTER)."""
+
+    CLEAR = 0
+    SET = 1
+
+
+class IoeventfdFlag(enum.IntFlag):
+    """Write width of a vfio_device_ioeventfd, in its `flags`."""
+
+    SIZE_8 = 1 << 0
+    SIZE_16 = 1 << 1
+    SIZE_32 = 1 << 2
+    SIZE_64 = 1 << 3
+    SIZE_MASK = 0xF
+
+
 class IommuInfoFlag(enum.IntFlag):
     PGSIZES = 1 << 0
     CAPS = 1 << 1
@@ -287,15 +319,15 @@ class DmaUnmapFlag(enum.IntFlag):
 # --- structures ---------------------------------------------------------------
 
 
-class vfio_info_cap_header(ctypes.Structure):  # noqa: N801
+class vfio_info_cap_header(ctypes.Structure):
     _fields_ = [("id", _u16), ("version", _u16), ("next", _u32)]
 
 
-class vfio_group_status(ctypes.Structure):  # noqa: N801
+class vfio_group_status(ctypes.Structure):
     _fields_ = [("argsz", _u32), ("flags", _u32)]
 
 
-class vfio_device_info(ctypes.Structure):  # noqa: N801
+class vfio_device_info(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -306,7 +338,7 @@ class vfio_device_info(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_device_info_cap_pci_atomic_comp(ctypes.Structure):  # noqa: N801
+class vfio_device_info_cap_pci_atomic_comp(ctypes.Structure):
     _fields_ = [
         ("header", vfio_info_cap_header),
         ("flags", _u32),
@@ -314,7 +346,7 @@ class vfio_device_info_cap_pci_atomic_comp(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_region_info(ctypes.Structure):  # noqa: N801
+class vfio_region_info(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -325,29 +357,30 @@ class vfio_region_info(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_region_sparse_mmap_area(ctypes.Structure):  # noqa: N801
+class vfio_region_sparse_mmap_area(ctypes.Structure):
     _fields_ = [("offset", _u64), ("size", _u64)]
 
 
-class vfio_region_info_cap_sparse_mmap(ctypes.Structure):  # noqa: N801
+class vfio_region_info_cap_sparse_mmap(ctypes.Structure):
     """Followed by `nr_areas` vfio_region_sparse_mmap_area."""
 
     _fields_ = [
         ("header", vfio_info_cap_header),
         ("nr_areas", _u32),
         ("reserved", _u32),
+        ("areas", vfio_region_sparse_mmap_area * 0),
     ]
 
 
-class vfio_region_info_cap_type(ctypes.Structure):  # noqa: N801
+class vfio_region_info_cap_type(ctypes.Structure):
     _fields_ = [("header", vfio_info_cap_header), ("type", _u32), ("subtype", _u32)]
 
 
-class vfio_irq_info(ctypes.Structure):  # noqa: N801
+class vfio_irq_info(ctypes.Structure):
     _fields_ = [("argsz", _u32), ("flags", _u32), ("index", _u32), ("count", _u32)]
 
 
-class vfio_irq_set(ctypes.Structure):  # noqa: N801
+class vfio_irq_set(ctypes.Structure):
     """Followed by `count` data items (u8 for BOOL, s32 for EVENTFD)."""
 
     _fields_ = [
@@ -356,28 +389,49 @@ class vfio_irq_set(ctypes.Structure):  # noqa: N801
         ("index", _u32),
         ("start", _u32),
         ("count", _u32),
+        ("data", _u8 * 0),
     ]
 
 
-class vfio_pci_dependent_device(ctypes.Structure):  # noqa: N801
-    """`group_id` shares its storage with `devid` (an anonymous union in C)."""
+class _vfio_pci_dependent_device_id(ctypes.Union):
+    """The anonymous union of vfio_pci_dependent_device: which one is meant
+    depends on HotResetFlag.DEV_ID in the enclosing info's flags."""
 
-    _fields_ = [("group_id", _u32), ("segment", _u16), ("bus", _u8), ("devfn", _u8)]
+    _fields_ = [("group_id", _u32), ("devid", _u32)]
 
 
-class vfio_pci_hot_reset_info(ctypes.Structure):  # noqa: N801
+class vfio_pci_dependent_device(ctypes.Structure):
+    """`group_id` shares its storage with `devid` (an anonymous union in C):
+    `devid` (an iommufd device id, or VFIO_PCI_DEVID_OWNED / _NOT_OWNED) when
+    the hot-reset info has HotResetFlag.DEV_ID, else `group_id`."""
+
+    _anonymous_ = ("_id",)
+    _fields_ = [
+        ("_id", _vfio_pci_dependent_device_id),
+        ("segment", _u16),
+        ("bus", _u8),
+        ("devfn", _u8),
+    ]
+
+
+class vfio_pci_hot_reset_info(ctypes.Structure):
     """Followed by `count` vfio_pci_dependent_device."""
 
-    _fields_ = [("argsz", _u32), ("flags", _u32), ("count", _u32)]
+    _fields_ = [
+        ("argsz", _u32),
+        ("flags", _u32),
+        ("count", _u32),
+        ("devices", vfio_pci_dependent_device * 0),
+    ]
 
 
-class vfio_pci_hot_reset(ctypes.Structure):  # noqa: N801
-    """Followed by `count` s32 group fds."""
+class vfio_pci_hot_reset(ctypes.Structure):
+    """Followed by `count` s32 group fds (or, with iommufd, none)."""
 
-    _fields_ = [("argsz", _u32), ("flags", _u32), ("count", _u32)]
+    _fields_ = [("argsz", _u32), ("flags", _u32), ("count", _u32), ("group_fds", _s32 * 0)]
 
 
-class vfio_device_ioeventfd(ctypes.Structure):  # noqa: N801
+class vfio_device_ioeventfd(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -388,17 +442,17 @@ class vfio_device_ioeventfd(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_device_feature(ctypes.Structure):  # noqa: N801
+class vfio_device_feature(ctypes.Structure):
     """Followed by the feature's data."""
 
-    _fields_ = [("argsz", _u32), ("flags", _u32)]
+    _fields_ = [("argsz", _u32), ("flags", _u32), ("data", _u8 * 0)]
 
 
-class vfio_device_feature_bus_master(ctypes.Structure):  # noqa: N801
+class vfio_device_feature_bus_master(ctypes.Structure):
     _fields_ = [("op", _u32)]
 
 
-class vfio_device_bind_iommufd(ctypes.Structure):  # noqa: N801
+class vfio_device_bind_iommufd(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -407,15 +461,15 @@ class vfio_device_bind_iommufd(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_device_attach_iommufd_pt(ctypes.Structure):  # noqa: N801
+class vfio_device_attach_iommufd_pt(ctypes.Structure):
     _fields_ = [("argsz", _u32), ("flags", _u32), ("pt_id", _u32)]
 
 
-class vfio_device_detach_iommufd_pt(ctypes.Structure):  # noqa: N801
+class vfio_device_detach_iommufd_pt(ctypes.Structure):
     _fields_ = [("argsz", _u32), ("flags", _u32)]
 
 
-class vfio_iommu_type1_info(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_info(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -425,21 +479,22 @@ class vfio_iommu_type1_info(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_iova_range(ctypes.Structure):  # noqa: N801
+class vfio_iova_range(ctypes.Structure):
     _fields_ = [("start", _u64), ("end", _u64)]
 
 
-class vfio_iommu_type1_info_cap_iova_range(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_info_cap_iova_range(ctypes.Structure):
     """Followed by `nr_iovas` vfio_iova_range."""
 
     _fields_ = [
         ("header", vfio_info_cap_header),
         ("nr_iovas", _u32),
         ("reserved", _u32),
+        ("iova_ranges", vfio_iova_range * 0),
     ]
 
 
-class vfio_iommu_type1_info_cap_migration(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_info_cap_migration(ctypes.Structure):
     _fields_ = [
         ("header", vfio_info_cap_header),
         ("flags", _u32),
@@ -448,11 +503,11 @@ class vfio_iommu_type1_info_cap_migration(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_iommu_type1_info_dma_avail(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_info_dma_avail(ctypes.Structure):
     _fields_ = [("header", vfio_info_cap_header), ("avail", _u32)]
 
 
-class vfio_iommu_type1_dma_map(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_dma_map(ctypes.Structure):
     _fields_ = [
         ("argsz", _u32),
         ("flags", _u32),
@@ -462,7 +517,7 @@ class vfio_iommu_type1_dma_map(ctypes.Structure):  # noqa: N801
     ]
 
 
-class vfio_iommu_type1_dma_unmap(ctypes.Structure):  # noqa: N801
+class vfio_iommu_type1_dma_unmap(ctypes.Structure):
     """Followed by a vfio_bitmap when GET_DIRTY_BITMAP is set (unused here)."""
 
     _fields_ = [
@@ -470,6 +525,7 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):  # noqa: N801
         ("flags", _u32),
         ("iova", _u64),
         ("size", _u64),
+        ("data", _u8 * 0),
     ]
 
 
