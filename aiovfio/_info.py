@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 
 from ._uapi import vfio as uapi
+from .errors import InvalidRequest
 from .kernel import Kernel
 
 __all__ = ["collect", "from_vfio"]
@@ -45,7 +46,10 @@ async def collect(address: str, kernel: Kernel | None = None) -> dict[str, Any]:
             )
         irqs = []
         for index in range(info.num_irqs):
-            irq = dev.irq_info(index)
+            try:
+                irq = dev.irq_info(index)
+            except InvalidRequest:
+                continue  # vfio-pci refuses ERR on conventional PCI, REQ without support
             irqs.append(
                 {
                     "index": index,

@@ -335,7 +335,9 @@ class Doctor:
             return Check("hugepages", Status.INFO, f"no hugepage sizes in {base}")
         if total:
             return Check("hugepages", Status.OK, ", ".join(sizes))
-        first = _entries(base)[0] / "nr_hugepages"
+        names = [e.name for e in _entries(base)]
+        size = "hugepages-2048kB" if "hugepages-2048kB" in names else names[0]
+        first = base / size / "nr_hugepages"
         return Check(
             "hugepages",
             Status.INFO,

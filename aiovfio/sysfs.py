@@ -457,11 +457,18 @@ class Sysfs:
 
     # device details
     def reset_methods(self, address: str) -> tuple[str, ...] | None:
-        """The function's reset methods (`reset_method`), None when sysfs does not say."""
-        text = _read(self.path(address) / "reset_method")
+        """How vfio-pci can reset the function: () for no way, None for an unknown device.
+
+        The kernel shows `reset_method` (>= 5.15) and `reset` only for a
+        function it can reset; with `reset` alone the method is "unknown".
+        """
+        path = self.path(address)
+        if not path.exists():
+            return None
+        text = _read(path / "reset_method")
         if text is not None:
             return tuple(text.split())
-        return ("unknown",) if (self.path(address) / "reset").exists() else None
+        return ("unknown",) if (path / "reset").exists() else ()
 
     def config(self, address: str) -> bytes:
         """The config-space image sysfs gives this reader (64 bytes unless root)."""

@@ -120,7 +120,7 @@ class FakeKernel:
         driver: str | None = None,
         native: str | None = None,
         revision: int = 0,
-        reset_method: str | None = "",
+        reset_method: str | None = None,
         caps: Sequence[int] = (),
     ) -> None:
         d = self.device_dir(bdf)

@@ -1,0 +1,129 @@
+"""The `aiovfio` command line against the real sysfs of the QEMU guest.
+
+    aiovfio vm -- python -m pytest -p no:cacheprovider tests/vm/test_cli_guest.py
+
+At boot the guest binds edu and nvme to vfio-pci and loads no nvme driver;
+these tests `modprobe nvme`, move the controller to the kernel's driver and
+back with `aiovfio unbind` / `aiovfio bind`, and leave it on vfio-pci.
+The binding state goes to a temporary file, not the guest's /run/aiovfio.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiovfio.cli import main
+from aiovfio.sysfs import Binder, Roots, Sysfs
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "drivers.json"
+    monkeypatch.setenv("AIOVFIO_STATE", str(path))
+    return path
+
+
+@pytest.fixture
+def nvme_on_vfio(nvme_bdf: str, state: Path) -> Iterator[str]:
+    """The nvme controller; whatever a test does, it ends bound to vfio-pci again."""
+    yield nvme_bdf
+    sysfs = Sysfs(Roots(state=state))
+    if sysfs.driver(nvme_bdf) != "vfio-pci":
+        Binder.from_roots(sysfs.roots).bind(nvme_bdf, force=True)
+    assert sysfs.driver(nvme_bdf) == "vfio-pci"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ls(capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, object]]:
+    code, out, err = run(capsys, "ls", "--json")
+    assert code == 0, err
+    return {row["address"]: row for row in json.loads(out)}
+
+
+def test_ls_shows_the_guest_devices(
+    capsys: pytest.CaptureFixture[str], edu_bdf: str, nvme_bdf: str
+) -> None:
+    rows = ls(capsys)
+    edu, nvme = rows[edu_bdf], rows[nvme_bdf]
+    assert (edu["vendor"], edu["device"], edu["class"]) == ("1234", "11e8", "00ff00")
+    assert (nvme["vendor"], nvme["device"], nvme["class"]) == ("1b36", "0010", "010802")
+    for row in (edu, nvme):
+        assert row["driver"] == "vfio-pci"
+        assert isinstance(row["iommu_group"], int)
+        assert row["viable"] is True
+    assert edu["iommu_group"] != nvme["iommu_group"]
+    code, out, _ = run(capsys, "ls", "--vendor", "1234:11e8")
+    assert code == 0
+    assert edu_bdf in out
+    assert nvme_bdf not in out
+
+
+def test_unbind_to_nvme_and_back(
+    capsys: pytest.CaptureFixture[str], nvme_on_vfio: str, state: Path
+) -> None:
+    bdf = nvme_on_vfio
+    subprocess.run(["modprobe", "nvme"], check=True)
+    # bound at boot, not by aiovfio: nothing is remembered, so the kernel picks nvme
+    code, out, err = run(capsys, "unbind", bdf)
+    assert code == 0, err
+    assert out.strip() == f"{bdf}: vfio-pci -> nvme"
+    row = ls(capsys)[bdf]
+    assert (row["driver"], row["viable"], row["driver_override"]) == ("nvme", False, None)
+
+    code, out, err = run(capsys, "doctor", "--json", bdf)
+    device = next(c for c in json.loads(out)["checks"] if c["name"] == "device")
+    assert device["status"] == "warn"
+    assert f"aiovfio bind {bdf}" in device["fix"]
+
+    code, out, err = run(capsys, "bind", bdf)
+    assert code == 0, err
+    assert out.strip() == f"{bdf}: nvme -> vfio-pci"
+    assert json.loads(state.read_text())["devices"][bdf]["driver"] == "nvme"
+    assert ls(capsys)[bdf]["viable"] is True
+
+    # now remembered: unbind restores nvme, bind goes back to vfio-pci
+    code, out, err = run(capsys, "unbind", bdf)
+    assert (code, out.strip()) == (0, f"{bdf}: vfio-pci -> nvme")
+    code, out, err = run(capsys, "bind", bdf)
+    assert (code, out.strip()) == (0, f"{bdf}: nvme -> vfio-pci")
+
+
+def test_doctor_in_the_guest(capsys: pytest.CaptureFixture[str], edu_bdf: str) -> None:
+    code, out, _ = run(capsys, "doctor", "--json", edu_bdf)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 0, checks
+    for name in ("sysfs", "iommu", "cmdline", "modules", "dev-vfio", "memlock", "device"):
+        assert checks[name]["status"] == "ok", checks[name]
+    group = next(c for n, c in checks.items() if n.startswith("group "))
+    assert group["status"] == "ok"
+    assert "intel_iommu=on" in checks["cmdline"]["summary"]
+
+
+def test_info_opens_the_device(capsys: pytest.CaptureFixture[str], edu_bdf: str) -> None:
+    code, out, err = run(capsys, "info", "--json", edu_bdf)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["source"] == "vfio", data.get("why_sysfs")
+    bar0 = next(r for r in data["regions"] if r["name"] == "BAR0")
+    assert bar0["size"] == 1 << 20
+    irqs = {i["name"]: i["count"] for i in data["irqs"]}
+    assert (irqs["intx"], irqs["msi"], irqs["msix"]) == (1, 1, 0)
+    assert [c["name"] for c in data["capabilities"]] == ["MSI"]
+    assert data["reset"].startswith("it has no reset method")
+
+
+def test_bad_input_in_the_guest(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "bind", "1f.7")
+    assert code == 1
+    assert err.strip().startswith("aiovfio: no PCI device 0000:00:1f.7")
+    assert "Traceback" not in err
