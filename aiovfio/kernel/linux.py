@@ -25,8 +25,14 @@ __all__ = ["LinuxKernel"]
 _O_FLAGS = os.O_RDWR | os.O_CLOEXEC
 
 
-def _fields(arg: ctypes.Structure) -> dict[str, int]:
-    return {name: getattr(arg, name) for name, *_ in arg._fields_}
+def _fields(arg: ctypes.Structure) -> dict[str, object]:
+    """A structure's scalar fields, for the debug log (flexible arrays left out)."""
+    out: dict[str, object] = {}
+    for name, *_ in arg._fields_:
+        value = getattr(arg, name)
+        if not isinstance(value, ctypes.Array | ctypes.Structure | ctypes.Union):
+            out[name] = value
+    return out
 
 
 class LinuxKernel:
