@@ -1,0 +1,1059 @@
+"""QEMU's `nvme` controller (hw/nvme/ctrl.c) with one namespace, as a model.
+
+The subset a user-space driver needs, with QEMU's checks and status codes
+(DEVICES.md parts C and E): controller enable, disable and shutdown; the admin
+commands Identify, Get Log Page, Get/Set Features, Create/Delete I/O SQ/CQ,
+Abort and Async Event Request; the I/O commands Read, Write, Write Zeroes and
+Flush with PRPs (PRP1 offsets, PRP lists, chained list pages); phase tags;
+completions held while a CQ is full; MSI-X (or INTx) interrupts.
+
+Timing follows QEMU's bottom halves: a doorbell write only records the new
+tail and schedules the queue's processing with `ctx.schedule`, so commands
+run after the write returns; each processed batch posts its completions and
+interrupts once.
+
+Every device access to host memory goes through `ctx.dma_read`/`dma_write`,
+that is through the IOMMU. A fault while fetching a command or posting a
+completion sets CSTS.CFS (the controller is dead until disabled); a fault
+while moving a command's data ends that command with Data Transfer Error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from attrs import define, field, frozen
+
+from ..._uapi.pci import CapId
+from ..._uapi.vfio import PciRegion
+from ...errors import InvalidArgument, UsageError
+from ..model import DeviceContext, DeviceModel, IommuFault, IrqSpec, RegionSpec
+from ._nvme_spec import (
+    CQE,
+    DNR,
+    IDENTIFY_SIZE,
+    NSID_BROADCAST,
+    SQE,
+    AdminOpcode,
+    Cap,
+    Cc,
+    Cns,
+    Command,
+    Csts,
+    FeatureId,
+    IdCtrl,
+    IdNs,
+    IoOpcode,
+    LogId,
+    Reg,
+    Smart,
+    Status,
+    field_get,
+)
+from ._nvme_store import BufferStore, SparseStore, open_store
+from ._pci import CapabilityFinder, check_range, vfio_pci_irqs
+
+__all__ = ["Nvme"]
+
+_U16 = 0xFFFF
+_U32 = 0xFFFF_FFFF
+_PAGE_SHIFT_MIN = 12
+_DOORBELL_STRIDE = 4  # CAP.DSTRD = 0
+_NVME_VERSION = 0x0001_0400  # 1.4
+_MAX_NAMESPACES = 256
+_NSID = 1  # the one namespace, from `drive=`
+_AERL = 3  # up to four Async Event Requests outstanding (0-based)
+_TIMEOUT = 0x0F  # CAP.TO: 7.5 s in 500 ms units
+_MPSMAX = 4  # 64 KiB pages
+_TEMPERATURE = 0x143  # Kelvin, as QEMU reports
+_TEMPERATURE_WARNING = 0x157
+_TEMPERATURE_CRITICAL = 0x175
+_CSS_ADMIN_ONLY_UNTIL = (10, 0)  # QEMU dropped CAP.CSS bit 7 in 10.0
+_MSIX_ENTRY = 16
+_MSIX_VECTOR_CTRL = 12
+_MSIX_MASKBIT = 0x1
+_MSIX_MAX = 2048
+_SERIAL_MAX = 20
+_PAGE = 4096
+_PRP_ENTRY = 8
+_SMART_UNIT = 512 * 1000  # a "data unit" is 1000 512-byte units
+_ERROR_LOG_ENTRY = 64
+_FW_SLOT_REVISION = 8  # FRS1 offset in the firmware slot log
+#: Feature capability bits, as Get Features with SEL=3 reports them.
+_FEAT_SAVEABLE, _FEAT_NS_SPECIFIC, _FEAT_CHANGEABLE = 0x1, 0x2, 0x4
+_ARBITRATION_NO_LIMIT = 0x7
+_GET_FEATURES_SEL_DEFAULT, _GET_FEATURES_SEL_SAVED, _GET_FEATURES_SEL_CAPS = 1, 2, 3
+_TEMP_THSEL_OVER, _TEMP_THSEL_UNDER = 0, 1
+_NSID_DESCRIPTOR_CSI = 0x04
+#: Supported features: fid -> (capabilities as Get Features SEL=3 reports, default).
+_FEATURES: dict[int, tuple[int, int]] = {
+    FeatureId.ARBITRATION: (0, _ARBITRATION_NO_LIMIT),
+    FeatureId.POWER_MANAGEMENT: (0, 0),
+    FeatureId.TEMPERATURE_THRESHOLD: (_FEAT_CHANGEABLE, 0),
+    FeatureId.VOLATILE_WRITE_CACHE: (_FEAT_CHANGEABLE, 0),
+    FeatureId.NUMBER_OF_QUEUES: (_FEAT_CHANGEABLE, 0),
+    FeatureId.INTERRUPT_COALESCING: (0, 0),
+    FeatureId.ASYNC_EVENT_CONFIG: (_FEAT_CHANGEABLE, 0),
+}
+#: LBA formats as QEMU lists them: (metadata bytes, log2 of the block size).
+_LBA_FORMATS = ((0, 9), (8, 9), (16, 9), (64, 9), (0, 12), (8, 12), (16, 12), (64, 12))
+_REGISTERS = struct.Struct("<QIIIIIIIIQQ")  # CAP .. ACQ, as NvmeBar lays them out
+_REGISTER_FILE = 0x1000
+#: Identify Controller constants that are QEMU's.
+_MODEL_NUMBER = "QEMU NVMe Ctrl"
+_NQN_PREFIX = "nqn.2019-08.org.qemu:"
+_IEEE_OUI = bytes((0x00, 0x54, 0x52))
+_RAB = 6
+_CNTRLTYPE_IO = 1
+_FRMW_ONE_SLOT_READ_ONLY = 0x03
+_LPA_SMART_PER_NS_AND_EXTENDED = 0x05
+_VWC_PRESENT_AND_BROADCAST_FLUSH = 0x07
+_ONCS_WRITE_ZEROES = 1 << 3
+_PSD0_MAX_POWER, _PSD0_ENTRY_LAT, _PSD0_EXIT_LAT = 0x9C4, 0x10, 0x4
+#: The PCI Express capability (version 2, 0x3C bytes) of a PCIe endpoint with
+#: FLR, as QEMU's pcie_endpoint_cap_init + pcie_cap_flr_init fill it:
+#: (offset in the capability, struct format, value).
+_EXP_SIZE = 0x3C
+_EXP_FIELDS = (
+    (0x02, "<H", 0x0002),  # Flags: version 2, type 0 (endpoint)
+    (0x04, "<I", 1 << 15 | 1 << 28),  # DevCap: role-based error reporting, FLR
+    (0x08, "<H", 0x2810),  # DevCtl: the spec's reset value (RO, NS, MRRS 512)
+    (0x0C, "<I", 0x11),  # LnkCap: 2.5 GT/s, x1
+    (0x12, "<H", 0x11),  # LnkSta: 2.5 GT/s, x1
+    (0x24, "<I", 0x10),  # DevCap2: completion timeout disable supported
+)
+_PM_PMC_VERSION_1_2 = 0x0003
+_PM_CTRL_NO_SOFT_RESET = 0x0008
+
+
+def _pow2ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _align_up(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _padded(text: str, size: int, fill: bytes = b" ") -> bytes:
+    return text.encode("ascii")[:size].ljust(size, fill)
+
+
+def _status(code: Status, *, dnr: bool = True) -> int:
+    return code | DNR if dnr else int(code)
+
+
+@frozen
+class _Result:
+    """How a command ends: a status and the CQE's DW0."""
+
+    status: int = Status.SUCCESS
+    result: int = 0
+
+
+_OK = _Result()
+
+
+def _fail(code: Status, *, dnr: bool = True) -> _Result:
+    return _Result(_status(code, dnr=dnr))
+
+
+@define(eq=False)
+class _SubmissionQueue:
+    qid: int
+    base: int
+    size: int
+    cqid: int
+    head: int = 0
+    tail: int = 0
+    #: commands fetched whose completion is not posted yet (QEMU's requests)
+    outstanding: int = 0
+    scheduled: bool = False
+
+
+@define(eq=False)
+class _Completion:
+    sq: _SubmissionQueue
+    cid: int
+    status: int
+    result: int
+
+
+@define(eq=False)
+class _CompletionQueue:
+    qid: int
+    base: int
+    size: int
+    vector: int
+    irq_enabled: bool
+    head: int = 0
+    tail: int = 0
+    phase: int = 1
+    held: deque[_Completion] = field(factory=deque)
+    sqids: set[int] = field(factory=set)
+
+    @property
+    def full(self) -> bool:
+        return (self.tail + 1) % self.size == self.head
+
+    @property
+    def pending(self) -> bool:
+        """Posted entries the host has not consumed yet."""
+        return self.head != self.tail
+
+
+@define(eq=False, kw_only=True)
+class Nvme(DeviceModel):
+    """QEMU's nvme device with one namespace (NSID 1).
+
+    The namespace is `backing` (a bytearray, or the path of a raw image file
+    that is mapped, so writes land in it) or, without one, `size` bytes of
+    sparse memory that reads zeros until written (64 MiB by default).
+    `max_ioqpairs`, `msix_qsize`, `mqes` and `mdts` are QEMU's properties;
+    `qemu_version` picks CAP.CSS and the firmware revision;
+    `command_latency` is the delay between a doorbell write and the
+    processing of the queue.
+    """
+
+    vendor_id = 0x1B36
+    device_id = 0x0010
+    revision = 2
+    class_code = 0x010802
+    interrupt_pin = 1
+    supports_reset = True
+
+    serial: str = field(default="aiovfio0")
+    size: int | None = None
+    backing: bytearray | str | os.PathLike[str] | None = field(default=None, repr=False)
+    lba_size: int = 512
+    max_ioqpairs: int = field(default=64, validator=check_range(1, _U16))
+    msix_qsize: int = field(default=65, validator=check_range(1, _MSIX_MAX))
+    mqes: int = field(default=0x7FF, validator=check_range(1, _U16))
+    mdts: int = field(default=7, validator=check_range(1, 9))
+    qemu_version: tuple[int, ...] = field(default=(7, 2), converter=tuple)
+    command_latency: float = field(default=0.0, validator=check_range(0, math.inf))
+
+    _store: SparseStore | BufferStore = field(init=False, repr=False)
+    _ctx: DeviceContext | None = field(default=None, init=False, repr=False)
+    _caps: CapabilityFinder = field(factory=CapabilityFinder, init=False, repr=False)
+    # registers
+    _cap: int = field(init=False, repr=False)
+    _cc: int = field(default=0, init=False)
+    _csts: int = field(default=0, init=False)
+    _intms: int = field(default=0, init=False, repr=False)
+    _aqa: int = field(default=0, init=False, repr=False)
+    _asq: int = field(default=0, init=False, repr=False)
+    _acq: int = field(default=0, init=False, repr=False)
+    # controller state
+    _page_size: int = field(default=_PAGE, init=False, repr=False)
+    _sqs: dict[int, _SubmissionQueue] = field(factory=dict, init=False, repr=False)
+    _cqs: dict[int, _CompletionQueue] = field(factory=dict, init=False, repr=False)
+    _qs_created: bool = field(default=False, init=False, repr=False)
+    _aers: list[_Completion] = field(factory=list, init=False, repr=False)
+    _irq_status: int = field(default=0, init=False, repr=False)
+    _intx: bool = field(default=False, init=False, repr=False)
+    _msix_table: bytearray = field(init=False, repr=False)
+    _msix_pending: int = field(default=0, init=False, repr=False)
+    _write_cache: bool = field(default=True, init=False, repr=False)
+    _async_config: int = field(default=0, init=False, repr=False)
+    _temp_over: int = field(default=_TEMPERATURE_WARNING, init=False, repr=False)
+    _temp_under: int = field(default=0, init=False, repr=False)
+    _bytes_read: int = field(default=0, init=False, repr=False)
+    _bytes_written: int = field(default=0, init=False, repr=False)
+    _reads: int = field(default=0, init=False, repr=False)
+    _writes: int = field(default=0, init=False, repr=False)
+    # BAR0 layout, as QEMU computes it from max_ioqpairs and msix_qsize
+    _table_offset: int = field(init=False, repr=False)
+    _pba_offset: int = field(init=False, repr=False)
+    _bar_size: int = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lba_size not in {1 << shift for ms, shift in _LBA_FORMATS if ms == 0}:
+            raise InvalidArgument(f"Nvme: lba_size must be 512 or 4096, not {self.lba_size}")
+        if not self.serial or not self.serial.isascii() or len(self.serial) > _SERIAL_MAX:
+            raise InvalidArgument(f"Nvme: serial must be 1-20 ASCII characters: {self.serial!r}")
+        self._store = open_store(self.backing, self.size)
+        if self._store.size < self.lba_size or self._store.size % self.lba_size:
+            raise InvalidArgument(
+                f"Nvme: size {self._store.size} is not a positive multiple of lba_size "
+                f"{self.lba_size}"
+            )
+        self.size = self._store.size
+        css = Cap.CSS_NVM | Cap.CSS_CSI
+        if self.qemu_version < _CSS_ADMIN_ONLY_UNTIL:
+            css |= Cap.CSS_ADMIN_ONLY
+        self._cap = (
+            self.mqes << Cap.MQES[0]
+            | 1 << Cap.CQR[0]
+            | _TIMEOUT << Cap.TO[0]
+            | css << Cap.CSS[0]
+            | _MPSMAX << Cap.MPSMAX[0]
+        )
+        registers = _pow2ceil(_REGISTER_FILE + 2 * (self.max_ioqpairs + 1) * _DOORBELL_STRIDE)
+        self._table_offset = _align_up(registers, _PAGE)
+        self._pba_offset = _align_up(self._table_offset + _MSIX_ENTRY * self.msix_qsize, _PAGE)
+        self._bar_size = _pow2ceil(self._pba_offset + _align_up(self.msix_qsize, 64) // 8)
+        self._msix_table = bytearray(_MSIX_ENTRY * self.msix_qsize)
+
+    # --- the DeviceModel description ------------------------------------------
+    def regions(self) -> Sequence[RegionSpec]:
+        """BAR0, 64-bit, trapped so that every doorbell write reaches the model."""
+        return (RegionSpec(index=PciRegion.BAR0, size=self._bar_size, is_64bit=True),)
+
+    def irqs(self) -> Sequence[IrqSpec]:
+        """INTx and `msix_qsize` MSI-X vectors; no MSI."""
+        return vfio_pci_irqs(intx=True, msi=0, msix=self.msix_qsize, pcie=True)
+
+    def capabilities(self) -> Sequence[tuple[int, bytes]]:
+        """MSI-X, PCI Express endpoint with FLR, power management (QEMU's list order)."""
+        msix = struct.pack("<HII", self.msix_qsize - 1, self._table_offset, self._pba_offset)
+        express = bytearray(_EXP_SIZE - 2)  # the body starts after ID and next pointer
+        for offset, fmt, value in _EXP_FIELDS:
+            struct.pack_into(fmt, express, offset - 2, value)
+        # PMC, PMCSR, PMCSR_BSE, Data.
+        power = struct.pack("<HHBB", _PM_PMC_VERSION_1_2, _PM_CTRL_NO_SOFT_RESET, 0, 0)
+        return ((CapId.MSIX, msix), (CapId.EXP, bytes(express)), (CapId.PM, power))
+
+    def attach(self, ctx: DeviceContext) -> None:
+        """Remember the machine's context; a model belongs to one machine."""
+        if self._ctx is not None and self._ctx is not ctx:
+            raise UsageError("this Nvme model is already attached to a machine; make a new one")
+        self._ctx = ctx
+
+    @property
+    def _context(self) -> DeviceContext:
+        if self._ctx is None:
+            raise UsageError("this Nvme model is not attached: add it to a sim Machine first")
+        return self._ctx
+
+    def reset(self) -> None:
+        """Function-level reset: controller reset plus every register and vector."""
+        self._controller_reset()
+        self._aqa = self._asq = self._acq = 0
+        self._msix_table[:] = bytes(len(self._msix_table))
+        self._msix_pending = 0
+        self._write_cache = True
+        self._async_config = 0
+        self._temp_over, self._temp_under = _TEMPERATURE_WARNING, 0
+
+    # --- register access ------------------------------------------------------
+    def read(self, region: int, offset: int, size: int) -> int:
+        """Registers (any width), doorbells (read 0), MSI-X table and PBA."""
+        if region != PciRegion.BAR0 or not 0 <= offset <= self._bar_size - size:
+            return 0
+        if offset < _REGISTER_FILE:
+            if offset + size > _REGISTER_FILE:
+                return 0
+            registers = _REGISTERS.pack(
+                self._cap,
+                _NVME_VERSION,
+                self._intms,
+                self._intms,  # INTMC reads the mask too
+                self._cc,
+                0,
+                self._csts,
+                0,
+                self._aqa,
+                self._asq,
+                self._acq,
+            )
+            return int.from_bytes(registers[offset : offset + size], "little")
+        if not self._msix_access(offset, size):
+            return 0  # doorbells read 0, as does the space past the PBA
+        if offset < self._pba_offset:
+            start = offset - self._table_offset
+            return int.from_bytes(self._msix_table[start : start + size], "little")
+        pending = self._msix_pending.to_bytes(_align_up(self.msix_qsize, 64) // 8, "little")
+        start = offset - self._pba_offset
+        return int.from_bytes(pending[start : start + size], "little")
+
+    def write(self, region: int, offset: int, size: int, value: int) -> None:
+        """Registers, doorbells, and the MSI-X table (if the machine passes it on)."""
+        if region != PciRegion.BAR0 or not 0 <= offset <= self._bar_size - size:
+            return
+        value &= (1 << (8 * size)) - 1
+        if offset < _REGISTER_FILE:
+            self._write_register(offset, size, value)
+        elif offset < self._table_offset:
+            self._doorbell(offset, value)
+        elif offset < self._pba_offset and self._msix_access(offset, size):
+            self._write_msix_table(offset - self._table_offset, size, value)
+
+    def _msix_access(self, offset: int, size: int) -> bool:
+        # QEMU's MSI-X table and PBA take aligned 4- and 8-byte accesses only.
+        in_table = self._table_offset <= offset < self._table_offset + len(self._msix_table)
+        pba_bytes = _align_up(self.msix_qsize, 64) // 8
+        in_pba = self._pba_offset <= offset < self._pba_offset + pba_bytes
+        return (in_table or in_pba) and size in (4, 8) and offset % size == 0
+
+    def _write_register(self, offset: int, size: int, value: int) -> None:
+        match offset:
+            case Reg.INTMS:
+                self._intms |= value & _U32
+                self._update_intx()
+            case Reg.INTMC:
+                self._intms &= ~value & _U32
+                self._update_intx()
+            case Reg.CC:
+                self._write_cc(value & _U32)
+            case Reg.AQA:
+                self._aqa = value & _U32
+            case Reg.ASQ:
+                self._asq = _replace_low(self._asq, size, value)
+            case Reg.ACQ:
+                self._acq = _replace_low(self._acq, size, value)
+            case _ if offset == Reg.ASQ + 4:
+                self._asq = (self._asq & _U32) | (value & _U32) << 32
+            case _ if offset == Reg.ACQ + 4:
+                self._acq = (self._acq & _U32) | (value & _U32) << 32
+            # CAP, VS, CSTS (NSSRO is not supported), NSSR and the rest: ignored.
+
+    # --- enable, disable, shutdown --------------------------------------------
+    def _write_cc(self, new: int) -> None:
+        old, self._cc = self._cc, new
+        csts = self._csts
+        shn_new, shn_old = field_get(new, *Cc.SHN), field_get(old, *Cc.SHN)
+        if shn_new and not shn_old:
+            self._store.flush()
+            csts = (csts & ~Csts.SHST_MASK) | Csts.SHST_COMPLETE
+        elif shn_old and not shn_new:
+            csts &= ~Csts.SHST_MASK
+        en_new, en_old = field_get(new, *Cc.EN), field_get(old, *Cc.EN)
+        if en_new and not en_old:
+            problem = self._start()
+            if problem is None:
+                csts = Csts.RDY
+            else:
+                self._context.log_fault(f"nvme: enable failed, CSTS.CFS set: {problem}")
+                csts = Csts.CFS
+        elif en_old and not en_new:
+            self._controller_reset()  # also clears CC and CSTS, as QEMU does
+            return
+        self._csts = int(csts)
+
+    def _start(self) -> str | None:
+        """QEMU's nvme_start_ctrl: why the enable fails, or None after creating the admin queues."""
+        cc = self._cc
+        mps = field_get(cc, *Cc.MPS)
+        page = 1 << (_PAGE_SHIFT_MIN + mps)
+        css = field_get(cc, *Cc.CSS)
+        asqs, acqs = field_get(self._aqa, 0, 12), field_get(self._aqa, 16, 12)
+        if 0 in self._sqs or 0 in self._cqs:
+            return "the admin queues already exist"
+        if self._asq % page:
+            return f"ASQ {self._asq:#x} is not aligned to the {page}-byte page"
+        if self._acq % page:
+            return f"ACQ {self._acq:#x} is not aligned to the {page}-byte page"
+        if not field_get(self._cap, *Cap.CSS) & (1 << css):
+            return f"CC.CSS {css} is not in CAP.CSS {field_get(self._cap, *Cap.CSS):#x}"
+        if not field_get(self._cap, *Cap.MPSMIN) <= mps <= field_get(self._cap, *Cap.MPSMAX):
+            return f"CC.MPS {mps} is outside CAP.MPSMIN..MPSMAX"
+        if not asqs:
+            return "AQA.ASQS is 0"
+        if not acqs:
+            return "AQA.ACQS is 0"
+        self._page_size = page
+        self._cqs[0] = _CompletionQueue(0, self._acq, acqs + 1, vector=0, irq_enabled=True)
+        self._sqs[0] = _SubmissionQueue(0, self._asq, asqs + 1, cqid=0)
+        self._cqs[0].sqids.add(0)
+        return None
+
+    def _controller_reset(self) -> None:
+        """CC.EN 1 -> 0 (and FLR): free every queue; CC, CSTS and the INTx mask become 0."""
+        self._sqs.clear()
+        self._cqs.clear()
+        self._aers.clear()
+        self._qs_created = False
+        self._cc = self._csts = self._intms = 0
+        self._irq_status = 0
+        if self._intx and self._ctx is not None:
+            self._intx = False
+            self._ctx.set_intx(False)
+
+    def _fatal(self, message: str) -> None:
+        """A controller fatal status: CSTS becomes CFS alone, as in QEMU."""
+        self._csts = Csts.CFS
+        self._context.log_fault(f"nvme: {message}; CSTS.CFS set (disable and re-enable)")
+
+    # --- doorbells and queue processing ---------------------------------------
+    def _doorbell(self, offset: int, value: int) -> None:
+        if offset % _DOORBELL_STRIDE:
+            return  # misaligned: ignored
+        index = (offset - Reg.DOORBELLS) // _DOORBELL_STRIDE
+        qid, is_cq = index >> 1, bool(index & 1)
+        value &= _U16
+        if is_cq:
+            cq = self._cqs.get(qid)
+            if cq is None or value >= cq.size:
+                self._ignored_doorbell("CQ", qid, "head", value, None if cq is None else cq.size)
+                return
+            was_full = cq.full
+            cq.head = value
+            if was_full:
+                self._schedule(lambda: self._post_if_current(cq))
+            if not cq.pending:
+                self._deassert_irq(cq)
+        else:
+            sq = self._sqs.get(qid)
+            if sq is None or value >= sq.size:
+                self._ignored_doorbell("SQ", qid, "tail", value, None if sq is None else sq.size)
+                return
+            sq.tail = value
+            self._schedule_sq(sq)
+
+    def _ignored_doorbell(
+        self, kind: str, qid: int, what: str, value: int, size: int | None
+    ) -> None:
+        why = f"{kind} {qid} does not exist" if size is None else f"{kind} {qid} has {size} entries"
+        self._context.log_fault(f"nvme: {kind} {what} doorbell write {value} ignored: {why}")
+
+    def _schedule(self, callback: Callable[[], None]) -> None:
+        self._context.schedule(self.command_latency, callback)
+
+    def _schedule_sq(self, sq: _SubmissionQueue) -> None:
+        if not sq.scheduled:
+            sq.scheduled = True
+            self._schedule(lambda: self._process_sq(sq))
+
+    def _process_sq(self, sq: _SubmissionQueue) -> None:
+        """QEMU's nvme_process_sq: fetch and run commands, then post the batch."""
+        sq.scheduled = False
+        if self._sqs.get(sq.qid) is not sq:
+            return  # deleted or reset since
+        cq = self._cqs[sq.cqid]
+        completed = False
+        while sq.head != sq.tail and sq.outstanding < sq.size:
+            address = sq.base + sq.head * SQE.size
+            try:
+                raw = self._context.dma_read(address, SQE.size)
+            except IommuFault as fault:
+                self._fatal(f"fetching SQ {sq.qid} entry {sq.head} at IOVA {address:#x}: {fault}")
+                break
+            sq.head = (sq.head + 1) % sq.size
+            sq.outstanding += 1
+            command = Command.decode(raw)
+            result = self._admin(sq, command) if sq.qid == 0 else self._io(command)
+            if result is not None:
+                cq.held.append(_Completion(sq, command.cid, result.status, result.result))
+                completed = True
+        if completed:
+            self._post(cq)
+
+    def _post_if_current(self, cq: _CompletionQueue) -> None:
+        if self._cqs.get(cq.qid) is cq:
+            self._post(cq)
+
+    def _post(self, cq: _CompletionQueue) -> None:
+        """QEMU's nvme_post_cqes: post held completions while the CQ has room."""
+        posted: set[int] = set()
+        while cq.held and not cq.full:
+            done = cq.held[0]
+            entry = CQE.pack(
+                done.result,
+                0,
+                done.sq.head,
+                done.sq.qid,
+                done.cid,
+                (done.status << 1 | cq.phase) & _U16,
+            )
+            address = cq.base + cq.tail * CQE.size
+            try:
+                self._context.dma_write(address, entry)
+            except IommuFault as fault:
+                self._fatal(f"posting to CQ {cq.qid} entry {cq.tail} at IOVA {address:#x}: {fault}")
+                break
+            cq.held.popleft()
+            done.sq.outstanding -= 1
+            posted.add(done.sq.qid)
+            cq.tail += 1
+            if cq.tail == cq.size:
+                cq.tail, cq.phase = 0, cq.phase ^ 1
+        if cq.pending:
+            self._assert_irq(cq)
+        for qid in posted:
+            sq = self._sqs.get(qid)
+            if sq is not None and sq.head != sq.tail:
+                self._schedule_sq(sq)  # it may have stalled on its request slots
+
+    # --- interrupts -----------------------------------------------------------
+    def _assert_irq(self, cq: _CompletionQueue) -> None:
+        if not cq.irq_enabled:
+            return
+        if self._caps.msix_enabled(self._context):
+            self._msix_notify(cq.vector)
+        else:
+            self._irq_status |= 1 << cq.vector
+            self._update_intx()
+
+    def _deassert_irq(self, cq: _CompletionQueue) -> None:
+        if not cq.irq_enabled or self._caps.msix_enabled(self._context):
+            return
+        if not any(
+            other.irq_enabled and other.vector == cq.vector and other.pending
+            for other in self._cqs.values()
+        ):
+            self._irq_status &= ~(1 << cq.vector)
+        self._update_intx()
+
+    def _update_intx(self) -> None:
+        """INTx follows pending, unmasked vectors while MSI-X is off."""
+        if self._ctx is None or self._caps.msix_enabled(self._ctx):
+            return
+        level = bool(self._irq_status & ~self._intms)
+        if level != self._intx:
+            self._intx = level
+            self._ctx.set_intx(level)
+
+    def _vector_masked(self, vector: int) -> bool:
+        control = _MSIX_ENTRY * vector + _MSIX_VECTOR_CTRL
+        return bool(self._msix_table[control] & _MSIX_MASKBIT)
+
+    def _msix_notify(self, vector: int) -> None:
+        if vector >= self.msix_qsize:
+            return
+        if self._vector_masked(vector):
+            self._msix_pending |= 1 << vector
+        else:
+            self._context.send_msix(vector)
+
+    def _write_msix_table(self, offset: int, size: int, value: int) -> None:
+        first, last = offset // _MSIX_ENTRY, (offset + size - 1) // _MSIX_ENTRY
+        was_masked = [self._vector_masked(v) for v in range(first, last + 1)]
+        self._msix_table[offset : offset + size] = value.to_bytes(size, "little")
+        for vector, masked in zip(range(first, last + 1), was_masked, strict=True):
+            bit = 1 << vector
+            if masked and not self._vector_masked(vector) and self._msix_pending & bit:
+                self._msix_pending &= ~bit
+                self._context.send_msix(vector)
+
+    # --- data movement --------------------------------------------------------
+    def _map_prp(self, prp1: int, prp2: int, length: int) -> list[tuple[int, int]] | int:
+        """QEMU's nvme_map_prp: the (IOVA, length) segments, or an error status."""
+        page = self._page_size
+        first = min(length, page - prp1 % page)
+        segments = [(prp1, first)]
+        remaining = length - first
+        if not remaining:
+            return segments
+        if remaining <= page:
+            if prp2 % page:
+                return _status(Status.INVALID_PRP_OFFSET)
+            return [*segments, (prp2, remaining)]
+        per_page = page // _PRP_ENTRY
+        count = min(per_page, (page - prp2 % page) // _PRP_ENTRY)  # to the end of its page
+        entries = self._read_prp_list(prp2, count)
+        index = 0
+        while remaining:
+            if entries is None:
+                return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+            entry = entries[index]
+            if index == count - 1 and remaining > page:
+                # The last slot of a list page chains to the next list page.
+                if entry % page:
+                    return _status(Status.INVALID_PRP_OFFSET)
+                index, count = 0, min(per_page, -(-remaining // page))
+                entries = self._read_prp_list(entry, count)
+                continue
+            if entry % page:
+                return _status(Status.INVALID_PRP_OFFSET)
+            chunk = min(remaining, page)
+            segments.append((entry, chunk))
+            remaining -= chunk
+            index += 1
+        return segments
+
+    def _read_prp_list(self, address: int, count: int) -> tuple[int, ...] | None:
+        try:
+            raw = self._context.dma_read(address, count * _PRP_ENTRY)
+        except IommuFault:
+            return None
+        return struct.unpack(f"<{count}Q", raw)
+
+    def _to_host(self, command: Command, data: bytes) -> int:
+        """Write `data` to the command's PRPs (controller to host)."""
+        segments = self._map_prp(command.prp1, command.prp2, len(data))
+        if isinstance(segments, int):
+            return segments
+        position = 0
+        try:
+            for address, length in segments:
+                if length:
+                    self._context.dma_write(address, data[position : position + length])
+                position += length
+        except IommuFault:
+            return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+        return Status.SUCCESS
+
+    def _from_host(self, command: Command, length: int) -> bytes | int:
+        """Read `length` bytes from the command's PRPs (host to controller)."""
+        segments = self._map_prp(command.prp1, command.prp2, length)
+        if isinstance(segments, int):
+            return segments
+        try:
+            return b"".join(self._context.dma_read(a, n) for a, n in segments if n)
+        except IommuFault:
+            return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+
+    def _check_mdts(self, length: int) -> int:
+        if length > self._page_size << self.mdts:
+            return _status(Status.INVALID_FIELD)
+        return Status.SUCCESS
+
+    # --- admin commands -------------------------------------------------------
+    def _admin(self, sq: _SubmissionQueue, command: Command) -> _Result | None:
+        handlers: dict[int, Callable[[Command], _Result]] = {
+            AdminOpcode.DELETE_SQ: self._delete_sq,
+            AdminOpcode.CREATE_SQ: self._create_sq,
+            AdminOpcode.GET_LOG_PAGE: self._get_log_page,
+            AdminOpcode.DELETE_CQ: self._delete_cq,
+            AdminOpcode.CREATE_CQ: self._create_cq,
+            AdminOpcode.IDENTIFY: self._identify,
+            AdminOpcode.ABORT: self._abort,
+            AdminOpcode.SET_FEATURES: self._set_features,
+            AdminOpcode.GET_FEATURES: self._get_features,
+        }
+        if command.opcode not in handlers and command.opcode != AdminOpcode.ASYNC_EVENT_REQUEST:
+            return _fail(Status.INVALID_OPCODE)
+        if command.psdt:
+            return _fail(Status.INVALID_FIELD)  # no SGLs for admin commands over PCIe
+        if command.fuse:
+            return _fail(Status.INVALID_FIELD, dnr=False)
+        if command.opcode == AdminOpcode.ASYNC_EVENT_REQUEST:
+            return self._async_event_request(sq, command)
+        return handlers[command.opcode](command)
+
+    def _create_cq(self, command: Command) -> _Result:
+        qid, qsize = command.cdw10 & _U16, command.cdw10 >> 16
+        contiguous, enable = command.cdw11 & 1, command.cdw11 >> 1 & 1
+        vector = command.cdw11 >> 16
+        cc = self._cc
+        if field_get(cc, *Cc.IOSQES) != Cc.SQES or field_get(cc, *Cc.IOCQES) != Cc.CQES:
+            return _fail(Status.INVALID_QUEUE_SIZE)
+        if not qid or qid > self.max_ioqpairs or qid in self._cqs:
+            return _fail(Status.INVALID_QID)
+        if not qsize or qsize > self.mqes:
+            return _fail(Status.INVALID_QUEUE_SIZE)
+        if command.prp1 % self._page_size:
+            return _fail(Status.INVALID_PRP_OFFSET)
+        if vector and not self._caps.msix_enabled(self._context):
+            return _fail(Status.INVALID_VECTOR)
+        if vector >= self.msix_qsize:
+            return _fail(Status.INVALID_VECTOR)
+        if not contiguous:
+            return _fail(Status.INVALID_FIELD)
+        self._cqs[qid] = _CompletionQueue(qid, command.prp1, qsize + 1, vector, bool(enable))
+        self._qs_created = True
+        return _OK
+
+    def _create_sq(self, command: Command) -> _Result:
+        qid, qsize = command.cdw10 & _U16, command.cdw10 >> 16
+        contiguous, cqid = command.cdw11 & 1, command.cdw11 >> 16
+        if not cqid or cqid not in self._cqs:
+            return _fail(Status.INVALID_CQID)
+        if not qid or qid > self.max_ioqpairs or qid in self._sqs:
+            return _fail(Status.INVALID_QID)
+        if not qsize or qsize > self.mqes:
+            return _fail(Status.INVALID_QUEUE_SIZE)
+        if command.prp1 % self._page_size:
+            return _fail(Status.INVALID_PRP_OFFSET)
+        if not contiguous:
+            return _fail(Status.INVALID_FIELD)
+        self._sqs[qid] = _SubmissionQueue(qid, command.prp1, qsize + 1, cqid)
+        self._cqs[cqid].sqids.add(qid)
+        return _OK
+
+    def _delete_sq(self, command: Command) -> _Result:
+        qid = command.cdw10 & _U16
+        if not qid or qid not in self._sqs:
+            return _fail(Status.INVALID_QID)
+        sq = self._sqs.pop(qid)
+        cq = self._cqs[sq.cqid]
+        cq.sqids.discard(qid)
+        self._post(cq)  # what fits is posted; the rest of this SQ's is dropped
+        cq.held = deque(done for done in cq.held if done.sq is not sq)
+        return _OK
+
+    def _delete_cq(self, command: Command) -> _Result:
+        qid = command.cdw10 & _U16
+        if not qid or qid not in self._cqs:
+            return _fail(Status.INVALID_CQID)
+        cq = self._cqs[qid]
+        if cq.sqids:
+            return _fail(Status.INVALID_QUEUE_DELETION, dnr=False)
+        del self._cqs[qid]
+        self._deassert_irq(cq)
+        return _OK
+
+    def _identify(self, command: Command) -> _Result:
+        nsid = command.nsid
+        match command.cdw10 & 0xFF:
+            case Cns.CONTROLLER:
+                data = self._identify_controller()
+            case Cns.NAMESPACE:
+                if not self._nsid_valid(nsid) or nsid == NSID_BROADCAST:
+                    return _fail(Status.INVALID_NSID)
+                data = self._identify_namespace() if nsid == _NSID else bytes(IDENTIFY_SIZE)
+            case Cns.ACTIVE_NS_LIST:
+                if nsid >= NSID_BROADCAST - 1:
+                    return _fail(Status.INVALID_NSID)
+                active = [_NSID] if nsid < _NSID else []
+                data = struct.pack(f"<{len(active)}I", *active).ljust(IDENTIFY_SIZE, b"\0")
+            case Cns.NS_DESCRIPTOR_LIST:
+                if not self._nsid_valid(nsid) or nsid == NSID_BROADCAST:
+                    return _fail(Status.INVALID_NSID)
+                if nsid != _NSID:
+                    return _fail(Status.INVALID_FIELD)
+                # One descriptor: the Command Set Identifier, 0 (NVM).
+                csi = struct.pack("<BBxxB", _NSID_DESCRIPTOR_CSI, 1, 0)
+                data = csi.ljust(IDENTIFY_SIZE, b"\0")
+            case _:
+                return _fail(Status.INVALID_FIELD)
+        return _Result(self._to_host(command, data))
+
+    def _get_log_page(self, command: Command) -> _Result:
+        lid = command.cdw10 & 0xFF
+        dwords = ((command.cdw11 & _U16) << 16 | command.cdw10 >> 16) + 1
+        length = dwords * 4
+        offset = command.cdw13 << 32 | command.cdw12
+        if offset % 4:
+            return _fail(Status.INVALID_FIELD)
+        status = self._check_mdts(length)
+        if status:
+            return _Result(status)
+        match lid:
+            case LogId.SMART:
+                if command.nsid not in (NSID_BROADCAST, _NSID):
+                    return _fail(Status.INVALID_NSID)
+                log = self._smart_log()
+            case LogId.ERROR_INFO:
+                log = bytes(_ERROR_LOG_ENTRY)
+            case LogId.FIRMWARE_SLOT:
+                # AFI: slot 1 active; FRS1: its revision.
+                log = b"\x01".ljust(_FW_SLOT_REVISION, b"\0") + _padded("1.0", 8)
+                log = log.ljust(Smart.SIZE, b"\0")
+            case _:
+                return _fail(Status.INVALID_FIELD)
+        if offset >= len(log):
+            return _fail(Status.INVALID_FIELD)
+        return _Result(self._to_host(command, log[offset : offset + length]))
+
+    @property
+    def _queue_count_result(self) -> int:
+        # QEMU ignores the request and always grants max_ioqpairs of each.
+        return (self.max_ioqpairs - 1) | (self.max_ioqpairs - 1) << 16
+
+    def _get_features(self, command: Command) -> _Result:
+        fid, select = command.cdw10 & 0xFF, command.cdw10 >> 8 & 0x7
+        if fid not in _FEATURES:
+            return _fail(Status.INVALID_FIELD)
+        capabilities, default = _FEATURES[fid]
+        if select == _GET_FEATURES_SEL_CAPS:
+            return _Result(result=capabilities)
+        current = select not in (_GET_FEATURES_SEL_DEFAULT, _GET_FEATURES_SEL_SAVED)
+        match fid:
+            case FeatureId.TEMPERATURE_THRESHOLD:
+                return self._temperature_threshold(command.cdw11, current)
+            case FeatureId.NUMBER_OF_QUEUES:
+                return _Result(result=self._queue_count_result)
+            case FeatureId.VOLATILE_WRITE_CACHE if current:
+                return _Result(result=int(self._write_cache))
+            case FeatureId.ASYNC_EVENT_CONFIG if current:
+                return _Result(result=self._async_config)
+        return _Result(result=default)
+
+    def _temperature_threshold(self, cdw11: int, current: bool) -> _Result:
+        if field_get(cdw11, 16, 4):  # TMPSEL: only the composite sensor exists
+            return _OK
+        threshold = field_get(cdw11, 20, 2)
+        if not current:
+            return _Result(result=_TEMPERATURE_WARNING if threshold == _TEMP_THSEL_OVER else 0)
+        if threshold == _TEMP_THSEL_OVER:
+            return _Result(result=self._temp_over)
+        if threshold == _TEMP_THSEL_UNDER:
+            return _Result(result=self._temp_under)
+        return _fail(Status.INVALID_FIELD)
+
+    def _set_features(self, command: Command) -> _Result:
+        fid, save, value = command.cdw10 & 0xFF, command.cdw10 >> 31, command.cdw11
+        if save:
+            return _fail(Status.FEATURE_NOT_SAVEABLE)
+        if fid not in _FEATURES:
+            return _fail(Status.INVALID_FIELD)
+        if command.nsid and command.nsid != NSID_BROADCAST:
+            if not self._nsid_valid(command.nsid):
+                return _fail(Status.INVALID_NSID)
+            return _fail(Status.FEATURE_NOT_NS_SPECIFIC)
+        if not _FEATURES[fid][0] & _FEAT_CHANGEABLE:
+            return _fail(Status.FEATURE_NOT_CHANGEABLE)
+        match fid:
+            case FeatureId.NUMBER_OF_QUEUES:
+                if self._qs_created:
+                    return _fail(Status.COMMAND_SEQUENCE_ERROR)
+                if value & _U16 == _U16 or value >> 16 == _U16:
+                    return _fail(Status.INVALID_FIELD)
+                return _Result(result=self._queue_count_result)
+            case FeatureId.VOLATILE_WRITE_CACHE:
+                if self._write_cache and not value & 1:
+                    self._store.flush()
+                self._write_cache = bool(value & 1)
+            case FeatureId.ASYNC_EVENT_CONFIG:
+                self._async_config = value
+            case FeatureId.TEMPERATURE_THRESHOLD if not field_get(value, 16, 4):
+                threshold = field_get(value, 20, 2)
+                if threshold == _TEMP_THSEL_OVER:
+                    self._temp_over = value & _U16
+                elif threshold == _TEMP_THSEL_UNDER:
+                    self._temp_under = value & _U16
+                else:
+                    return _fail(Status.INVALID_FIELD)
+        return _OK
+
+    def _async_event_request(self, sq: _SubmissionQueue, command: Command) -> _Result | None:
+        # Parked until an event; this model raises none, so they wait for Abort or reset.
+        if len(self._aers) > _AERL:
+            return _fail(Status.ASYNC_EVENT_LIMIT_EXCEEDED, dnr=False)
+        self._aers.append(_Completion(sq, command.cid, Status.SUCCESS, 0))
+        return None
+
+    def _abort(self, command: Command) -> _Result:
+        sqid, cid = command.cdw10 & _U16, command.cdw10 >> 16
+        if sqid not in self._sqs:
+            return _Result(_status(Status.INVALID_FIELD), result=1)
+        for aer in self._aers if sqid == 0 else ():
+            if aer.cid == cid:
+                self._aers.remove(aer)
+                aer.status = Status.ABORT_REQUESTED
+                self._cqs[0].held.append(aer)
+                return _Result(result=0)
+        return _Result(result=1)  # nothing in flight to abort: commands complete at once
+
+    # --- I/O commands ---------------------------------------------------------
+    def _io(self, command: Command) -> _Result:
+        nsid = command.nsid
+        if command.opcode == IoOpcode.FLUSH:
+            if nsid not in (NSID_BROADCAST, _NSID):
+                return _fail(Status.INVALID_FIELD)
+            self._store.flush()
+            return _OK
+        if not self._nsid_valid(nsid) or nsid == NSID_BROADCAST:
+            return _fail(Status.INVALID_NSID)
+        if nsid != _NSID:
+            return _fail(Status.INVALID_FIELD)
+        if command.fuse:
+            return _fail(Status.INVALID_FIELD, dnr=False)
+        match command.opcode:
+            case IoOpcode.READ | IoOpcode.WRITE:
+                return self._read_write(command, write=command.opcode == IoOpcode.WRITE)
+            case IoOpcode.WRITE_ZEROES:
+                return self._write_zeroes(command)
+        return _fail(Status.INVALID_OPCODE)
+
+    def _lba_range(self, command: Command) -> tuple[int, int]:
+        return command.cdw11 << 32 | command.cdw10, (command.cdw12 & _U16) + 1
+
+    @property
+    def _blocks(self) -> int:
+        return self._store.size // self.lba_size
+
+    def _read_write(self, command: Command, *, write: bool) -> _Result:
+        slba, nlb = self._lba_range(command)
+        length = nlb * self.lba_size
+        status = self._check_mdts(length)
+        if status:
+            return _Result(status)
+        if slba + nlb > self._blocks:
+            return _fail(Status.LBA_OUT_OF_RANGE)
+        if command.psdt:
+            return _fail(Status.INVALID_FIELD)  # SGLs are not offered (Identify SGLS = 0)
+        offset = slba * self.lba_size
+        if write:
+            data = self._from_host(command, length)
+            if isinstance(data, int):
+                return _Result(data)
+            self._store.write(offset, data)
+            self._bytes_written += length
+            self._writes += 1
+            return _OK
+        status = self._to_host(command, self._store.read(offset, length))
+        if not status:
+            self._bytes_read += length
+            self._reads += 1
+        return _Result(status)
+
+    def _write_zeroes(self, command: Command) -> _Result:
+        slba, nlb = self._lba_range(command)
+        if slba + nlb > self._blocks:
+            return _fail(Status.LBA_OUT_OF_RANGE)
+        self._store.write(slba * self.lba_size, bytes(nlb * self.lba_size))
+        return _OK
+
+    # --- data structures ------------------------------------------------------
+    @staticmethod
+    def _nsid_valid(nsid: int) -> bool:
+        return nsid != 0 and (nsid == NSID_BROADCAST or nsid <= _MAX_NAMESPACES)
+
+    @property
+    def _firmware_revision(self) -> str:
+        major, minor, *rest = (*self.qemu_version, 0)
+        return f"{major}.{minor}.{rest[0]}"
+
+    def _identify_controller(self) -> bytes:
+        data = bytearray(IDENTIFY_SIZE)
+
+        def put(offset: int, fmt: str, *values: int) -> None:
+            struct.pack_into(fmt, data, offset, *values)
+
+        put(IdCtrl.VID, "<HH", self.vendor_id, self.subsystem_vendor_id)
+        data[IdCtrl.SN : IdCtrl.SN + 20] = _padded(self.serial, 20)
+        data[IdCtrl.MN : IdCtrl.MN + 40] = _padded(_MODEL_NUMBER, 40)
+        data[IdCtrl.FR : IdCtrl.FR + 8] = _padded(self._firmware_revision, 8)
+        data[IdCtrl.RAB] = _RAB
+        data[IdCtrl.IEEE : IdCtrl.IEEE + 3] = _IEEE_OUI
+        data[IdCtrl.MDTS] = self.mdts
+        put(IdCtrl.VER, "<I", _NVME_VERSION)
+        data[IdCtrl.CNTRLTYPE] = _CNTRLTYPE_IO
+        data[IdCtrl.ACL] = _AERL
+        data[IdCtrl.AERL] = _AERL
+        data[IdCtrl.FRMW] = _FRMW_ONE_SLOT_READ_ONLY
+        data[IdCtrl.LPA] = _LPA_SMART_PER_NS_AND_EXTENDED
+        put(IdCtrl.WCTEMP, "<HH", _TEMPERATURE_WARNING, _TEMPERATURE_CRITICAL)
+        data[IdCtrl.SQES] = Cc.SQES << 4 | Cc.SQES
+        data[IdCtrl.CQES] = Cc.CQES << 4 | Cc.CQES
+        put(IdCtrl.NN, "<I", _MAX_NAMESPACES)
+        put(IdCtrl.ONCS, "<H", _ONCS_WRITE_ZEROES)
+        data[IdCtrl.VWC] = _VWC_PRESENT_AND_BROADCAST_FLUSH
+        data[IdCtrl.SUBNQN : IdCtrl.SUBNQN + 256] = _padded(_NQN_PREFIX + self.serial, 256, b"\0")
+        put(IdCtrl.PSD0, "<HxxII", _PSD0_MAX_POWER, _PSD0_ENTRY_LAT, _PSD0_EXIT_LAT)
+        return bytes(data)
+
+    def _identify_namespace(self) -> bytes:
+        data = bytearray(IDENTIFY_SIZE)
+        blocks = self._blocks
+        struct.pack_into("<QQQ", data, IdNs.NSZE, blocks, blocks, blocks)
+        data[IdNs.NLBAF] = len(_LBA_FORMATS) - 1
+        data[IdNs.FLBAS] = _LBA_FORMATS.index((0, self.lba_size.bit_length() - 1))
+        for index, (metadata, shift) in enumerate(_LBA_FORMATS):
+            struct.pack_into("<HBx", data, IdNs.LBAF0 + 4 * index, metadata, shift)
+        return bytes(data)
+
+    def _smart_log(self) -> bytes:
+        data = bytearray(Smart.SIZE)
+
+        def put128(offset: int, value: int) -> None:
+            data[offset : offset + 16] = value.to_bytes(16, "little")
+
+        struct.pack_into("<H", data, Smart.TEMPERATURE, _TEMPERATURE)
+        put128(Smart.DATA_UNITS_READ, -(-self._bytes_read // _SMART_UNIT))
+        put128(Smart.DATA_UNITS_WRITTEN, -(-self._bytes_written // _SMART_UNIT))
+        put128(Smart.HOST_READ_COMMANDS, self._reads)
+        put128(Smart.HOST_WRITE_COMMANDS, self._writes)
+        return bytes(data)
+
+
+def _replace_low(register: int, size: int, value: int) -> int:
+    """Store `size` bytes of `value` into the low end of a 64-bit register."""
+    mask = (1 << (8 * size)) - 1
+    return (register & ~mask) | (value & mask)
