@@ -12,6 +12,7 @@ tests and the simulated machine can stand in for the real ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib.util
 import json
@@ -57,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         roots = Roots.from_env(sysfs=args.sysfs, dev=args.dev, proc=args.proc, state=args.state)
         handler: Handler = args.handler
         return handler(args, roots)
+    except BrokenPipeError:
+        # the reader went away (`aiovfio ls | head`): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (VfioError, OSError) as exc:
         if verbose:
             traceback.print_exc()
@@ -336,12 +342,12 @@ def _why_not_open(
     """Why `info` reads sysfs only, None when it can open the device through VFIO."""
     if args.no_open:
         return "--no-open"
+    if group is None:
+        return "it has no IOMMU group, so VFIO cannot open it"
     if f.driver != VFIO_DRIVER:
         return (
             f"it is bound to {f.driver or 'no driver'}, not vfio-pci (`aiovfio bind {f.address}`)"
         )
-    if group is None:
-        return "it has no IOMMU group"
     if not group.viable:
         return f"group {group.number} is not viable (`aiovfio doctor {f.address}`)"
     node = roots.dev / "vfio" / str(group.number)
