@@ -541,15 +541,20 @@ def test_full_cq_holds_completions_until_the_head_moves() -> None:
 
 
 def test_sq_stalls_on_outstanding_requests_then_resumes() -> None:
+    """An SQ has as many request slots as entries; held completions occupy them."""
     _, ctx, host = make()
     ctx.enable_msix()
     host.enable()
-    assert host.create_cq(1, 2, vector=1).status == 0  # holds one entry
-    assert host.create_sq(1, 4, 1).status == 0
-    cids = [host.submit(1, IoOpcode.FLUSH, nsid=NSID, ring=False) for _ in range(3)]
-    host.ring(1)
-    done = []
-    for _ in range(6):
+    assert host.create_cq(1, 2, vector=1).status == 0  # room for one entry
+    assert host.create_sq(1, 2, 1).status == 0  # two request slots
+    cids = []
+    for _ in range(4):  # one at a time: the host's SQ holds one entry
+        cids.append(host.submit(1, IoOpcode.FLUSH, nsid=NSID))
+        host.run()
+    sq = ctx.model._sqs[1]  # type: ignore[attr-defined]
+    assert (sq.outstanding, sq.head != sq.tail) == (2, True)  # the 4th waits unfetched
+    done = host.reap(1)  # frees one CQ slot: one posts, a request slot frees up
+    for _ in range(4):
         host.run()
         done += host.reap(1)
     assert [d.cid for d in done] == cids
@@ -748,6 +753,11 @@ def test_intx_mode_level_follows_the_cq() -> None:
     assert len(host.reap(1)) == 1  # the head doorbell reaches the tail
     assert not ctx.intx
     assert ctx.msix == []
+    host.submit(1, IoOpcode.FLUSH, nsid=NSID)
+    host.run()
+    assert ctx.intx
+    host.disable()  # a controller reset drops the level
+    assert not ctx.intx
 
 
 # --- the IOMMU ------------------------------------------------------------------------
