@@ -39,17 +39,20 @@ def vm(session: nox.Session) -> None:
     """The real-kernel suite inside a QEMU guest, once per Debian kernel.
 
     Provisions the guest first (root: apt packages and Debian's kernels into a
-    cache folder). `nox -s vm -- 6.12` runs one kernel only.
+    cache folder). `nox -s vm -- 6.12` runs one kernel only; other arguments
+    go to pytest (`nox -s vm -- 6.1 -k dma`). The guest runs the venv's own
+    python (not its resolved target, which would leave the venv behind).
     """
     session.install("-e", ".[trio,uvloop]", *_group("test"))
     session.run("python", "-m", "aiovfio.testing.vm", "--setup")
     kernels = [k for k in session.posargs if k in KERNELS] or list(KERNELS)
-    python = os.path.realpath(os.path.join(session.bin, "python"))
+    pytest_args = [a for a in session.posargs if a not in KERNELS]
+    python = os.path.join(session.bin, "python")
     for kernel in kernels:
         session.run(
             "python", "-m", "aiovfio.testing.vm", "--kernel", kernel, "--",
             python, "-m", "pytest", "-p", "no:cacheprovider", "tests/vm",
-            "-o", "addopts=-ra --strict-markers", "-q",
+            "-o", "addopts=-ra --strict-markers", "-q", *pytest_args,
         )
 
 
