@@ -48,6 +48,8 @@ class Session:
     stack: contextlib.AsyncExitStack = field(factory=contextlib.AsyncExitStack, repr=False)
     devices: list[Any] = field(factory=list)
     machines: list[Any] = field(factory=list)
+    #: machines `attach("sim")` made: closed with the session
+    _owned: list[Any] = field(factory=list, repr=False)
     _atexit: bool = field(default=False, repr=False)
 
     def __repr__(self) -> str:
@@ -67,11 +69,16 @@ class Session:
         stack, self.stack = self.stack, contextlib.AsyncExitStack()
         self.devices.clear()
         machines, self.machines = self.machines, []
-        await stack.aclose()
-        for machine in machines:
-            leaks = machine.leaks() if hasattr(machine, "leaks") else []
-            if leaks:
-                _log.logger.warning("repl.leaks", leaks=leaks)
+        owned, self._owned = self._owned, []
+        try:
+            await stack.aclose()
+        finally:
+            for machine in machines:
+                leaks = machine.leaks() if hasattr(machine, "leaks") else []
+                if leaks:
+                    _log.logger.warning("repl.leaks", leaks=leaks)
+            for machine in owned:
+                machine.close()
 
 
 session = Session()
@@ -108,6 +115,7 @@ async def attach(target: Any = "sim", *, name: str | None = None) -> Any:
     kernel: Kernel | None
     if isinstance(target, str) and target == "sim":
         target = _new_sim_machine()
+        session._owned.append(target)
     if isinstance(target, str):
         address = normalize_bdf(target if name is None else name)
         kernel = session.kernel()
