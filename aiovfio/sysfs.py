@@ -655,11 +655,11 @@ class BindError(SetupError):
     """Binding or unbinding did not end with the driver it should have."""
 
 
-class DeviceInUse(BindError):  # noqa: N818 - named like errors.DeviceNotFound
+class DeviceInUse(BindError):
     """The function is in use (mounted, a live interface, open through VFIO)."""
 
 
-class PermissionRequired(SetupError):  # noqa: N818 - named like errors.PermissionDenied
+class PermissionRequired(SetupError):
     """Changing a binding needs root (write access to sysfs)."""
 
 
