@@ -1,0 +1,183 @@
+"""The machine's clock: when device work scheduled with `DeviceContext.schedule` runs.
+
+Two kinds:
+
+* ``"thread"`` (the default): machine time is real time. One worker thread
+  runs due callbacks in order, each under the machine lock, and exits as
+  soon as nothing is pending, so an idle machine has no thread. `close()`
+  drops what is pending and joins the thread.
+* ``"manual"``: machine time stands still; nothing runs until the test calls
+  `advance(seconds)` or `run_until_idle()`. Deterministic tests use it.
+
+Either way a callback never runs inside the register access that scheduled
+it: the thread needs the machine lock, which the access holds, and the
+manual clock only runs from `advance`. A callback that raises is recorded in
+`errors` (and logged); the clock carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from .. import _log
+
+__all__ = ["Clock", "ClockKind"]
+
+ClockKind = Literal["thread", "manual"]
+
+#: run_until_idle gives up after this many callbacks (a model that reschedules forever).
+_MAX_IDLE_STEPS = 1_000_000
+
+
+class Clock:
+    """Pending callbacks ordered by due time, and the machine time."""
+
+    def __init__(self, kind: ClockKind, lock: threading.RLock) -> None:
+        if kind not in ("thread", "manual"):
+            raise ValueError(f"clock must be 'thread' or 'manual', not {kind!r}")
+        self.kind: ClockKind = kind
+        self._lock = lock  # the machine lock, held while a callback runs
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self._start = time.monotonic()
+        self._manual_now = 0.0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        #: exceptions raised by callbacks, oldest first
+        self.errors: list[BaseException] = []
+
+    def __repr__(self) -> str:
+        return f"<Clock {self.kind} now={self.now():.6f} pending={self.pending}>"
+
+    def now(self) -> float:
+        """Machine time in seconds since the machine started."""
+        if self.kind == "manual":
+            return self._manual_now
+        return time.monotonic() - self._start
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` `delay` seconds of machine time from now."""
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, not {delay}")
+        with self._cond:
+            if self._closed:
+                return  # a closed machine does no more device work
+            due = self.now() + delay
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, callback))
+            if self.kind == "thread":
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._worker, name="aiovfio-sim-clock", daemon=True
+                    )
+                    self._thread.start()
+                else:
+                    self._cond.notify()
+
+    # --- thread kind -----------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed or not self._heap:
+                        self._thread = None
+                        self._cond.notify_all()
+                        return
+                    due = self._heap[0][0]
+                    wait = due - self.now()
+                    if wait <= 0:
+                        _, _, callback = heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(wait)
+            self._run(callback)
+
+    def _run(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            try:
+                callback()
+            except Exception as exc:
+                self.errors.append(exc)
+                if _log.enabled():
+                    _log.logger.error(
+                        "sim.clock.callback_failed", callback=repr(callback), error=repr(exc)
+                    )
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Thread kind: block until nothing is pending; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._thread is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    # --- manual kind -----------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> int:
+        """Manual kind: move time forward, running what falls due; returns how many ran."""
+        self._need_manual("advance")
+        if seconds < 0:
+            raise ValueError(f"cannot advance by {seconds} seconds")
+        end = self._manual_now + seconds
+        ran = 0
+        while True:
+            with self._cond:
+                if self._closed or not self._heap or self._heap[0][0] > end:
+                    self._manual_now = max(self._manual_now, end)
+                    return ran
+                due, _, callback = heapq.heappop(self._heap)
+                self._manual_now = max(self._manual_now, due)
+            self._run_manual(callback)
+            ran += 1
+
+    def run_until_idle(self) -> int:
+        """Manual kind: run everything pending, moving time to each due point."""
+        self._need_manual("run_until_idle")
+        ran = 0
+        while True:
+            with self._cond:
+                if self._closed or not self._heap:
+                    return ran
+                due, _, callback = heapq.heappop(self._heap)
+                self._manual_now = max(self._manual_now, due)
+            self._run_manual(callback)
+            ran += 1
+            if ran >= _MAX_IDLE_STEPS:
+                raise RuntimeError(
+                    f"run_until_idle ran {ran} callbacks and work is still pending: "
+                    "a model keeps rescheduling itself; use advance() instead"
+                )
+
+    def _run_manual(self, callback: Callable[[], None]) -> None:
+        # In manual mode the test drives time, so a failing model fails the test.
+        with self._lock:
+            callback()
+
+    def _need_manual(self, what: str) -> None:
+        if self.kind != "manual":
+            raise RuntimeError(f"{what}() needs Machine(clock='manual'); this clock is real time")
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop pending work and join the worker thread. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()

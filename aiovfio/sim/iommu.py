@@ -1,0 +1,308 @@
+"""The simulated type1 IOMMU: DMA mappings, and device accesses translated through them.
+
+`Type1Iommu` is the `vfio_iommu` a container gets from VFIO_SET_IOMMU: its
+mappings (IOVA -> process virtual address, with READ/WRITE permission from
+the device's point of view), the `dma_entry_limit` budget, the IOVA ranges
+and page sizes it reports, and the map/unmap rules of vfio_iommu_type1.c.
+
+Device DMA goes through `translate`: every byte of the access must be
+mapped with the permission (READ for a device read, WRITE for a device
+write), or the access is an IOMMU fault and nothing is copied. The bytes are
+then read or written through /proc/self/mem, which never crashes the
+process: memory the process unmapped after MAP_DMA reads as zeros and takes
+no writes (on Linux the device would still reach the pinned pages).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Sequence
+
+from attrs import define, field
+
+from .._uapi.vfio import DmaMapFlag, DmaUnmapFlag
+from . import rules
+
+__all__ = [
+    "DmaMapping",
+    "MemlockAccount",
+    "ProcessMemory",
+    "TranslationFault",
+    "Type1Iommu",
+    "default_memlock_limit",
+]
+
+_U64 = (1 << 64) - 1
+_CAP_IPC_LOCK = 14
+
+
+@define(eq=False)
+class DmaMapping:
+    """One vfio_dma: `size` bytes at `iova`, backed by process memory at `vaddr`."""
+
+    iova: int
+    size: int
+    vaddr: int
+    read: bool
+    write: bool
+    vaddr_valid: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+    def __str__(self) -> str:
+        perm = ("R" if self.read else "-") + ("W" if self.write else "-")
+        return f"IOVA {self.iova:#x}+{self.size:#x} -> vaddr {self.vaddr:#x} {perm}"
+
+
+class TranslationFault(Exception):
+    """A device access the IOMMU refuses; `iova` is the first refused address."""
+
+    def __init__(self, iova: int, reason: str) -> None:
+        super().__init__(reason)
+        self.iova = iova
+        self.reason = reason
+
+
+def _has_cap_ipc_lock() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
+    except OSError:
+        pass
+    return False
+
+
+def default_memlock_limit() -> int | None:
+    """The limit Linux applies to this process: None (none) with CAP_IPC_LOCK."""
+    if _has_cap_ipc_lock():
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@define(eq=False)
+class MemlockAccount:
+    """The process's pinned-memory account (mm->locked_vm), shared by all containers."""
+
+    limit: int | None
+    locked: int = 0
+
+
+class ProcessMemory:
+    """This process's memory, read and written through /proc/self/mem."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+
+    def _mem(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @staticmethod
+    def check_access(vaddr: int, size: int, *, write: bool) -> str | None:
+        """Why [vaddr, vaddr+size) cannot be pinned for this access; None when it can."""
+        need = "w" if write else "r"
+        pos, end = vaddr, vaddr + size
+        try:
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    span, perms = line.split(maxsplit=2)[:2]
+                    low_s, high_s = span.split("-")
+                    low, high = int(low_s, 16), int(high_s, 16)
+                    if high <= pos:
+                        continue
+                    if low > pos:
+                        break
+                    if need not in perms:
+                        kind = "writable" if write else "readable"
+                        return f"{pos:#x} is in a mapping that is not {kind} ({perms})"
+                    pos = high
+                    if pos >= end:
+                        return None
+        except OSError as exc:
+            return f"cannot read /proc/self/maps: {exc}"
+        return f"{pos:#x} is not mapped in the process"
+
+    def read(self, vaddr: int, size: int) -> bytes | None:
+        """The bytes, or None when the process no longer maps them."""
+        try:
+            data = os.pread(self._mem(), size, vaddr)
+        except OSError:
+            return None
+        return data if len(data) == size else None
+
+    def write(self, vaddr: int, data: bytes) -> bool:
+        """Write all of `data`; False when the process no longer maps the range."""
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                n = os.pwrite(self._mem(), view[done:], vaddr + done)
+                if n <= 0:
+                    return False
+                done += n
+        except OSError:
+            return False
+        return True
+
+
+@define(eq=False)
+class Type1Iommu:
+    """A container's vfio_iommu (type1 or type1v2)."""
+
+    v2: bool
+    page_size: int
+    iova_ranges: Sequence[tuple[int, int]]
+    dma_avail: int
+    memlock: MemlockAccount
+    memory: ProcessMemory
+    mappings: list[DmaMapping] = field(factory=list)
+
+    @property
+    def pgsize_bitmap(self) -> int:
+        """Every power-of-two size from the page size up, as Intel VT-d and AMD-Vi report."""
+        return ~(self.page_size - 1) & _U64
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def _overlapping(self, start: int, size: int) -> list[DmaMapping]:
+        end = start + size
+        return [m for m in self.mappings if m.iova < end and start < m.end]
+
+    def _find(self, iova: int) -> DmaMapping | None:
+        for m in self.mappings:
+            if m.iova <= iova < m.end:
+                return m
+        return None
+
+    # --- VFIO_IOMMU_MAP_DMA ----------------------------------------------------------------
+
+    def map(self, flags: int, vaddr: int, iova: int, size: int) -> None:
+        """vfio_dma_do_map (flags already checked against the known ones)."""
+        set_vaddr = bool(flags & DmaMapFlag.VADDR)
+        read = bool(flags & DmaMapFlag.READ)
+        write = bool(flags & DmaMapFlag.WRITE)
+        if (read or write) == set_vaddr:
+            raise rules.MAP_NO_PERMISSION.error(f"flags {flags:#x}")
+        mask = self.page_size - 1
+        if not size or (size | iova | vaddr) & mask:
+            raise rules.MAP_UNALIGNED.error(
+                f"vaddr {vaddr:#x}, iova {iova:#x}, size {size:#x}; page size {self.page_size:#x}"
+            )
+        if iova + size - 1 > _U64 or vaddr + size - 1 > _U64:
+            raise rules.MAP_WRAPS.error(f"iova {iova:#x}, vaddr {vaddr:#x}, size {size:#x}")
+        overlap = self._overlapping(iova, size)
+        if set_vaddr:
+            if not overlap:
+                raise rules.MAP_VADDR_NOT_FOUND.error(f"IOVA {iova:#x}+{size:#x}")
+            dma = overlap[0]
+            if dma.vaddr_valid or dma.iova != iova or dma.size != size:
+                raise rules.MAP_VADDR_MISMATCH.error(str(dma))
+            dma.vaddr = vaddr
+            dma.vaddr_valid = True
+            return
+        if overlap:
+            raise rules.MAP_OVERLAP.error(f"IOVA {iova:#x}+{size:#x} overlaps {overlap[0]}")
+        if not self.dma_avail:
+            raise rules.MAP_ENTRY_LIMIT.error(f"{len(self.mappings)} mappings")
+        last = iova + size - 1
+        if self.iova_ranges and not any(lo <= iova and last <= hi for lo, hi in self.iova_ranges):
+            ranges = ", ".join(f"[{lo:#x}, {hi:#x}]" for lo, hi in self.iova_ranges)
+            raise rules.MAP_OUTSIDE_IOVA_RANGES.error(f"IOVA {iova:#x}..{last:#x}; ranges {ranges}")
+        problem = ProcessMemory.check_access(vaddr, size, write=write)
+        if problem is not None:
+            raise rules.MAP_BAD_VADDR.error(f"vaddr {vaddr:#x}+{size:#x}: {problem}")
+        limit = self.memlock.limit
+        if limit is not None and self.memlock.locked + size > limit:
+            raise rules.MAP_MEMLOCK.error(
+                f"{self.memlock.locked:#x} bytes pinned, {size:#x} more, limit {limit:#x}"
+            )
+        self.memlock.locked += size
+        self.dma_avail -= 1
+        self.mappings.append(DmaMapping(iova, size, vaddr, read, write))
+        self.mappings.sort(key=lambda m: m.iova)
+
+    # --- VFIO_IOMMU_UNMAP_DMA --------------------------------------------------------------
+
+    def unmap(self, flags: int, iova: int, size: int) -> int:
+        """vfio_dma_do_unmap: returns the size unmapped (0 when nothing was there)."""
+        unmap_all = bool(flags & DmaUnmapFlag.ALL)
+        if flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
+            raise rules.UNMAP_FLAGS.error("GET_DIRTY_BITMAP without dirty page tracking")
+        mask = self.page_size - 1
+        if iova & mask:
+            raise rules.UNMAP_UNALIGNED.error(f"iova {iova:#x}; page size {self.page_size:#x}")
+        if unmap_all:
+            if iova or size:
+                raise rules.UNMAP_ALL_WITH_RANGE.error(f"iova {iova:#x}, size {size:#x}")
+            size = _U64
+        elif not size or size & mask or iova + size - 1 > _U64:
+            raise rules.UNMAP_UNALIGNED.error(f"iova {iova:#x}, size {size:#x}")
+        end = iova + size
+        if self.v2 and not unmap_all:
+            first = self._find(iova)
+            if first is not None and first.iova != iova:
+                raise rules.UNMAP_SPLITS_MAPPING.error(f"iova {iova:#x} is inside {first}")
+            last = self._find(end - 1)
+            if last is not None and last.end != end:
+                raise rules.UNMAP_SPLITS_MAPPING.error(f"end {end:#x} is inside {last}")
+        targets: list[DmaMapping] = []
+        for m in self.mappings:
+            if m.end <= iova:
+                continue
+            if m.iova >= end:
+                break
+            if not self.v2 and iova > m.iova:
+                break  # type1 (v1): a request offset into a mapping unmaps nothing
+            targets.append(m)
+        if flags & DmaUnmapFlag.VADDR:
+            if any(not m.vaddr_valid for m in targets):
+                raise rules.UNMAP_VADDR_TWICE.error(
+                    ", ".join(str(m) for m in targets if not m.vaddr_valid)
+                )
+            for m in targets:
+                m.vaddr_valid = False
+            return sum(m.size for m in targets)
+        for m in targets:
+            self._remove(m)
+        return sum(m.size for m in targets)
+
+    def _remove(self, m: DmaMapping) -> None:
+        self.mappings.remove(m)
+        self.dma_avail += 1
+        self.memlock.locked -= m.size
+
+    def release(self) -> None:
+        """vfio_iommu_type1_release: every mapping goes."""
+        for m in list(self.mappings):
+            self._remove(m)
+
+    # --- device DMA --------------------------------------------------------------------------
+
+    def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
+        """(vaddr, length) segments for a device access, or TranslationFault."""
+        segments: list[tuple[int, int]] = []
+        pos, end = iova, iova + size
+        while pos < end:
+            m = self._find(pos)
+            if m is None:
+                raise TranslationFault(pos, f"IOVA {pos:#x} is not mapped")
+            if write and not m.write:
+                raise TranslationFault(pos, f"IOVA {pos:#x} is mapped without WRITE ({m})")
+            if not write and not m.read:
+                raise TranslationFault(pos, f"IOVA {pos:#x} is mapped without READ ({m})")
+            n = min(end, m.end) - pos
+            segments.append((m.vaddr + (pos - m.iova), n))
+            pos += n
+        return segments

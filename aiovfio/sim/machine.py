@@ -1,0 +1,640 @@
+"""The simulated machine: PCI functions in IOMMU groups, and a Kernel that drives them.
+
+    machine = Machine(clock="manual")
+    machine.add_device(Edu(), name="0000:00:04.0")
+    kernel = machine.kernel          # implements aiovfio.kernel.protocol.Kernel
+    ...
+    assert machine.leaks() == []
+    machine.close()
+
+A `Machine` holds the topology (groups, devices, the driver each is bound
+to), the simulated IOMMU, the clock that runs device work, the fault log and
+the fault injector. `machine.kernel` is the `Kernel` implementation
+(`aiovfio.sim.kernel.SimKernel`); its refusals are listed in
+`aiovfio.sim.rules`. Everything is serialised by one lock, so device models
+need no locking of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, cast
+
+from attrs import define, field
+
+from .._uapi.vfio import PciIrq, PciRegion, RegionFlag
+from ..kernel.protocol import PciIds
+from . import rules
+from .clock import Clock, ClockKind
+from .config_space import Bar, ConfigSpace
+from .faults import FaultLog, FaultRecord, Injection, Injector
+from .iommu import MemlockAccount, ProcessMemory, TranslationFault, default_memlock_limit
+from .irqs import DeviceIrqs, IrqType
+from .kernel import SimKernel
+from .model import DeviceModel, IommuFault, RegionSpec
+
+if TYPE_CHECKING:
+    from .kernel import SimContainer
+
+__all__ = ["Machine", "SimDevice", "SimGroup"]
+
+_BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
+#: Group numbers handed out when add_device is not told one (real machines start low too).
+_FIRST_GROUP = 10
+#: Drivers that leave DMA to user space (driver_managed_dma): they keep a group viable.
+_DMA_FREE_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
+_MMIO_32 = 0xC000_0000
+_MMIO_64 = 0x80_0000_0000
+_DEFAULT_IOVA_RANGES = ((0, 0xFEDF_FFFF), (0xFEF0_0000, 0x7F_FFFF_FFFF))
+
+
+def is_vfio_driver(driver: str | None) -> bool:
+    """vfio-pci and its variant drivers (mlx5_vfio_pci, ...) register VFIO devices."""
+    return driver is not None and (driver == "vfio-pci" or driver.endswith("vfio_pci"))
+
+
+def keeps_viable(driver: str | None) -> bool:
+    """Whether a device bound to `driver` leaves its group viable (no kernel DMA)."""
+    return driver is None or driver in _DMA_FREE_DRIVERS or is_vfio_driver(driver)
+
+
+@define(eq=False)
+class RegionRam:
+    """The memfd behind a region: what mmap areas show, and `DeviceContext.ram`."""
+
+    index: int
+    size: int
+    fd: int = field(repr=False)
+    map: mmap.mmap = field(repr=False)
+
+    @classmethod
+    def create(cls, name: str, index: int, size: int) -> RegionRam:
+        fd = os.memfd_create(f"aiovfio-sim:{name}:region{index}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(index, size, fd, m)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a model still holds a view; GC unmaps it
+            self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@define(eq=False)
+class SimGroup:
+    """An IOMMU group and what VFIO knows about it (struct vfio_group)."""
+
+    number: int
+    devices: list[SimDevice] = field(factory=list)
+    #: bumped when the last VFIO device unbinds: older group files are stale
+    generation: int = 0
+    #: group->opened_file: an opener holds it (its fd, or open device fds)
+    opened: bool = False
+    #: the opener closed its fd while device fds still hold the group
+    file_closed: bool = False
+    container: SimContainer | None = field(default=None, repr=False)
+    #: devices of the group with open device fds (container users besides the group)
+    devices_in_use: int = 0
+
+    @property
+    def exists(self) -> bool:
+        """Whether /dev/vfio/<number> exists: a device is bound to a VFIO driver."""
+        return any(d.vfio for d in self.devices)
+
+    @property
+    def viable(self) -> bool:
+        return all(keeps_viable(d.driver) for d in self.devices)
+
+    def offenders(self) -> list[SimDevice]:
+        return [d for d in self.devices if not keeps_viable(d.driver)]
+
+
+@define(eq=False)
+class SimDevice:
+    """One PCI function: its model, config space, region memory and interrupt state."""
+
+    name: str
+    model: DeviceModel
+    group: SimGroup = field(repr=False)
+    driver: str | None
+    config: ConfigSpace = field(repr=False)
+    regions: dict[int, RegionSpec] = field(repr=False)
+    bars: dict[int, Bar] = field(repr=False)
+    ram: dict[int, RegionRam] = field(repr=False)
+    irqs: DeviceIrqs = field(repr=False)
+    #: device->open_count: open device fds
+    open_count: int = 0
+    low_power: bool = False
+
+    @property
+    def vfio(self) -> bool:
+        return is_vfio_driver(self.driver)
+
+    @property
+    def domain(self) -> int:
+        return int(self.name[0:4], 16)
+
+    @property
+    def bus(self) -> int:
+        return int(self.name[5:7], 16)
+
+    @property
+    def devfn(self) -> int:
+        return (int(self.name[8:10], 16) << 3) | int(self.name[11], 16)
+
+    def ids(self) -> PciIds:
+        m = self.model
+        return PciIds(
+            vendor=m.vendor_id,
+            device=m.device_id,
+            subsystem_vendor=m.subsystem_vendor_id,
+            subsystem_device=m.subsystem_id,
+            class_code=m.class_code,
+            revision=m.revision,
+        )
+
+
+class _Context:
+    """The DeviceContext a model gets: DMA, interrupts, config, RAM, clock, faults."""
+
+    def __init__(self, machine: Machine, device: SimDevice) -> None:
+        self._machine = machine
+        self._device = device
+        self.name = device.name
+
+    def __repr__(self) -> str:
+        return f"<DeviceContext {self.name}>"
+
+    def dma_read(self, iova: int, size: int) -> bytes:
+        return self._machine._dma(self._device, iova, size, None)
+
+    def dma_write(self, iova: int, data: bytes) -> None:
+        self._machine._dma(self._device, iova, len(data), bytes(data))
+
+    def set_intx(self, asserted: bool) -> None:
+        with self._machine._lock:
+            self._device.irqs.set_intx_level(bool(asserted))
+
+    def send_msi(self, vector: int) -> None:
+        with self._machine._lock:
+            self._device.irqs.send_msi(IrqType.MSI, vector)
+
+    def send_msix(self, vector: int) -> None:
+        with self._machine._lock:
+            self._device.irqs.send_msi(IrqType.MSIX, vector)
+
+    def config_read(self, offset: int, size: int) -> int:
+        with self._machine._lock:
+            return self._device.config.read(offset, size)
+
+    def ram(self, index: int) -> memoryview:
+        ram = self._device.ram.get(index)
+        if ram is None:
+            raise ValueError(f"{self.name} has no region {index}")
+        return memoryview(ram.map)
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        self._machine._clock.schedule(delay, callback)
+
+    def log_fault(self, message: str) -> None:
+        with self._machine._lock:
+            self._machine.faults.add(FaultRecord("device", self.name, message))
+
+
+class Machine:
+    """A simulated machine with PCI devices behind an IOMMU, and its `Kernel`.
+
+    `dma_entry_limit`, `page_size` and `iova_ranges` (inclusive pairs) are
+    what the type1 IOMMU enforces and reports. `memlock_limit` is the pinned
+    memory limit in bytes; None applies Linux's rule to this process
+    (RLIMIT_MEMLOCK, or no limit with CAP_IPC_LOCK). `clock` is "thread"
+    (real time, a worker thread while work is pending) or "manual" (time
+    moves only with `advance`/`run_until_idle`). `io_width` is the widest
+    access vfio-pci makes for pread/pwrite of a BAR: 8 on kernels >= 6.11, 4
+    before (a wider access reaches the model as several).
+    """
+
+    def __init__(
+        self,
+        *,
+        dma_entry_limit: int = 65535,
+        page_size: int = 4096,
+        iova_ranges: Sequence[tuple[int, int]] = _DEFAULT_IOVA_RANGES,
+        memlock_limit: int | None = None,
+        clock: ClockKind = "thread",
+        io_width: int = 8,
+    ) -> None:
+        if dma_entry_limit < 0:
+            raise ValueError(f"dma_entry_limit must be >= 0, not {dma_entry_limit}")
+        if page_size < 4096 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 4096, not {page_size}")
+        ranges = tuple((int(lo), int(hi)) for lo, hi in iova_ranges)
+        for i, (lo, hi) in enumerate(ranges):
+            if not 0 <= lo <= hi < 1 << 64 or (i and ranges[i - 1][1] >= lo):
+                raise ValueError(f"iova_ranges must be sorted, disjoint (start, end): {ranges}")
+        if io_width not in (4, 8):
+            raise ValueError(f"io_width must be 4 or 8, not {io_width}")
+        if memlock_limit is not None and memlock_limit < 0:
+            raise ValueError(f"memlock_limit must be >= 0 or None, not {memlock_limit}")
+        self.dma_entry_limit = dma_entry_limit
+        self.page_size = page_size
+        self.iova_ranges = ranges
+        self.io_width = io_width
+        self._lock = threading.RLock()
+        self._clock = Clock(clock, self._lock)
+        self._injector = Injector()
+        self.faults = FaultLog()
+        self._memlock = MemlockAccount(
+            default_memlock_limit() if memlock_limit is None else memlock_limit
+        )
+        self._memory = ProcessMemory()
+        self._devices: dict[str, SimDevice] = {}
+        self._groups: dict[int, SimGroup] = {}
+        self._mmio32 = _MMIO_32
+        self._mmio64 = _MMIO_64
+        self._closed = False
+        self.kernel = SimKernel(self)
+
+    # --- context manager and close ----------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the clock and release every fd, mapping, eventfd and region. Idempotent."""
+        self._clock.close()  # without the lock: the worker may be waiting for it
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.kernel._shutdown()
+            for device in self._devices.values():
+                device.irqs.close()
+                for ram in device.ram.values():
+                    ram.close()
+            self._memory.close()
+
+    # --- topology ------------------------------------------------------------------------
+
+    def add_device(
+        self,
+        model: DeviceModel,
+        *,
+        name: str,
+        group: int | None = None,
+        driver: str | None = "vfio-pci",
+    ) -> None:
+        """Plug `model` in at PCI address `name`, in IOMMU group `group` (None: a new one)."""
+        if not isinstance(cast(object, model), DeviceModel):
+            raise TypeError(f"model must be a DeviceModel, not {type(model).__name__}")
+        if not isinstance(name, str) or not _BDF.fullmatch(name):
+            raise ValueError(f"{name!r} is not a PCI address like '0000:00:04.0' (lowercase hex)")
+        if driver is not None and (not isinstance(driver, str) or not driver or "/" in driver):
+            raise ValueError(f"driver must be a driver name or None, not {driver!r}")
+        if group is not None and (not isinstance(group, int) or group < 0):
+            raise ValueError(f"group must be a non-negative int or None, not {group!r}")
+        with self._lock:
+            self._check_open()
+            if name in self._devices:
+                raise ValueError(f"{name} is already on this machine")
+            if any(m.model is model for m in self._devices.values()):
+                raise ValueError("this model instance is already plugged in; make a new one")
+            regions = _check_regions(name, model.regions())
+            bars = self._assign_bars(regions)
+            config = ConfigSpace.build(
+                vendor_id=model.vendor_id,
+                device_id=model.device_id,
+                subsystem_vendor_id=model.subsystem_vendor_id,
+                subsystem_id=model.subsystem_id,
+                revision=model.revision,
+                class_code=model.class_code,
+                interrupt_pin=model.interrupt_pin,
+                bars=list(bars.values()),
+                capabilities=[(int(i), bytes(b)) for i, b in model.capabilities()],
+            )
+            number = group if group is not None else self._new_group_number()
+            sim_group = self._groups.get(number) or SimGroup(number)
+            if driver is not None and not keeps_viable(driver) and sim_group.container is not None:
+                raise rules.BIND_DMA_OWNED.error(f"{name} into group {number} with {driver}")
+            ram: dict[int, RegionRam] = {}
+            try:
+                for index, spec in regions.items():
+                    ram[index] = RegionRam.create(name, index, spec.size)
+            except BaseException:
+                for r in ram.values():
+                    r.close()
+                raise
+            device = SimDevice(
+                name=name,
+                model=model,
+                group=sim_group,
+                driver=driver,
+                config=config,
+                regions=regions,
+                bars=bars,
+                ram=ram,
+                irqs=DeviceIrqs(config, lambda msg: self._dropped_interrupt(name, msg)),
+            )
+            try:
+                _check_irqs(device)
+                model.attach(_Context(self, device))
+            except BaseException:
+                for r in ram.values():
+                    r.close()
+                raise
+            self._groups[number] = sim_group
+            sim_group.devices.append(device)
+            sim_group.devices.sort(key=lambda d: d.name)
+            self._devices[name] = device
+
+    def _new_group_number(self) -> int:
+        number = _FIRST_GROUP
+        while number in self._groups:
+            number += 1
+        return number
+
+    def _assign_bars(self, regions: dict[int, RegionSpec]) -> dict[int, Bar]:
+        bars: dict[int, Bar] = {}
+        for index, spec in regions.items():
+            wide = spec.is_64bit and index != PciRegion.ROM
+            base = self._mmio64 if wide else self._mmio32
+            address = (base + spec.size - 1) & ~(spec.size - 1)
+            if wide:
+                self._mmio64 = address + spec.size
+            else:
+                self._mmio32 = address + spec.size
+            bars[index] = Bar(index, spec.size, address, wide, spec.prefetchable)
+        return bars
+
+    def set_driver(self, name: str, driver: str | None) -> None:
+        """Bind `name` to `driver` (None: unbind), as writing sysfs bind/unbind would.
+
+        Refuses (EBUSY) to unbind a VFIO device that is open (Linux would block
+        and signal REQ; the REQ eventfd is signalled here too), and to bind a
+        DMA-using driver in a group whose DMA user space owns.
+        """
+        if driver is not None and (not isinstance(driver, str) or not driver or "/" in driver):
+            raise ValueError(f"driver must be a driver name or None, not {driver!r}")
+        with self._lock:
+            self._check_open()
+            device = self._device(name)
+            if driver == device.driver:
+                return
+            if device.vfio and device.open_count and not is_vfio_driver(driver):
+                device.irqs.signal_req()
+                raise rules.UNBIND_DEVICE_OPEN.error(f"{name} has {device.open_count} open fd(s)")
+            group = device.group
+            if not keeps_viable(driver) and group.container is not None:
+                raise rules.BIND_DMA_OWNED.error(f"{name} to {driver}")
+            device.driver = driver
+            if not group.exists:
+                self.kernel._group_vanished(group)
+
+    def request_release(self, name: str) -> bool:
+        """Signal the device's REQ eventfd (the kernel asking for the device back)."""
+        with self._lock:
+            return self._device(name).irqs.signal_req()
+
+    def report_error(self, name: str) -> bool:
+        """Signal the device's ERR eventfd (an uncorrectable AER error)."""
+        with self._lock:
+            return self._device(name).irqs.signal_err()
+
+    def model(self, name: str) -> DeviceModel:
+        """The model plugged in at `name`."""
+        with self._lock:
+            return self._device(name).model
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(sorted(self._devices))
+
+    def _device(self, name: str) -> SimDevice:
+        try:
+            return self._devices[name]
+        except KeyError:
+            raise LookupError(f"no device {name!r} on this machine") from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this simulated machine is closed")
+
+    # --- clock ---------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def now(self) -> float:
+        """Machine time in seconds."""
+        return self._clock.now()
+
+    def advance(self, seconds: float) -> int:
+        """Manual clock: move time on, running the device work that falls due."""
+        return self._clock.advance(seconds)
+
+    def run_until_idle(self) -> int:
+        """Manual clock: run all pending device work. Thread clock: wait for it."""
+        if self._clock.kind == "thread":
+            self._clock.wait_idle()
+            return 0
+        return self._clock.run_until_idle()
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """Exceptions device work raised on the thread clock."""
+        return self._clock.errors
+
+    # --- faults --------------------------------------------------------------------------
+
+    def inject(
+        self, op: str, errno: int, *, nth: int | None = None, times: int | None = 1
+    ) -> Injection:
+        """Make Kernel method `op` fail with `errno` on its `nth` call from now, `times` times.
+
+        `nth=None` fails from the next call; `times=None` fails every call from
+        then on. The failure happens before the call changes anything, except
+        for `close`, which releases the fd and then raises (as close(2) does).
+        """
+        with self._lock:
+            return self._injector.inject(op, errno, nth=nth, times=times)
+
+    def clear_injections(self) -> None:
+        with self._lock:
+            self._injector.clear()
+
+    @property
+    def kernel_calls(self) -> Counter[str]:
+        """How many times each Kernel method was called."""
+        return self._injector.calls
+
+    def _dropped_interrupt(self, name: str, message: str) -> None:
+        self.faults.add(FaultRecord("interrupt", name, message))
+
+    def _dma(self, device: SimDevice, iova: int, size: int, data: bytes | None) -> bytes:
+        """A device DMA through the IOMMU: read `size` bytes, or write `data`."""
+        write = data is not None
+        with self._lock:
+            if size == 0:
+                return b""
+            if iova < 0 or size < 0:
+                raise ValueError(f"DMA of {size} bytes at IOVA {iova:#x}")
+
+            def fault(reason: str) -> IommuFault:
+                self.faults.add(FaultRecord("iommu", device.name, reason, iova, size, write))
+                return IommuFault(iova, size, write, reason)
+
+            if not device.config.bus_master:
+                raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
+            container = device.group.container
+            iommu = container.iommu if container is not None else None
+            if iommu is None:
+                raise fault("the device's group is not attached to a container with an IOMMU")
+            try:
+                segments = iommu.translate(iova, size, write=write)
+            except TranslationFault as exc:
+                raise fault(exc.reason) from None
+            if data is None:
+                parts = []
+                for vaddr, n in segments:
+                    chunk = self._memory.read(vaddr, n)
+                    if chunk is None:
+                        self._gone(device, vaddr, n)
+                        chunk = bytes(n)
+                    parts.append(chunk)
+                return b"".join(parts)
+            pos = 0
+            for vaddr, n in segments:
+                if not self._memory.write(vaddr, data[pos : pos + n]):
+                    self._gone(device, vaddr, n)
+                pos += n
+            return b""
+
+    def _gone(self, device: SimDevice, vaddr: int, size: int) -> None:
+        self.faults.add(
+            FaultRecord(
+                "device",
+                device.name,
+                f"process memory at {vaddr:#x}+{size:#x} behind a live DMA mapping is no longer "
+                "mapped by the process (Linux's device would still reach the pinned pages)",
+            )
+        )
+
+    # --- reports -------------------------------------------------------------------------
+
+    def leaks(self) -> list[str]:
+        """Everything still open, mapped or enabled, one line each; [] when clean."""
+        with self._lock:
+            return self.kernel._leaks()
+
+    def write_sysfs(self, root: str | os.PathLike[str]) -> Path:
+        """Write a sysfs-like tree of this machine under `root` (for LinuxKernel(sysfs=root))."""
+        from .sysfs_tree import write_tree
+
+        with self._lock:
+            return write_tree(Path(root), self)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            state = "closed" if self._closed else f"clock={self._clock.kind}"
+            lines = [f"<Machine {state} groups={len(self._groups)} devices={len(self._devices)}"]
+            for number in sorted(self._groups):
+                g = self._groups[number]
+                flags = ["viable" if g.viable else "not viable"]
+                if g.opened:
+                    flags.append("open")
+                if g.container is not None:
+                    flags.append("in a container")
+                lines.append(f"  group {number} ({', '.join(flags)}):")
+                for d in g.devices:
+                    ids = d.ids()
+                    lines.append(
+                        f"    {d.name} {ids} driver={d.driver or '(none)'} "
+                        f"model={type(d.model).__name__}"
+                        + (f" open={d.open_count}" if d.open_count else "")
+                    )
+            return "\n".join(lines) + ">"
+
+    # for the sysfs writer and the kernel
+    def _iter_devices(self) -> Iterable[SimDevice]:
+        return [self._devices[n] for n in sorted(self._devices)]
+
+    def _iter_groups(self) -> Iterable[SimGroup]:
+        return [self._groups[n] for n in sorted(self._groups)]
+
+
+def _check_regions(name: str, specs: Sequence[RegionSpec]) -> dict[int, RegionSpec]:
+    """Validate a model's regions; ValueError says what is wrong."""
+    regions: dict[int, RegionSpec] = {}
+    page = mmap.PAGESIZE
+    for spec in specs:
+        index = int(spec.index)
+        where = f"{name} region {index}"
+        if not 0 <= index <= PciRegion.ROM:
+            raise ValueError(f"{where}: models have BARs 0-5 and the ROM (6) only")
+        if index in regions:
+            raise ValueError(f"{where} is listed twice")
+        minimum = 2048 if index == PciRegion.ROM else 16
+        if spec.size < minimum or spec.size & (spec.size - 1):
+            raise ValueError(f"{where}: size {spec.size:#x} is not a power of two >= {minimum}")
+        if spec.flags & ~(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP):
+            raise ValueError(f"{where}: flags {spec.flags!r}: only READ, WRITE (MMAP implied)")
+        if index == PciRegion.ROM and spec.mmap_areas:
+            raise ValueError(f"{where}: the ROM cannot be mmapped")
+        end = 0
+        for off, size in sorted(spec.mmap_areas):
+            if size <= 0 or off % page or size % page or off < end or off + size > spec.size:
+                raise ValueError(
+                    f"{where}: mmap area {off:#x}+{size:#x} must be page aligned, inside the "
+                    "region and not overlap another"
+                )
+            end = off + size
+        regions[index] = spec
+    for index, spec in regions.items():
+        wide = spec.is_64bit and index != PciRegion.ROM
+        if wide and (index == PciRegion.BAR5 or index + 1 in regions):
+            raise ValueError(f"{name} region {index} is 64-bit: it needs BAR {index + 1} free")
+    return dict(sorted(regions.items()))
+
+
+def _check_irqs(device: SimDevice) -> None:
+    """The model's IrqSpec counts must match what its config space makes vfio-pci report."""
+    for spec in device.model.irqs():
+        index = int(spec.index)
+        if index not in (PciIrq.INTX, PciIrq.MSI, PciIrq.MSIX):
+            continue
+        have = device.irqs.count(index)
+        if spec.count != have:
+            kind = PciIrq(index).name
+            raise ValueError(
+                f"{device.name}: the model says {kind} has {spec.count} vector(s) but its config "
+                f"space makes vfio-pci report {have} (interrupt pin / MSI QMASK / MSI-X QSIZE)"
+            )

@@ -1,0 +1,398 @@
+"""Every refusal of the simulated kernel, in one table.
+
+Each row is a `Rule`: a name, the errno Linux returns, a one-line
+description, and the kernel function that enforces it (checked against
+torvalds/linux drivers/vfio/*.c and drivers/vfio/pci/*.c, kernels 6.1 to 6.12).
+`aiovfio.sim.kernel` raises `rule.error(detail)`: an `OSError` with Linux's
+errno whose message names the rule, so a failing test says which rule refused.
+
+Where kernels differ the sim takes the stricter side, so that code that
+passes on the sim passes on every supported kernel: MSI-X vectors cannot be
+added to an enabled index (6.5+ allows it with dynamic MSI-X), and
+VFIO_TYPE1_NESTING_IOMMU is not offered (removed in 6.13).
+
+The rows are grouped as the kernel's files are: the container and the type1
+IOMMU, the group, the vfio-pci device, device I/O, and driver binding.
+"""
+
+from __future__ import annotations
+
+from errno import (
+    EBADF,
+    EBADFD,
+    EBUSY,
+    EEXIST,
+    EFAULT,
+    EINVAL,
+    EIO,
+    ENODEV,
+    ENOENT,
+    ENOMEM,
+    ENOSPC,
+    ENOTSUP,
+    ENOTTY,
+    EPERM,
+)
+
+from attrs import frozen
+
+__all__ = ["RULES", "Rule"]
+
+
+@frozen
+class Rule:
+    """One way the kernel says no."""
+
+    name: str
+    errno: int
+    description: str
+    #: "file.c: function" in torvalds/linux drivers/vfio
+    enforced_by: str
+
+    def error(self, detail: str = "") -> OSError:
+        """The OSError Linux would raise, with a message naming this rule."""
+        what = f"{self.description}: {detail}" if detail else self.description
+        return OSError(self.errno, f"{what} [sim rule {self.name}; Linux: {self.enforced_by}]")
+
+
+# fmt: off
+# --- files -------------------------------------------------------------------------------
+BAD_FD = Rule(
+    "bad_fd", EBADF,
+    "not an open file descriptor",
+    "fs/file.c: fdget")
+NOT_SUPPORTED = Rule(
+    "not_supported", ENOTTY,
+    "this ioctl is not supported on this kind of file",
+    "vfio_iommu_type1_ioctl / vfio_group_fops_unl_ioctl / vfio_pci_core_ioctl: default")
+NO_SUCH_GROUP = Rule(
+    "no_such_group", ENOENT,
+    "no /dev/vfio/<group> node: the group does not exist or none of its devices is bound "
+    "to a VFIO driver",
+    "group.c: vfio_group_find_or_alloc (the node exists while a VFIO driver is bound)")
+NO_IOMMUFD = Rule(
+    "no_iommufd", ENOENT,
+    "the simulated machine has no /dev/iommu and no /dev/vfio/devices/ cdevs",
+    "drivers/iommu/iommufd/main.c: iommufd_fops (not built)")
+NOT_SIMULATED = Rule(
+    "not_simulated", ENOTSUP,
+    "Linux supports this but the simulated machine does not model it",
+    "(none: a limit of aiovfio.sim)")
+NO_READ_WRITE = Rule(
+    "no_read_write", EINVAL,
+    "read/write is not supported on a container or group file",
+    "fs/read_write.c: vfs_read (no f_op->read)")
+NO_MMAP = Rule(
+    "no_mmap", ENODEV,
+    "mmap is not supported on a container or group file",
+    "mm/mmap.c: do_mmap (no f_op->mmap)")
+
+# --- container and type1 IOMMU -------------------------------------------------------------
+CONTAINER_NO_IOMMU = Rule(
+    "container_no_iommu", EINVAL,
+    "the container has no IOMMU yet: attach a group and VFIO_SET_IOMMU first",
+    "container.c: vfio_fops_unl_ioctl (no iommu_driver)")
+SET_IOMMU_WITHOUT_GROUP = Rule(
+    "set_iommu_without_group", EINVAL,
+    "VFIO_SET_IOMMU before any group is attached to the container",
+    "container.c: vfio_ioctl_set_iommu (list_empty(&container->group_list))")
+SET_IOMMU_TWICE = Rule(
+    "set_iommu_twice", EINVAL,
+    "VFIO_SET_IOMMU on a container whose IOMMU is already set",
+    "container.c: vfio_ioctl_set_iommu (container->iommu_driver)")
+SET_IOMMU_UNSUPPORTED = Rule(
+    "set_iommu_unsupported", ENODEV,
+    "no IOMMU driver offers this IOMMU type",
+    "container.c: vfio_ioctl_set_iommu (no driver's CHECK_EXTENSION is positive)")
+IOMMU_INFO_ARGSZ = Rule(
+    "iommu_info_argsz", EINVAL,
+    "vfio_iommu_type1_info.argsz is smaller than the structure",
+    "vfio_iommu_type1.c: vfio_iommu_type1_get_info")
+MAP_ARGSZ = Rule(
+    "map_argsz", EINVAL,
+    "vfio_iommu_type1_dma_map.argsz is smaller than the structure",
+    "vfio_iommu_type1.c: vfio_iommu_type1_map_dma")
+MAP_FLAGS = Rule(
+    "map_flags", EINVAL,
+    "unknown VFIO_DMA_MAP flags",
+    "vfio_iommu_type1.c: vfio_iommu_type1_map_dma")
+MAP_NO_PERMISSION = Rule(
+    "map_no_permission", EINVAL,
+    "a mapping needs READ or WRITE (and neither with VADDR)",
+    "vfio_iommu_type1.c: vfio_dma_do_map")
+MAP_UNALIGNED = Rule(
+    "map_unaligned", EINVAL,
+    "size is 0, or vaddr, iova or size is not aligned to the IOMMU page size",
+    "vfio_iommu_type1.c: vfio_dma_do_map")
+MAP_WRAPS = Rule(
+    "map_wraps", EINVAL,
+    "the IOVA or virtual address range wraps around",
+    "vfio_iommu_type1.c: vfio_dma_do_map")
+MAP_OVERLAP = Rule(
+    "map_overlap", EEXIST,
+    "the IOVA range overlaps an existing mapping",
+    "vfio_iommu_type1.c: vfio_dma_do_map (vfio_find_dma)")
+MAP_VADDR_NOT_FOUND = Rule(
+    "map_vaddr_not_found", ENOENT,
+    "VFIO_DMA_MAP_FLAG_VADDR for an IOVA range with no mapping",
+    "vfio_iommu_type1.c: vfio_dma_do_map (set_vaddr)")
+MAP_VADDR_MISMATCH = Rule(
+    "map_vaddr_mismatch", EINVAL,
+    "VFIO_DMA_MAP_FLAG_VADDR must name exactly one mapping whose vaddr was invalidated",
+    "vfio_iommu_type1.c: vfio_dma_do_map (set_vaddr)")
+MAP_ENTRY_LIMIT = Rule(
+    "map_entry_limit", ENOSPC,
+    "the container has dma_entry_limit mappings already",
+    "vfio_iommu_type1.c: vfio_dma_do_map (!iommu->dma_avail)")
+MAP_OUTSIDE_IOVA_RANGES = Rule(
+    "map_outside_iova_ranges", EINVAL,
+    "the IOVA range is not inside one of the ranges VFIO_IOMMU_GET_INFO reports",
+    "vfio_iommu_type1.c: vfio_iommu_iova_dma_valid")
+MAP_BAD_VADDR = Rule(
+    "map_bad_vaddr", EFAULT,
+    "the virtual address range is not mapped in the process with the needed access",
+    "vfio_iommu_type1.c: vaddr_get_pfns (pin_user_pages_remote)")
+MAP_MEMLOCK = Rule(
+    "map_memlock", ENOMEM,
+    "pinning would exceed RLIMIT_MEMLOCK",
+    "vfio_iommu_type1.c: vfio_pin_pages_remote")
+UNMAP_ARGSZ = Rule(
+    "unmap_argsz", EINVAL,
+    "vfio_iommu_type1_dma_unmap.argsz is smaller than the structure",
+    "vfio_iommu_type1.c: vfio_iommu_type1_unmap_dma")
+UNMAP_FLAGS = Rule(
+    "unmap_flags", EINVAL,
+    "unknown or conflicting VFIO_DMA_UNMAP flags, or a dirty bitmap without dirty tracking",
+    "vfio_iommu_type1.c: vfio_iommu_type1_unmap_dma / vfio_dma_do_unmap")
+UNMAP_UNALIGNED = Rule(
+    "unmap_unaligned", EINVAL,
+    "iova or size is not aligned to the IOMMU page size, size is 0, or the range wraps",
+    "vfio_iommu_type1.c: vfio_dma_do_unmap")
+UNMAP_ALL_WITH_RANGE = Rule(
+    "unmap_all_with_range", EINVAL,
+    "VFIO_DMA_UNMAP_FLAG_ALL needs iova 0 and size 0",
+    "vfio_iommu_type1.c: vfio_dma_do_unmap")
+UNMAP_SPLITS_MAPPING = Rule(
+    "unmap_splits_mapping", EINVAL,
+    "the range would split a mapping (type1v2 unmaps whole mappings only)",
+    "vfio_iommu_type1.c: vfio_dma_do_unmap (iommu->v2)")
+UNMAP_VADDR_TWICE = Rule(
+    "unmap_vaddr_twice", EINVAL,
+    "VFIO_DMA_UNMAP_FLAG_VADDR on a mapping whose vaddr is already invalid",
+    "vfio_iommu_type1.c: vfio_dma_do_unmap (dma->vaddr_invalid)")
+
+# --- group ---------------------------------------------------------------------------------
+GROUP_BUSY = Rule(
+    "group_busy", EBUSY,
+    "the group is already open (one opener at a time; open device fds keep it open)",
+    "group.c: vfio_group_fops_open (group->opened_file)")
+GROUP_GONE = Rule(
+    "group_gone", ENODEV,
+    "the group's last VFIO device was unbound; this group file is stale",
+    "group.c: vfio_group_ioctl_get_status (!group->iommu_group)")
+GROUP_STATUS_ARGSZ = Rule(
+    "group_status_argsz", EINVAL,
+    "vfio_group_status.argsz is smaller than the structure",
+    "group.c: vfio_group_ioctl_get_status")
+SET_CONTAINER_BAD_FD = Rule(
+    "set_container_bad_fd", EBADF,
+    "the container fd is not an open file",
+    "group.c: vfio_group_ioctl_set_container (fdget)")
+SET_CONTAINER_ALREADY_SET = Rule(
+    "set_container_already_set", EINVAL,
+    "the group is already attached to a container",
+    "group.c: vfio_group_ioctl_set_container (vfio_group_has_iommu)")
+SET_CONTAINER_NOT_CONTAINER = Rule(
+    "set_container_not_container", EBADFD,
+    "the fd is neither a VFIO container nor an iommufd",
+    "group.c: vfio_group_ioctl_set_container")
+SET_CONTAINER_NOT_VIABLE = Rule(
+    "set_container_not_viable", EPERM,
+    "the group is not viable: a device of the group is bound to a driver that uses DMA",
+    "drivers/iommu/iommu.c: iommu_group_claim_dma_owner (group->owner_cnt)")
+UNSET_CONTAINER_NOT_SET = Rule(
+    "unset_container_not_set", EINVAL,
+    "the group is not attached to a container",
+    "group.c: vfio_group_ioctl_unset_container (!vfio_group_has_iommu)")
+UNSET_CONTAINER_BUSY = Rule(
+    "unset_container_busy", EBUSY,
+    "a device of the group is open; close its device fds first",
+    "group.c: vfio_group_ioctl_unset_container (container_users != 1)")
+DEVICE_NAME_UNKNOWN = Rule(
+    "device_name_unknown", ENODEV,
+    "no device of that name in the group is bound to a VFIO driver",
+    "group.c: vfio_device_get_from_name")
+DEVICE_NAME_MALFORMED = Rule(
+    "device_name_malformed", EINVAL,
+    "the device name has trailing junk or no NUL within a page",
+    "vfio_pci_core.c: vfio_pci_core_match / mm/util.c: strndup_user")
+DEVICE_FD_NO_IOMMU = Rule(
+    "device_fd_no_iommu", EINVAL,
+    "GET_DEVICE_FD before the group is attached to a container with an IOMMU",
+    "group.c: vfio_df_group_open / container.c: vfio_group_use_container")
+
+# --- vfio-pci device -----------------------------------------------------------------------
+DEVICE_INFO_ARGSZ = Rule(
+    "device_info_argsz", EINVAL,
+    "vfio_device_info.argsz is smaller than the structure",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_info")
+REGION_INFO_ARGSZ = Rule(
+    "region_info_argsz", EINVAL,
+    "vfio_region_info.argsz is smaller than the structure",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_region_info")
+REGION_INFO_INDEX = Rule(
+    "region_info_index", EINVAL,
+    "no such region index (VGA is absent on this device)",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_region_info")
+IRQ_INFO_ARGSZ = Rule(
+    "irq_info_argsz", EINVAL,
+    "vfio_irq_info.argsz is smaller than the structure",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_irq_info")
+IRQ_INFO_INDEX = Rule(
+    "irq_info_index", EINVAL,
+    "no such IRQ index (ERR exists only on PCI Express devices)",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_irq_info")
+SET_IRQS_HEADER = Rule(
+    "set_irqs_header", EINVAL,
+    "vfio_irq_set has a short argsz, an index past REQ, unknown flags or a count that overflows",
+    "vfio_main.c: vfio_set_irqs_validate_and_prepare")
+SET_IRQS_RANGE = Rule(
+    "set_irqs_range", EINVAL,
+    "start/count are outside the vectors this IRQ index has",
+    "vfio_main.c: vfio_set_irqs_validate_and_prepare")
+SET_IRQS_DATA_TYPE = Rule(
+    "set_irqs_data_type", EINVAL,
+    "exactly one of DATA_NONE, DATA_BOOL, DATA_EVENTFD is needed",
+    "vfio_main.c: vfio_set_irqs_validate_and_prepare")
+SET_IRQS_DATA_SIZE = Rule(
+    "set_irqs_data_size", EINVAL,
+    "argsz is too small for count data items",
+    "vfio_main.c: vfio_set_irqs_validate_and_prepare")
+SET_IRQS_ACTION = Rule(
+    "set_irqs_action", ENOTTY,
+    "exactly one action is needed, and MSI/MSI-X/ERR/REQ only support TRIGGER",
+    "vfio_pci_intrs.c: vfio_pci_set_irqs_ioctl (no handler)")
+SET_IRQS_BAD_EVENTFD = Rule(
+    "set_irqs_bad_eventfd", EBADF,
+    "an eventfd in the data is not an open file descriptor",
+    "fs/eventfd.c: eventfd_ctx_fdget")
+SET_IRQS_NOT_EVENTFD = Rule(
+    "set_irqs_not_eventfd", EINVAL,
+    "a file descriptor in the data is not an eventfd",
+    "fs/eventfd.c: eventfd_ctx_fileget")
+SET_IRQS_OTHER_TYPE_ENABLED = Rule(
+    "set_irqs_other_type_enabled", EINVAL,
+    "another interrupt type is enabled on this device; disable it first (count 0, DATA_NONE)",
+    "vfio_pci_intrs.c: vfio_pci_set_msi_trigger / vfio_pci_set_intx_trigger")
+SET_IRQS_NOT_ENABLED = Rule(
+    "set_irqs_not_enabled", EINVAL,
+    "this interrupt type is not enabled (mask, unmask and loopback need it enabled)",
+    "vfio_pci_intrs.c: vfio_pci_set_intx_unmask / _mask / vfio_pci_set_msi_trigger")
+SET_IRQS_INTX_RANGE = Rule(
+    "set_irqs_intx_range", EINVAL,
+    "INTx, ERR and REQ take start 0 and count 1",
+    "vfio_pci_intrs.c: vfio_pci_set_intx_trigger / vfio_pci_set_ctx_trigger_single")
+SET_IRQS_VECTOR_NOT_ALLOCATED = Rule(
+    "set_irqs_vector_not_allocated", EINVAL,
+    "the vectors are past those allocated when the index was enabled; disable and re-enable",
+    "vfio_pci_intrs.c: vfio_msi_set_block / vfio_msi_alloc_irq")
+SET_IRQS_MASK_EVENTFD = Rule(
+    "set_irqs_mask_eventfd", ENOTTY,
+    "INTx ACTION_MASK with DATA_EVENTFD is not implemented by vfio-pci",
+    "vfio_pci_intrs.c: vfio_pci_set_intx_mask")
+RESET_NOT_SUPPORTED = Rule(
+    "reset_not_supported", EINVAL,
+    "the device cannot be reset (the device flags do not say RESET)",
+    "vfio_pci_core.c: vfio_pci_ioctl_reset (!vdev->reset_works)")
+HOT_RESET_INFO_ARGSZ = Rule(
+    "hot_reset_info_argsz", EINVAL,
+    "vfio_pci_hot_reset_info.argsz is smaller than the structure",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_pci_hot_reset_info")
+HOT_RESET_NO_BUS_RESET = Rule(
+    "hot_reset_no_bus_reset", ENODEV,
+    "neither a slot nor a bus reset is possible (a device on the root bus)",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_pci_hot_reset_info (pci_probe_reset_bus)")
+HOT_RESET_INFO_SPACE = Rule(
+    "hot_reset_info_space", ENOSPC,
+    "argsz has no room for every affected device; count says how many",
+    "vfio_pci_core.c: vfio_pci_ioctl_get_pci_hot_reset_info")
+HOT_RESET_HEADER = Rule(
+    "hot_reset_header", EINVAL,
+    "vfio_pci_hot_reset has a short argsz, flags set, or a count of 0 or too many group fds",
+    "vfio_pci_core.c: vfio_pci_ioctl_pci_hot_reset")
+HOT_RESET_BAD_GROUP_FD = Rule(
+    "hot_reset_bad_group_fd", EBADF,
+    "a group fd is not an open file",
+    "vfio_pci_core.c: vfio_pci_ioctl_pci_hot_reset (fget)")
+HOT_RESET_NOT_GROUP = Rule(
+    "hot_reset_not_group", EINVAL,
+    "a group fd is not a VFIO group",
+    "vfio_pci_core.c: vfio_pci_ioctl_pci_hot_reset (vfio_file_is_group)")
+HOT_RESET_NOT_OWNED = Rule(
+    "hot_reset_not_owned", EINVAL,
+    "a device the reset affects is not bound to vfio-pci or its group is not in the list",
+    "vfio_pci_core.c: vfio_pci_dev_set_hot_reset / vfio_pci_dev_set_resettable")
+FEATURE_HEADER = Rule(
+    "feature_header", EINVAL,
+    "vfio_device_feature has a short argsz, unknown flags, or GET and SET without PROBE",
+    "vfio_main.c: vfio_ioctl_device_feature")
+FEATURE_UNSUPPORTED = Rule(
+    "feature_unsupported", ENOTTY,
+    "the device does not support this feature",
+    "vfio_pci_core.c: vfio_pci_core_ioctl_feature")
+FEATURE_OPS = Rule(
+    "feature_ops", EINVAL,
+    "the feature does not support this GET/SET, or argsz is too small for it",
+    "vfio_main.c: vfio_check_feature")
+BIND_IOMMUFD_GROUP_DEVICE = Rule(
+    "bind_iommufd_group_device", EINVAL,
+    "VFIO_DEVICE_BIND_IOMMUFD is only for device cdev fds, not fds from a group",
+    "device_cdev.c: vfio_df_ioctl_bind_iommufd (df->group)")
+
+# --- device I/O ----------------------------------------------------------------------------
+IO_BAD_REGION = Rule(
+    "io_bad_region", EINVAL,
+    "the offset names no region (or an absent BAR, ROM or VGA)",
+    "vfio_pci_core.c: vfio_pci_rw / vfio_pci_rdwr.c: vfio_pci_bar_rw")
+IO_PAST_END = Rule(
+    "io_past_end", EINVAL,
+    "the offset is past the end of the region",
+    "vfio_pci_rdwr.c: vfio_pci_bar_rw (pos >= end)")
+IO_SHORT = Rule(
+    "io_short", EIO,
+    "the access runs past the end of the region: the kernel transfers only part of it",
+    "vfio_pci_rdwr.c: vfio_pci_bar_rw (count clipped); aiovfio LinuxKernel turns it into EIO")
+IO_READ_ONLY = Rule(
+    "io_read_only", EINVAL,
+    "the region is read-only (the ROM)",
+    "vfio_pci_core.c: vfio_pci_rw (ROM write)")
+IO_CONFIG_RANGE = Rule(
+    "io_config_range", EFAULT,
+    "the access is outside config space",
+    "vfio_pci_config.c: vfio_config_do_rw")
+IO_MEMORY_DISABLED = Rule(
+    "io_memory_disabled", EIO,
+    "Memory Space is disabled in the COMMAND register",
+    "vfio_pci_rdwr.c: vfio_pci_ioread32 / __vfio_pci_memory_enabled")
+MMAP_NOT_MAPPABLE = Rule(
+    "mmap_not_mappable", EINVAL,
+    "the region (or that part of it) cannot be mmapped: it is trapped",
+    "vfio_pci_core.c: vfio_pci_core_mmap")
+MMAP_BAD_RANGE = Rule(
+    "mmap_bad_range", EINVAL,
+    "the length is 0, or the offset is not page aligned",
+    "mm/mmap.c: do_mmap")
+
+# --- driver binding (Machine.set_driver / add_device) --------------------------------------
+BIND_DMA_OWNED = Rule(
+    "bind_dma_owned", EBUSY,
+    "a driver that uses DMA cannot bind while user space owns the group's DMA",
+    "drivers/iommu/iommu.c: iommu_device_use_default_domain (group->owner)")
+UNBIND_DEVICE_OPEN = Rule(
+    "unbind_device_open", EBUSY,
+    "the device is open through VFIO; Linux would block and signal REQ until it is closed",
+    "vfio_main.c: vfio_unregister_group_dev (the sim refuses instead of blocking)")
+# fmt: on
+
+#: The table, in the order above.
+RULES: tuple[Rule, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Rule))
