@@ -40,20 +40,19 @@ def vm(session: nox.Session) -> None:
 
     Provisions the guest first (root: apt packages and Debian's kernels into a
     cache folder). `nox -s vm -- 6.12` runs one kernel only; other arguments
-    go to pytest (`nox -s vm -- 6.1 -k dma`). The guest runs the venv's own
-    python (not its resolved target, which would leave the venv behind).
+    go to pytest (`nox -s vm -- 6.1 -k dma`).
     """
     session.install("-e", ".[trio,uvloop]", *_group("test"))
     session.run("python", "-m", "aiovfio.testing.vm", "--setup")
     kernels = [k for k in session.posargs if k in KERNELS] or list(KERNELS)
     pytest_args = [a for a in session.posargs if a not in KERNELS]
+    # The venv's own python: its resolved target would leave the venv behind.
+    # hypothesis's pytest plugin imports all of hypothesis: 10 s under TCG.
     python = os.path.join(session.bin, "python")
+    guest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
+    guest += ["tests/vm", "-o", "addopts=-ra --strict-markers", "-q", *pytest_args]
     for kernel in kernels:
-        session.run(
-            "python", "-m", "aiovfio.testing.vm", "--kernel", kernel, "--",
-            python, "-m", "pytest", "-p", "no:cacheprovider", "tests/vm",
-            "-o", "addopts=-ra --strict-markers", "-q", *pytest_args,
-        )
+        session.run("python", "-m", "aiovfio.testing.vm", "--kernel", kernel, "--", *guest)
 
 
 @nox.session
