@@ -513,3 +513,53 @@ def test_run_leaves_no_run_folder_behind(
     monkeypatch.setattr(tempfile, "tempdir", None)
     _run("ok", tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# --- provisioning: refusals and the backports source -------------------------------
+
+
+def test_setup_refuses_without_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm_setup, "_missing_packages", lambda packages: ["qemu-system-x86"])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(VmSetupError, match="must run as root"):
+        vm_setup.setup(cache=tmp_path)
+
+
+def test_setup_with_everything_in_place_changes_nothing(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vm_setup, "_missing_packages", lambda packages: [])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # so it cannot have tried apt
+    assert [k.release for k in vm_setup.setup(["6.1"], cache=cache)] == [RELEASE]
+
+
+def test_unreachable_registry_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "apt-get"
+    fake.write_text("#!/bin/sh\necho 'E: Failed to fetch something' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(VmSetupError, match="registry reachable") as caught:
+        vm_setup._Apt().update()
+    assert "Failed to fetch" in str(caught.value)
+
+
+def test_backports_are_added_once_from_the_configured_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = tmp_path / "sources.list.d"
+    sources.mkdir()
+    (sources / "debian.sources").write_text(
+        "Types: deb\nURIs: https://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n"
+    )
+    monkeypatch.setattr(vm_setup, "_SOURCES_DIR", sources)
+    monkeypatch.setattr(vm_setup, "_SOURCES_LIST", tmp_path / "sources.list")
+    monkeypatch.setattr(vm_setup, "_DEBIAN_SOURCES", sources / "debian.sources")
+    monkeypatch.setattr(vm_setup, "_BACKPORTS_SOURCES", sources / "aiovfio-backports.sources")
+    assert vm_setup._ensure_backports("bookworm")
+    added = (sources / "aiovfio-backports.sources").read_text()
+    assert "URIs: https://mirror.invalid/debian\n" in added
+    assert "Suites: bookworm-backports\n" in added
+    assert not vm_setup._ensure_backports("bookworm")

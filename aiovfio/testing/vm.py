@@ -818,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     except VmSetupError as exc:
         print(f"aiovfio vm: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # QEMU is already gone: run_in_guest killed it
+        print("aiovfio vm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

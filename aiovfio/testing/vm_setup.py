@@ -193,8 +193,13 @@ def _deb822_stanzas(text: str) -> list[dict[str, str]]:
     return stanzas
 
 
-def mirror_uri(suite: str, *, sources: Path = _DEBIAN_SOURCES, legacy: Path = _SOURCES_LIST) -> str:
-    """The mirror URI the configured apt sources use for `suite` (e.g. "bookworm")."""
+def mirror_uri(suite: str, *, sources: Path | None = None, legacy: Path | None = None) -> str:
+    """The mirror URI the configured apt sources use for `suite` (e.g. "bookworm").
+
+    Read from `debian.sources` (deb822), else from `sources.list`.
+    """
+    sources = sources or _DEBIAN_SOURCES
+    legacy = legacy or _SOURCES_LIST
     try:
         for stanza in _deb822_stanzas(sources.read_text()):
             if (
