@@ -256,7 +256,7 @@ class ConfigSpace:
         if asserted:
             status |= Status.INTERRUPT
         else:
-            status &= ~Status.INTERRUPT
+            status &= ~int(Status.INTERRUPT)
         self._set_phys16(Cfg.STATUS, status)
 
     def set_msi_enable(self, enabled: bool) -> None:
@@ -270,7 +270,7 @@ class ConfigSpace:
         if offset is None:
             return
         ctrl = self._phys16(offset + 2)
-        self._set_phys16(offset + 2, (ctrl | bit) if enabled else (ctrl & ~bit))
+        self._set_phys16(offset + 2, (ctrl | bit) if enabled else (ctrl & ~int(bit)))
 
     def msi_enabled(self) -> bool:
         offset = self.caps.get(CapId.MSI)
@@ -288,7 +288,7 @@ class ConfigSpace:
         vfio_pci_core_enable: pci_clear_master, pci_enable_device (Memory on),
         INTx Disable cleared, then vfio_config_init copies the physical space.
         """
-        command = (self.command | Command.MEMORY) & ~(Command.MASTER | Command.INTX_DISABLE)
+        command = (self.command | Command.MEMORY) & ~int(Command.MASTER | Command.INTX_DISABLE)
         self._set_phys16(Cfg.COMMAND, command)
         self._saved_command = command
         self._virt[:] = self.phys
@@ -297,7 +297,7 @@ class ConfigSpace:
         """The last close: MSI/MSI-X off, Bus Master off, saved COMMAND restored."""
         self.set_msi_enable(False)
         self.set_msix_enable(False)
-        self._set_phys16(Cfg.COMMAND, self._saved_command & ~Command.MASTER)
+        self._set_phys16(Cfg.COMMAND, self._saved_command & ~int(Command.MASTER))
 
     # --- the user's (VFIO config region) side --------------------------------------------
 

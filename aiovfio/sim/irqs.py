@@ -390,7 +390,7 @@ def validate_irq_set(
         argsz < minsz
         or index >= PciIrq.NUM_IRQS
         or count >= 0xFFFFFFFF - start
-        or flags & ~(IrqSetFlag.DATA_TYPE_MASK | IrqSetFlag.ACTION_TYPE_MASK)
+        or flags & ~int(IrqSetFlag.DATA_TYPE_MASK | IrqSetFlag.ACTION_TYPE_MASK)
     ):
         raise rules.SET_IRQS_HEADER.error(
             f"argsz {argsz} (needs {minsz}), index {index}, start {start}, count {count}, "

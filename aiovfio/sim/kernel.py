@@ -488,7 +488,7 @@ class SimKernel:
         arg = buf.get(cls, minsz)
         if arg.argsz < minsz:
             raise rules.MAP_ARGSZ.error(f"argsz {arg.argsz}, needs {minsz}")
-        if arg.flags & ~(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.VADDR):
+        if arg.flags & ~int(DmaMapFlag.READ | DmaMapFlag.WRITE | DmaMapFlag.VADDR):
             raise rules.MAP_FLAGS.error(f"flags {arg.flags:#x}")
         iommu.map(arg.flags, arg.vaddr, arg.iova, arg.size)
         return 0
@@ -500,7 +500,7 @@ class SimKernel:
         if arg.argsz < minsz:
             raise rules.UNMAP_ARGSZ.error(f"argsz {arg.argsz}, needs {minsz}")
         known = DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.ALL | DmaUnmapFlag.VADDR
-        if arg.flags & ~known:
+        if arg.flags & ~int(known):
             raise rules.UNMAP_FLAGS.error(f"flags {arg.flags:#x}")
         if arg.flags & DmaUnmapFlag.GET_DIRTY_BITMAP and arg.flags & (
             DmaUnmapFlag.ALL | DmaUnmapFlag.VADDR
@@ -797,7 +797,7 @@ class SimKernel:
             raise rules.FEATURE_HEADER.error(f"argsz {feature.argsz}, needs {minsz}")
         flags = feature.flags
         get, set_, probe = DeviceFeatureFlag.GET, DeviceFeatureFlag.SET, DeviceFeatureFlag.PROBE
-        if flags & ~(DeviceFeatureFlag.MASK | get | set_ | probe):
+        if flags & ~int(DeviceFeatureFlag.MASK | get | set_ | probe):
             raise rules.FEATURE_HEADER.error(f"flags {flags:#x}")
         if not flags & probe and flags & set_ and flags & get:
             raise rules.FEATURE_HEADER.error("GET and SET without PROBE")
@@ -1234,7 +1234,7 @@ class SimKernel:
 def _check_feature(flags: int, argsz: int, supported: int, minsz: int) -> int:
     """vfio_check_feature: 1 to go on, 0 for a successful PROBE, else EINVAL."""
     ops = flags & (DeviceFeatureFlag.GET | DeviceFeatureFlag.SET)
-    if ops & ~supported:
+    if ops & ~int(supported):
         raise rules.FEATURE_OPS.error(f"flags {flags:#x}")
     if flags & DeviceFeatureFlag.PROBE:
         return 0

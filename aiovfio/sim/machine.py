@@ -605,7 +605,7 @@ def _check_regions(name: str, specs: Sequence[RegionSpec]) -> dict[int, RegionSp
         minimum = 2048 if index == PciRegion.ROM else 16
         if spec.size < minimum or spec.size & (spec.size - 1):
             raise ValueError(f"{where}: size {spec.size:#x} is not a power of two >= {minimum}")
-        if spec.flags & ~(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP):
+        if spec.flags & ~int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP):
             raise ValueError(f"{where}: flags {spec.flags!r}: only READ, WRITE (MMAP implied)")
         if index == PciRegion.ROM and spec.mmap_areas:
             raise ValueError(f"{where}: the ROM cannot be mmapped")
