@@ -261,13 +261,16 @@ class Device:
         if kind >= self.info.num_irqs:
             raise errors.Unsupported(f"{self.label} has no {kind.name.lower()} IRQ index")
         arg = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=int(kind))
-        kcall(
-            "VFIO_DEVICE_GET_IRQ_INFO",
-            f"{self.label} irq {kind.name.lower()}",
-            self.kernel.device_get_irq_info,
-            self._fd,
-            arg,
-        )
+        try:
+            self.kernel.device_get_irq_info(self._fd, arg)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # vfio-pci: ERR exists only on PCI Express
+                raise errors.Unsupported(
+                    f"{self.label} has no {kind.name.lower()} IRQ index "
+                    f"(the kernel refused it: {exc.strerror})"
+                ) from exc
+            target = f"{self.label} irq {kind.name.lower()}"
+            raise errors.from_oserror(exc, "VFIO_DEVICE_GET_IRQ_INFO", target) from exc
         return IrqInfo(
             index=int(kind), count=int(arg.count), flags=uapi.IrqInfoFlag(arg.flags & 0xF)
         )
@@ -303,8 +306,14 @@ class Device:
         return InterruptSet(self, info, count)
 
     def _irq_kinds(self) -> list[str]:
-        n = self.info.num_irqs
-        return [k.name.lower() for k in IrqKind if k < n and self.irq_info(k).count]
+        return [k.name.lower() for k in IrqKind if self._irq_count(k)]
+
+    def _irq_count(self, kind: IrqKind) -> int:
+        """Vectors of `kind`; 0 where the device lacks the index."""
+        try:
+            return self.irq_info(kind).count if kind < self.info.num_irqs else 0
+        except errors.Unsupported:
+            return 0
 
     def _interrupts_opened(self, iset: InterruptSet) -> None:
         self._interrupt_sets.append(iset)

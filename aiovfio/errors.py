@@ -78,11 +78,18 @@ class AlignmentError(InvalidArgument):
 
 
 class ClosedResourceError(UsageError, anyio.ClosedResourceError):
-    """The object was closed; open a new one."""
+    """The object was closed; open a new one. Also an anyio.ClosedResourceError."""
 
 
 class BusyResourceError(UsageError, anyio.BusyResourceError):
-    """Another task is already using this object (e.g. receiving on a stream)."""
+    """Another task is already using this object (e.g. receiving on a stream).
+
+    Also an anyio.BusyResourceError, whose constructor wants an "action";
+    ours takes the whole message.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
 
 
 class DeviceNotFound(UsageError, LookupError):
