@@ -47,6 +47,23 @@ def _config(vendor: int, device: int, class_code: int, caps: Sequence[int]) -> b
     return bytes(cfg)
 
 
+def write_dev_and_proc(roots: Roots) -> None:
+    """What a healthy VFIO host shows outside the PCI tree: an IOMMU, /dev/vfio, /proc."""
+    for name in ("block", "net"):
+        (roots.sysfs / "class" / name).mkdir(parents=True, exist_ok=True)
+    (roots.sysfs / "class" / "iommu" / "dmar0").mkdir(parents=True, exist_ok=True)
+    (roots.dev / "vfio").mkdir(parents=True)
+    (roots.dev / "vfio" / "vfio").write_text("")
+    (roots.proc / "self").mkdir(parents=True)
+    (roots.proc / "cmdline").write_text("console=ttyS0 intel_iommu=on iommu=pt\n")
+    (roots.proc / "self" / "mounts").write_text("proc /proc proc rw 0 0\n")
+    (roots.proc / "self" / "limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        "Max locked memory         unlimited            unlimited            bytes\n"
+    )
+    (roots.proc / "self" / "status").write_text("Name:\tpython\nCapEff:\t0000000000000000\n")
+
+
 class FakeKernel:
     """Writes a sysfs tree and reacts to writes into it like Linux's PCI core."""
 
@@ -66,9 +83,6 @@ class FakeKernel:
         (self.pci / "drivers").mkdir()
         (self.pci / "drivers_probe").write_text("")
         (self.sysfs / "kernel" / "iommu_groups").mkdir(parents=True)
-        (self.sysfs / "class" / "block").mkdir(parents=True)
-        (self.sysfs / "class" / "net").mkdir(parents=True)
-        (self.sysfs / "class" / "iommu" / "dmar0").mkdir(parents=True)
         for module in ("vfio", "vfio_pci", "vfio_iommu_type1"):
             (self.sysfs / "module" / module).mkdir(parents=True)
         params = self.sysfs / "module" / "vfio" / "parameters"
@@ -78,16 +92,7 @@ class FakeKernel:
         huge.mkdir(parents=True)
         (huge / "nr_hugepages").write_text("0\n")
         (huge / "free_hugepages").write_text("0\n")
-        (self.dev / "vfio").mkdir(parents=True)
-        (self.dev / "vfio" / "vfio").write_text("")
-        (self.proc / "self").mkdir(parents=True)
-        (self.proc / "cmdline").write_text("console=ttyS0 intel_iommu=on iommu=pt\n")
-        (self.proc / "self" / "mounts").write_text("proc /proc proc rw 0 0\n")
-        (self.proc / "self" / "limits").write_text(
-            "Limit                     Soft Limit           Hard Limit           Units\n"
-            "Max locked memory         unlimited            unlimited            bytes\n"
-        )
-        (self.proc / "self" / "status").write_text("Name:\tpython\nCapEff:\t0000000000000000\n")
+        write_dev_and_proc(self.roots)
         self.add_driver("vfio-pci")
 
     # --- building ---------------------------------------------------------------
