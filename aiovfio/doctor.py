@@ -265,13 +265,13 @@ class Doctor:
                 continue
             who = ", ".join(f"{o.name} is bound to {o.driver}" for o in group.offenders)
             first = group.members[0].address if address is None else address
-            one = " or ".join(f"`aiovfio bind {o.name}`" for o in group.offenders)
+            each = ", ".join(f"`aiovfio bind {o.name}`" for o in group.offenders)
             out.append(
                 Check(
                     f"group {number}",
                     Status.FAIL,
                     f"not viable: {who}",
-                    f"`aiovfio bind --group {first}`, or {one}, or unbind it from its driver",
+                    f"`aiovfio bind --group {first}` (or one by one: {each})",
                 )
             )
         return out
