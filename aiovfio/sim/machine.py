@@ -512,12 +512,12 @@ class Machine:
                 self.faults.add(FaultRecord("iommu", device.name, reason, iova, size, write))
                 return IommuFault(iova, size, write, reason)
 
-            if not device.config.bus_master:
-                raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
             container = device.group.container
             iommu = container.iommu if container is not None else None
             if iommu is None:
                 raise fault("the device's group is not attached to a container with an IOMMU")
+            if not device.config.bus_master:
+                raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
             try:
                 segments = iommu.translate(iova, size, write=write)
             except TranslationFault as exc:

@@ -134,20 +134,20 @@ def _map_arg(**fields: int) -> uapi.vfio_iommu_type1_dma_map:
 
 def test_map_argsz(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_ARGSZ, rig.k.map_dma, c, _map_arg(argsz=31, vaddr=addr))
 
 
 def test_map_flags(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_FLAGS, rig.k.map_dma, c, _map_arg(flags=0x8 | 3, vaddr=addr))
 
 
 @pytest.mark.parametrize("flags", [0, 4 | 1, 4 | 2])
 def test_map_no_permission(rig: Rig, flags: int) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_NO_PERMISSION, rig.map, c, addr, 0, PAGE, flags)
 
 
@@ -158,19 +158,19 @@ def test_map_no_permission(rig: Rig, flags: int) -> None:
 )
 def test_map_unaligned(rig: Rig, dv: int, iova: int, size: int) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_UNALIGNED, rig.map, c, addr + dv, iova, size)
 
 
 def test_map_wraps(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_WRAPS, rig.map, c, addr, (1 << 64) - PAGE, 2 * PAGE)
 
 
 def test_map_overlap(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer(2)
+    _buf, addr = buffer(2)
     rig.map(c, addr, 0x10000, 2 * PAGE)
     refused(R.MAP_OVERLAP, rig.map, c, addr, 0x10000 + PAGE, PAGE)
     refused(R.MAP_OVERLAP, rig.map, c, addr, 0x10000 - PAGE, 2 * PAGE)
@@ -178,13 +178,13 @@ def test_map_overlap(rig: Rig) -> None:
 
 def test_map_vaddr_not_found(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_VADDR_NOT_FOUND, rig.map, c, addr, 0x10000, PAGE, uapi.DmaMapFlag.VADDR)
 
 
 def test_map_vaddr_mismatch(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer(2)
+    _buf, addr = buffer(2)
     rig.map(c, addr, 0x10000, 2 * PAGE)
     # The vaddr is still valid: nothing to update.
     refused(R.MAP_VADDR_MISMATCH, rig.map, c, addr, 0x10000, 2 * PAGE, uapi.DmaMapFlag.VADDR)
@@ -198,7 +198,7 @@ def test_map_entry_limit(toy: Toy) -> None:
         m.add_device(toy, name=NAME, group=GROUP)
         rig = Rig(m, toy)
         c, _ = rig.attached()
-        _, addr = buffer(3)
+        _buf, addr = buffer(3)
         rig.map(c, addr, 0, PAGE)
         rig.map(c, addr + PAGE, PAGE, PAGE)
         refused(R.MAP_ENTRY_LIMIT, rig.map, c, addr + 2 * PAGE, 2 * PAGE, PAGE)
@@ -208,7 +208,7 @@ def test_map_entry_limit(toy: Toy) -> None:
 
 def test_map_outside_iova_ranges(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     refused(R.MAP_OUTSIDE_IOVA_RANGES, rig.map, c, addr, 0xFEE0_0000, PAGE)  # the MSI window
     refused(R.MAP_OUTSIDE_IOVA_RANGES, rig.map, c, addr, 0x80_0000_0000, PAGE)  # past 39 bits
 
@@ -233,7 +233,7 @@ def test_map_memlock(toy: Toy) -> None:
         m.add_device(toy, name=NAME, group=GROUP)
         rig = Rig(m, toy)
         c, _ = rig.attached()
-        _, addr = buffer(3)
+        _buf, addr = buffer(3)
         rig.map(c, addr, 0, 2 * PAGE)
         refused(R.MAP_MEMLOCK, rig.map, c, addr + 2 * PAGE, 2 * PAGE, PAGE)
         rig.unmap(c, 0, 2 * PAGE)
@@ -270,7 +270,7 @@ def test_unmap_all_with_range(rig: Rig) -> None:
 
 def test_unmap_splits_mapping(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer(4)
+    _buf, addr = buffer(4)
     rig.map(c, addr, 0x10000, 4 * PAGE)
     refused(R.UNMAP_SPLITS_MAPPING, rig.unmap, c, 0x10000 + PAGE, PAGE)  # starts inside
     refused(R.UNMAP_SPLITS_MAPPING, rig.unmap, c, 0x10000, PAGE)  # ends inside
@@ -279,7 +279,7 @@ def test_unmap_splits_mapping(rig: Rig) -> None:
 
 def test_unmap_vaddr_twice(rig: Rig) -> None:
     c, _ = rig.attached()
-    _, addr = buffer()
+    _buf, addr = buffer()
     rig.map(c, addr, 0, PAGE)
     rig.unmap(c, 0, PAGE, uapi.DmaUnmapFlag.VADDR)
     refused(R.UNMAP_VADDR_TWICE, rig.unmap, c, 0, PAGE, uapi.DmaUnmapFlag.VADDR)

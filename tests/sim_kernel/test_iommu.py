@@ -1,0 +1,163 @@
+"""The IOMMU: device DMA translated through the container's mappings, or faulted."""
+
+from __future__ import annotations
+
+import mmap
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from aiovfio._uapi.vfio import DmaMapFlag, DmaUnmapFlag, Extension
+from aiovfio.sim import IommuFault
+
+from .rig import GROUP, PAGE, Rig, buffer
+
+IOVA = 0x10_0000
+
+
+@pytest.fixture
+def dma(rig: Rig) -> tuple[Rig, int, mmap.mmap]:
+    """The device open with Bus Master on, and two pages mapped at IOVA."""
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer(2)
+    rig.map(c, addr, IOVA, 2 * PAGE)
+    return rig, c, buf
+
+
+def ctx(rig: Rig):  # type: ignore[no-untyped-def]
+    assert rig.toy.ctx is not None
+    return rig.toy.ctx
+
+
+def test_device_reads_and_writes_process_memory(dma: tuple[Rig, int, mmap.mmap]) -> None:
+    rig, _, buf = dma
+    buf[PAGE - 2 : PAGE + 2] = b"abcd"
+    assert ctx(rig).dma_read(IOVA + PAGE - 2, 4) == b"abcd"  # across a page
+    ctx(rig).dma_write(IOVA + 10, b"device")
+    assert buf[10:16] == b"device"
+    assert ctx(rig).dma_read(IOVA, 0) == b""
+    assert rig.machine.faults.count() == 0
+
+
+def test_access_across_two_mappings(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    a, addr_a = buffer()
+    b, addr_b = buffer()
+    rig.map(c, addr_a, IOVA, PAGE)
+    rig.map(c, addr_b, IOVA + PAGE, PAGE)
+    ctx(rig).dma_write(IOVA + PAGE - 3, b"abcdef")
+    assert (a[PAGE - 3 :], b[:3]) == (b"abc", b"def")
+
+
+def test_unmapped_iova_faults_and_writes_nothing(dma: tuple[Rig, int, mmap.mmap]) -> None:
+    rig, _, buf = dma
+    with pytest.raises(IommuFault) as info:
+        ctx(rig).dma_write(IOVA + 2 * PAGE - 4, b"12345678")  # runs off the end
+    assert buf[2 * PAGE - 4 :] == b"\0" * 4  # the mapped half was not written
+    assert info.value.write is True
+    assert "not mapped" in info.value.reason
+    (record,) = rig.machine.faults.of("iommu")
+    assert (record.iova, record.size, record.write) == (IOVA + 2 * PAGE - 4, 8, True)
+    with pytest.raises(IommuFault):
+        ctx(rig).dma_read(0, 4)
+    assert rig.machine.faults.count("iommu") == 2
+
+
+def test_permissions(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    ro_buf, ro = buffer()
+    wo_buf, wo = buffer()
+    rig.map(c, ro, IOVA, PAGE, DmaMapFlag.READ)  # the device may read it
+    rig.map(c, wo, IOVA + PAGE, PAGE, DmaMapFlag.WRITE)  # the device may write it
+    ctx(rig).dma_read(IOVA, 4)
+    ctx(rig).dma_write(IOVA + PAGE, b"x")
+    with pytest.raises(IommuFault, match="without WRITE"):
+        ctx(rig).dma_write(IOVA, b"x")
+    with pytest.raises(IommuFault, match="without READ"):
+        ctx(rig).dma_read(IOVA + PAGE, 1)
+    ro_buf.close()
+    wo_buf.close()
+
+
+def test_bus_master_off_faults(rig: Rig) -> None:
+    c, _, _ = rig.device()
+    _buf, addr = buffer()
+    rig.map(c, addr, IOVA, PAGE)
+    with pytest.raises(IommuFault, match="Bus Master"):
+        ctx(rig).dma_read(IOVA, 4)
+
+
+def test_no_container_faults(rig: Rig) -> None:
+    with pytest.raises(IommuFault, match="not attached"):
+        ctx(rig).dma_read(IOVA, 4)
+
+
+def test_fault_is_logged_when_structlog_is_configured(dma: tuple[Rig, int, mmap.mmap]) -> None:
+    rig, _, _ = dma
+    try:
+        with capture_logs() as logs, pytest.raises(IommuFault):
+            ctx(rig).dma_read(0, 4)
+    finally:
+        structlog.reset_defaults()
+    (event,) = [e for e in logs if e["event"] == "sim.fault.iommu"]
+    assert event["iova"] == 0 and event["write"] is False
+
+
+def test_unmap_reports_what_it_unmapped(rig: Rig) -> None:
+    c, _ = rig.attached()
+    _buf, addr = buffer(3)
+    assert rig.unmap(c, IOVA, PAGE) == 0  # nothing there
+    rig.map(c, addr, IOVA, PAGE)
+    rig.map(c, addr + PAGE, IOVA + 2 * PAGE, 2 * PAGE)
+    assert rig.unmap(c, IOVA, 0x10_0000) == 3 * PAGE  # both, in one range
+    rig.map(c, addr, IOVA, PAGE)
+    rig.map(c, addr + PAGE, 0, PAGE)
+    assert rig.unmap(c, 0, 0, DmaUnmapFlag.ALL) == 2 * PAGE
+    assert not any("DMA" in line for line in rig.machine.leaks())
+
+
+def test_type1_v1_unmap_semantics(rig: Rig) -> None:
+    c, _ = rig.attached(iommu=Extension.TYPE1_IOMMU)
+    _buf, addr = buffer(4)
+    rig.map(c, addr, IOVA, 4 * PAGE)
+    assert rig.unmap(c, IOVA + PAGE, PAGE) == 0  # offset into a mapping: nothing, no error
+    assert rig.unmap(c, IOVA, PAGE) == 4 * PAGE  # covering its first page: all of it
+
+
+def test_vaddr_update(dma: tuple[Rig, int, mmap.mmap]) -> None:
+    rig, c, _ = dma
+    assert rig.unmap(c, IOVA, 2 * PAGE, DmaUnmapFlag.VADDR) == 2 * PAGE
+    new, addr = buffer(2)
+    new[:3] = b"new"
+    rig.map(c, addr, IOVA, 2 * PAGE, DmaMapFlag.VADDR)
+    assert ctx(rig).dma_read(IOVA, 3) == b"new"
+
+
+def test_memory_unmapped_by_the_process_reads_zeros(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer()
+    buf[:4] = b"gone"
+    rig.map(c, addr, IOVA, PAGE)
+    buf.close()
+    assert ctx(rig).dma_read(IOVA, 4) == b"\0" * 4  # never a crash
+    ctx(rig).dma_write(IOVA, b"lost")
+    assert rig.machine.faults.count("device") == 2
+
+
+def test_memlock_is_shared_by_containers(rig: Rig) -> None:
+    rig.machine._memlock.limit = 3 * PAGE
+    rig.machine.add_device(type(rig.toy)(), name="0000:00:05.0", group=11)
+    c1, _ = rig.attached()
+    c2, _ = rig.attached(11)
+    _buf, addr = buffer(4)
+    rig.map(c1, addr, 0, 2 * PAGE)
+    with pytest.raises(OSError, match="map_memlock"):
+        rig.map(c2, addr, 0, 2 * PAGE)
+    rig.map(c2, addr, 0, PAGE)
+    assert rig.machine._memlock.locked == 3 * PAGE
+    assert GROUP == 10
