@@ -45,6 +45,9 @@ class LinuxKernel:
     ) -> None:
         self.sysfs = Path(sysfs)
         self.dev = Path(dev)
+        #: eventfds made by `eventfd()` and not closed yet (for leak checks:
+        #: an event loop's own eventfds look the same in /proc/self/fd)
+        self.open_eventfds: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<LinuxKernel sysfs={str(self.sysfs)!r} dev={str(self.dev)!r}>"
@@ -94,6 +97,7 @@ class LinuxKernel:
 
     def close(self, fd: int) -> None:
         _log.debug("kernel.close", fd=fd)
+        self.open_eventfds.discard(fd)
         os.close(fd)
 
     # --- container -------------------------------------------------------------
@@ -234,6 +238,7 @@ class LinuxKernel:
 
     def eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.open_eventfds.add(fd)
         _log.debug("kernel.eventfd", fd=fd)
         return fd
 

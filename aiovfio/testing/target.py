@@ -26,13 +26,7 @@ SIM_EDU = "0000:00:04.0"
 SIM_NVME = "0000:00:05.0"
 
 
-_OURS = (
-    "/dev/vfio",
-    "/dev/iommu",
-    "anon_inode:[vfio-device]",
-    "anon_inode:[eventfd]",
-    "anon_inode:vfio",
-)
+_VFIO = ("/dev/vfio", "/dev/iommu", "anon_inode:[vfio-device]", "anon_inode:vfio")
 
 
 def in_guest() -> bool:
@@ -69,9 +63,11 @@ class Target:
                 dest = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 continue
-            # Only what aiovfio owns: an event loop's own fds may come and go.
-            if dest.startswith(_OURS):
+            # VFIO's own files; an event loop's fds may come and go meanwhile.
+            if dest.startswith(_VFIO):
                 out.append(f"fd {fd} -> {dest}")
+        if isinstance(self.kernel, LinuxKernel):
+            out += [f"eventfd {fd} still open" for fd in sorted(self.kernel.open_eventfds)]
         return out
 
     def close(self) -> None:
