@@ -431,6 +431,7 @@ ok)
     echo 7 >"$run/rc" ;;
 bind) echo 125 >"$run/rc"; echo "edu 0000:00:04.0 group=none driver=none" >"$run/devices" ;;
 panic) echo "[    3.0] Kernel panic - not syncing" >>"$run/console.log"; echo "qemu: warning" >&2 ;;
+crash) echo "stage 2.0" >"$run/times" ;;
 hang) sleep 30 ;;
 esac
 """
@@ -479,6 +480,15 @@ def test_a_guest_that_dies_is_99_with_its_console(fake_qemu: Path, tmp_path: Pat
     assert "Kernel panic" in result.console_tail
     assert "qemu: warning" in result.qemu_messages
     assert result.timings.done is None
+    assert result.boots == vm.BOOT_ATTEMPTS  # it died before its stage: booted again
+
+
+def test_a_guest_that_dies_after_booting_is_not_booted_again(
+    fake_qemu: Path, tmp_path: Path
+) -> None:
+    result = _run("crash", tmp_path)
+    assert result.returncode == vm.EXIT_GUEST_DIED
+    assert result.boots == 1
 
 
 def test_a_guest_past_its_time_is_killed_with_124(

@@ -79,6 +79,8 @@ EXIT_GUEST_DIED = 99
 #: Bad usage or a host that is not set up.
 EXIT_USAGE = 2
 
+#: Boots tried when a guest dies before its stage starts (a TCG boot flake).
+BOOT_ATTEMPTS = 2
 #: Seconds the host waits beyond the command's timeout (boot, bind, power-off).
 BOOT_ALLOWANCE = 60.0
 #: Lines of the guest console kept in a result.
@@ -91,7 +93,10 @@ _LAST_SLOT = 0x1E  # 00:1f is the q35 chipset's
 #: Kernel modules the initramfs loads to mount its root (dependencies added).
 _INIT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 #: The guest kernel's command line (before the caller's additions).
+# no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail,
+# and with interrupt remapping that is a panic at boot.
 _KERNEL_ARGS = (
+    "no_timer_check",
     "console=ttyS0",
     "loglevel=4",
     "rdinit=/init",
@@ -205,6 +210,7 @@ class GuestResult:
     devices: tuple[str, ...]  # "kind bdf group=N driver=D", as the guest bound them
     console_tail: str  # the end of the guest's kernel console
     qemu_messages: str  # what QEMU itself printed on stderr
+    boots: int = 1  # 2 when the first boot died before the stage began
 
     @property
     def ok(self) -> bool:
@@ -614,36 +620,73 @@ def run_in_guest(
     workdir = Path(cwd if cwd is not None else os.getcwd()).resolve()
     environ = dict(os.environ if env is None else env)
     devices = guest_devices(edu, nvme)
-    folders = _normalise_rw([*([workdir] if workdir != Path("/") else []), *rw])
-    initrd = build_initramfs(image, root / "initramfs")
     program = _resolve_program(argv, environ)
+    plan = _Plan(
+        qemu=qemu,
+        image=image,
+        initrd=build_initramfs(image, root / "initramfs"),
+        devices=devices,
+        folders=_normalise_rw([*([workdir] if workdir != Path("/") else []), *rw]),
+        job=job_script(
+            program, env=environ, cwd=workdir, timeout=timeout, devices=devices, kernel=kernel
+        ),
+        timeout=timeout,
+        mem=mem,
+        smp=smp,
+        append=tuple(append),
+    )
     log = structlog.get_logger("aiovfio").bind(kernel=image.release)
+    if _log.enabled():
+        log.debug("vm.start", argv=list(program))
+    for boots in range(1, BOOT_ATTEMPTS + 1):
+        result = _boot(plan, stdout=stdout, keep=keep, boots=boots)
+        if _log.enabled():
+            log.debug("vm.done", returncode=result.returncode, timings=result.timings)
+        if not (result.returncode == EXIT_GUEST_DIED and result.timings.boot is None):
+            break
+        # Died before the stage began: a boot-time flake of TCG under load
+        # (e.g. the IO-APIC timer check), not anything CMD did. Boot again.
+    return result
 
+
+@frozen
+class _Plan:
+    """Everything one boot needs, prepared once for all attempts."""
+
+    qemu: str
+    image: KernelImage
+    initrd: Path
+    devices: tuple[GuestDevice, ...]
+    folders: tuple[Path, ...]
+    job: str
+    timeout: float
+    mem: str
+    smp: int
+    append: tuple[str, ...]
+
+
+def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) -> GuestResult:
     with _run_dir(keep) as run_dir:
-        shares = _shares(run_dir, folders, devices)
-        conf = [f"modules\t{image.modules}"]
+        shares = _shares(run_dir, plan.folders, plan.devices)
+        conf = [f"modules\t{plan.image.modules}"]
         conf += [f"rw\t{s.tag}\t{s.path}" for s in shares[2:]]
         (run_dir / "init.conf").write_text("\n".join(conf) + "\n")
         (run_dir / "stage.sh").write_bytes(_guest_file("stage.sh"))
         (run_dir / "bind.sh").write_bytes(_guest_file("bind.sh"))
-        job = job_script(
-            program, env=environ, cwd=workdir, timeout=timeout, devices=devices, kernel=kernel
-        )
-        (run_dir / "job").write_text(job)
+        (run_dir / "job").write_text(plan.job)
         command = qemu_command(
-            qemu=qemu,
-            image=image,
-            initrd=initrd,
+            qemu=plan.qemu,
+            image=plan.image,
+            initrd=plan.initrd,
             run_dir=run_dir,
-            devices=devices,
+            devices=plan.devices,
             shares=shares,
-            mem=mem,
-            smp=smp,
-            append=append,
+            mem=plan.mem,
+            smp=plan.smp,
+            append=plan.append,
         )
-        if _log.enabled():
-            log.debug("vm.start", argv=list(program), qemu=shlex.join(command))
-        limit = timeout + BOOT_ALLOWANCE if timeout else None
+        _log.debug("vm.boot", attempt=boots, qemu=shlex.join(command))
+        limit = plan.timeout + BOOT_ALLOWANCE if plan.timeout else None
         timed_out = False
         with (run_dir / "qemu.log").open("wb") as qemu_log, _keep_blocking(stdout):
             started = time.monotonic()
@@ -670,13 +713,13 @@ def run_in_guest(
         elif rc_text.isdigit():
             returncode = int(rc_text)
             ran = stamps.get("done", 0.0) - stamps.get("bound", 0.0)
-            if returncode == 137 and timeout and ran >= timeout:
+            if returncode == 137 and plan.timeout and ran >= plan.timeout:
                 returncode = EXIT_TIMEOUT  # killed after ignoring the timeout's SIGTERM
         else:
             returncode = EXIT_GUEST_DIED
-        result = GuestResult(
+        return GuestResult(
             returncode=returncode,
-            kernel=image.release,
+            kernel=plan.image.release,
             timings=Timings(
                 wall=wall,
                 boot=stamps.get("stage"),
@@ -686,10 +729,8 @@ def run_in_guest(
             devices=tuple(_read(run_dir / "devices").splitlines()),
             console_tail=_tail(_read(run_dir / "console.log")),
             qemu_messages=_tail(_read(run_dir / "qemu.log")),
+            boots=boots,
         )
-    if _log.enabled():
-        log.debug("vm.done", returncode=returncode, wall=round(wall, 2), boot=result.timings.boot)
-    return result
 
 
 # --- command line ------------------------------------------------------------------
@@ -796,6 +837,10 @@ def _run(args: argparse.Namespace, kernels: Sequence[str], command: Sequence[str
         append=[word for words in args.append for word in words.split()],
         keep=args.keep,
     )
+    if result.boots > 1:
+        print(
+            f"aiovfio vm: the first boot died early; booted {result.boots} times", file=sys.stderr
+        )
     failed = result.returncode in (EXIT_TIMEOUT, EXIT_BIND_FAILED, EXIT_GUEST_DIED)
     if args.verbose or failed:
         _report(result)
