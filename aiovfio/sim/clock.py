@@ -42,23 +42,31 @@ class Clock:
         self.kind: ClockKind = kind
         self._lock = lock  # the machine lock, held while a callback runs
         self._cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        # Times are integer nanoseconds, so manual steps add up exactly.
+        self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
-        self._start = time.monotonic()
-        self._manual_now = 0.0
+        self._start = time.monotonic_ns()
+        self._manual_now = 0
         self._thread: threading.Thread | None = None
+        #: every worker started, so close() can join the ones still finishing
+        self._workers: list[threading.Thread] = []
         self._closed = False
         #: exceptions raised by callbacks, oldest first
         self.errors: list[BaseException] = []
+        #: run_until_idle gives up after this many callbacks
+        self.max_idle_steps = _MAX_IDLE_STEPS
 
     def __repr__(self) -> str:
         return f"<Clock {self.kind} now={self.now():.6f} pending={self.pending}>"
 
     def now(self) -> float:
         """Machine time in seconds since the machine started."""
+        return self._now_ns() / 1e9
+
+    def _now_ns(self) -> int:
         if self.kind == "manual":
             return self._manual_now
-        return time.monotonic() - self._start
+        return time.monotonic_ns() - self._start
 
     @property
     def pending(self) -> int:
@@ -72,7 +80,7 @@ class Clock:
         with self._cond:
             if self._closed:
                 return  # a closed machine does no more device work
-            due = self.now() + delay
+            due = self._now_ns() + round(delay * 1e9)
             self._seq += 1
             heapq.heappush(self._heap, (due, self._seq, callback))
             if self.kind == "thread":
@@ -80,6 +88,8 @@ class Clock:
                     self._thread = threading.Thread(
                         target=self._worker, name="aiovfio-sim-clock", daemon=True
                     )
+                    self._workers = [t for t in self._workers if t.is_alive()]
+                    self._workers.append(self._thread)
                     self._thread.start()
                 else:
                     self._cond.notify()
@@ -94,12 +104,11 @@ class Clock:
                         self._thread = None
                         self._cond.notify_all()
                         return
-                    due = self._heap[0][0]
-                    wait = due - self.now()
+                    wait = self._heap[0][0] - self._now_ns()
                     if wait <= 0:
                         _, _, callback = heapq.heappop(self._heap)
                         break
-                    self._cond.wait(wait)
+                    self._cond.wait(wait / 1e9)
             self._run(callback)
 
     def _run(self, callback: Callable[[], None]) -> None:
@@ -131,7 +140,7 @@ class Clock:
         self._need_manual("advance")
         if seconds < 0:
             raise ValueError(f"cannot advance by {seconds} seconds")
-        end = self._manual_now + seconds
+        end = self._manual_now + round(seconds * 1e9)
         ran = 0
         while True:
             with self._cond:
@@ -155,7 +164,7 @@ class Clock:
                 self._manual_now = max(self._manual_now, due)
             self._run_manual(callback)
             ran += 1
-            if ran >= _MAX_IDLE_STEPS:
+            if ran >= self.max_idle_steps:
                 raise RuntimeError(
                     f"run_until_idle ran {ran} callbacks and work is still pending: "
                     "a model keeps rescheduling itself; use advance() instead"
@@ -178,6 +187,7 @@ class Clock:
             self._closed = True
             self._heap.clear()
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            workers = list(self._workers)
+        for thread in workers:
+            if thread is not threading.current_thread():
+                thread.join()

@@ -232,11 +232,12 @@ def test_dma_avail_counts_down(toy: Toy) -> None:
         buf, addr = buffer(2)
         rig.map(c, addr, 0, PAGE)
         rig.map(c, addr + PAGE, PAGE, PAGE)
-        buf = bytearray(116)
-        struct.pack_into("<I", buf, 0, 116)
-        rig.k.iommu_get_info(c, buf)
-        chain = caps.walk(buf, 24, start=24)
+        info = bytearray(116)
+        struct.pack_into("<I", info, 0, 116)
+        rig.k.iommu_get_info(c, info)
+        chain = caps.walk(info, 24, start=24)
         assert caps.dma_avail(chain[1]) == 8
+        buf.close()
 
 
 def test_device_info(rig: Rig) -> None:
