@@ -9,7 +9,7 @@ capability by walking the list through `DeviceContext.config_read`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from attrs import Attribute, define, field
@@ -19,7 +19,14 @@ from ..._uapi.vfio import IrqInfoFlag, PciIrq
 from ...errors import InvalidArgument
 from ..model import DeviceContext, IrqSpec
 
-__all__ = ["MSG_CTRL_OFFSET", "CapabilityFinder", "all_ones", "check_range", "vfio_pci_irqs"]
+__all__ = [
+    "MSG_CTRL_OFFSET",
+    "CapabilityFinder",
+    "all_ones",
+    "check_range",
+    "to_version",
+    "vfio_pci_irqs",
+]
 
 #: Offset of the Message Control word inside an MSI or MSI-X capability.
 MSG_CTRL_OFFSET = 2
@@ -111,3 +118,11 @@ def check_range(
             )
 
     return check
+
+
+def to_version(value: Iterable[int]) -> tuple[int, ...]:
+    """An attrs converter: a QEMU version as a comparable tuple, e.g. (7, 2) or (8, 2, 1)."""
+    version = tuple(value)
+    if not version or not all(isinstance(part, int) and part >= 0 for part in version):
+        raise InvalidArgument(f"qemu_version must be like (7, 2) or (8, 2, 1), not {value!r}")
+    return version

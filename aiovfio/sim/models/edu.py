@@ -29,7 +29,7 @@ from ..._uapi.pci import CapId, MsiCtrl
 from ..._uapi.vfio import PciRegion
 from ...errors import UsageError
 from ..model import DeviceContext, DeviceModel, IommuFault, IrqSpec, RegionSpec
-from ._pci import CapabilityFinder, all_ones, check_range, vfio_pci_irqs
+from ._pci import CapabilityFinder, all_ones, check_range, to_version, vfio_pci_irqs
 
 __all__ = [
     "EDU_BAR_SIZE",
@@ -132,7 +132,7 @@ class Edu(DeviceModel):
     dma_latency: float = field(default=0.1, validator=check_range(0, math.inf))
     factorial_latency: float = field(default=1e-5, validator=check_range(0, math.inf))
     factorial_step_latency: float = field(default=1e-9, validator=check_range(0, math.inf))
-    qemu_version: tuple[int, ...] = field(default=(7, 2), converter=tuple)
+    qemu_version: tuple[int, ...] = field(default=(7, 2), converter=to_version)
 
     _ctx: DeviceContext | None = field(default=None, init=False, repr=False)
     _caps: CapabilityFinder = field(factory=CapabilityFinder, init=False, repr=False)

@@ -55,7 +55,7 @@ from ._nvme_spec import (
     field_get,
 )
 from ._nvme_store import BufferStore, SparseStore, open_store
-from ._pci import CapabilityFinder, check_range, vfio_pci_irqs
+from ._pci import CapabilityFinder, check_range, to_version, vfio_pci_irqs
 
 __all__ = ["Nvme"]
 
@@ -233,7 +233,7 @@ class Nvme(DeviceModel):
     msix_qsize: int = field(default=65, validator=check_range(1, _MSIX_MAX))
     mqes: int = field(default=0x7FF, validator=check_range(1, _U16))
     mdts: int = field(default=7, validator=check_range(1, 9))
-    qemu_version: tuple[int, ...] = field(default=(7, 2), converter=tuple)
+    qemu_version: tuple[int, ...] = field(default=(7, 2), converter=to_version)
     command_latency: float = field(default=0.0, validator=check_range(0, math.inf))
 
     _store: SparseStore | BufferStore = field(init=False, repr=False)
