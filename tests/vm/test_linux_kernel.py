@@ -289,24 +289,65 @@ def test_bar0_registers_through_mmap_and_pread(
     assert edu_bar0[EDU_LIVENESS // 4] == 0xFFFFFFFF
 
 
-def test_nvme_bar0_and_msix(linux: LinuxKernel, attached: int, nvme_bdf: str) -> None:
+@pytest.fixture
+def nvme(linux: LinuxKernel, attached: int, nvme_bdf: str) -> Iterator[int]:
+    """nvme's device fd, its group on the same container as edu's."""
     group = _open_group(linux, nvme_bdf)
     try:
         linux.group_set_container(group, attached)
         device = linux.group_get_device_fd(group, nvme_bdf)
         try:
-            bar = _region(linux, device, uapi.PciRegion.BAR0)
-            assert bar.size == 16 * 1024
-            irq = uapi.vfio_irq_info(
-                argsz=ctypes.sizeof(uapi.vfio_irq_info), index=uapi.PciIrq.MSIX
-            )
-            linux.device_get_irq_info(device, irq)
-            assert irq.count >= 1
-            assert irq.flags & uapi.IrqInfoFlag.EVENTFD
+            yield device
         finally:
             linux.close(device)
     finally:
         linux.close(group)
+
+
+def _device_flags(linux: LinuxKernel, device: int) -> uapi.DeviceFlag:
+    buf = bytearray(uapi.vfio_device_info(argsz=ctypes.sizeof(uapi.vfio_device_info)))
+    linux.device_get_info(device, buf)
+    return uapi.DeviceFlag(uapi.vfio_device_info.from_buffer_copy(buf).flags)
+
+
+def test_nvme_bar0_has_a_capability_chain(linux: LinuxKernel, nvme: int) -> None:
+    size = ctypes.sizeof(uapi.vfio_region_info)
+    first = _region(linux, nvme, uapi.PciRegion.BAR0)
+    assert first.size == 16 * 1024
+    assert first.flags & uapi.RegionFlag.CAPS
+    assert first.argsz > size, "the kernel asks for room for the chain"
+    buf = bytearray(uapi.vfio_region_info(argsz=first.argsz, index=0)) + bytes(first.argsz - size)
+    linux.device_get_region_info(nvme, buf)
+    info = uapi.vfio_region_info.from_buffer_copy(buf)
+    ids = {c.id for c in caps.walk(buf, info.cap_offset, start=size)}
+    assert uapi.RegionCap.MSIX_MAPPABLE in ids
+
+
+def test_nvme_msix_vectors(linux: LinuxKernel, nvme: int) -> None:
+    irq = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=uapi.PciIrq.MSIX)
+    linux.device_get_irq_info(nvme, irq)
+    assert irq.count == 65  # QEMU's msix_qsize
+    assert irq.flags & uapi.IrqInfoFlag.EVENTFD
+    msi = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=uapi.PciIrq.MSI)
+    linux.device_get_irq_info(nvme, msi)
+    assert msi.count == 0  # nvme has MSI-X only
+
+
+def test_reset_where_the_device_says_it_can(linux: LinuxKernel, edu: int, nvme: int) -> None:
+    assert _device_flags(linux, nvme) & uapi.DeviceFlag.RESET  # FLR
+    linux.device_reset(nvme)
+    assert not _device_flags(linux, edu) & uapi.DeviceFlag.RESET  # no FLR, no PM reset
+    with pytest.raises(OSError) as caught:
+        linux.device_reset(edu)
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_intx_is_maskable_and_automasked(linux: LinuxKernel, edu: int) -> None:
+    irq = uapi.vfio_irq_info(argsz=ctypes.sizeof(uapi.vfio_irq_info), index=uapi.PciIrq.INTX)
+    linux.device_get_irq_info(edu, irq)
+    assert irq.count == 1
+    want = uapi.IrqInfoFlag.EVENTFD | uapi.IrqInfoFlag.MASKABLE | uapi.IrqInfoFlag.AUTOMASKED
+    assert irq.flags & want == want
 
 
 # --- interrupts --------------------------------------------------------------------
@@ -348,12 +389,24 @@ def test_map_and_unmap_dma(linux: LinuxKernel, attached: int, dma_buffer: mmap.m
         linux.map_dma(attached, _dma_map(IOVA + PAGE, _address(dma_buffer), PAGE))
     assert caught.value.errno == errno.EEXIST
 
+    assert _dma_avail(linux, attached) == 65535 - 1
+
     unmap = _dma_unmap(IOVA, size)
     linux.unmap_dma(attached, unmap)
     assert unmap.size == size
     again = _dma_unmap(IOVA, size)
     linux.unmap_dma(attached, again)
     assert again.size == 0, "nothing is left to unmap"
+    assert _dma_avail(linux, attached) == 65535
+
+
+def _dma_avail(linux: LinuxKernel, container: int) -> int:
+    size = ctypes.sizeof(uapi.vfio_iommu_type1_info)
+    buf = bytearray(uapi.vfio_iommu_type1_info(argsz=4096)) + bytes(4096 - size)
+    linux.iommu_get_info(container, buf)
+    info = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
+    chain = {c.id: c for c in caps.walk(buf, info.cap_offset, start=size)}
+    return caps.dma_avail(chain[uapi.IommuInfoCap.DMA_AVAIL])
 
 
 def test_unaligned_map_is_einval(linux: LinuxKernel, attached: int, dma_buffer: mmap.mmap) -> None:
