@@ -1,7 +1,7 @@
 """Run a command on real Linux VFIO inside a throw-away QEMU guest.
 
     aiovfio vm [--kernel 6.1|6.12] [--edu N] [--nvme N] [--timeout S] [--mem SIZE]
-               [--smp N] [--rw DIR]... [--keep] [-v] -- CMD...
+               [--smp N] [--rw DIR]... [--append ARGS] [--keep] [-v] -- CMD...
     aiovfio vm --setup [--kernel K]...
 
 The guest boots one of Debian's kernels (uncompressed vmlinux, PVH) under TCG
@@ -22,7 +22,8 @@ Exit codes: CMD's own, or
 * 99: the guest died without reporting (kernel panic, QEMU abort);
 * 2: bad usage, or the host is not set up (run `aiovfio vm --setup`).
 
-On 124, 125 and 99 the tail of the guest's console goes to stderr.
+On 124, 125 and 99 the tail of the guest's console goes to stderr. A guest
+that dies before its stage starts (a TCG boot flake) is booted once more.
 The same is available from Python as `run_in_guest(argv, ...)`.
 """
 
