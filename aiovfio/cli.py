@@ -145,7 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiovfio",
         description="Find, bind and inspect PCI devices for user-space drivers on VFIO.",
-        epilog="`aiovfio vm -- CMD` runs CMD in a QEMU guest with emulated devices.",
+        epilog=(
+            "`bind` remembers each function's previous driver in /run/aiovfio/drivers.json "
+            "(AIOVFIO_STATE moves it) so that `unbind` restores it. "
+            "`aiovfio vm -- CMD` runs CMD in a QEMU guest with emulated devices."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"aiovfio {__version__}")
     _common(parser, top=True)
