@@ -214,7 +214,8 @@ def _op(fn: Callable[Concatenate[SimKernel, P], R]) -> Callable[Concatenate[SimK
             except OSError as exc:
                 _log.debug("kernel.sim", op=name, errno=exc.errno, error=str(exc))
                 raise
-            _log.debug("kernel.sim", op=name, args=args, result=result)
+            if _log.enabled():
+                _log.logger.debug("kernel.sim", op=name, args=_brief(args), result=_brief(result))
             if injected is not None:  # close: the fd is gone, and the error is reported
                 raise injected
             return result
@@ -242,6 +243,13 @@ class SimKernel:
     def _new_fd(self, label: str) -> tuple[int, int]:
         fd = os.memfd_create(f"aiovfio-sim:{label}", os.MFD_CLOEXEC)
         return fd, os.fstat(fd).st_ino
+
+    def _install(self, f: _File) -> None:
+        """Enter a new file; an old entry with its number was closed behind our back."""
+        old = self._files.get(f.fd)
+        if old is not None:
+            self._forget(old)
+        self._files[f.fd] = f
 
     def _lookup(self, fd: int) -> _File | None:
         """The sim file behind `fd`, None for a foreign open file; EBADF if not open."""
@@ -604,7 +612,7 @@ class SimKernel:
         except BaseException:
             os.close(fd)
             raise
-        self._files[fd] = _DeviceFile(fd, ino, device=device)
+        self._install(_DeviceFile(fd, ino, device=device))
         return fd
 
     # device --------------------------------------------------------------------------------
@@ -935,7 +943,7 @@ class SimKernel:
         self._container_numbers += 1
         container = SimContainer(self._container_numbers, fd=fd)
         self._containers.append(container)
-        self._files[fd] = _ContainerFile(fd, ino, container=container)
+        self._install(_ContainerFile(fd, ino, container=container))
         return fd
 
     @_op
@@ -949,7 +957,7 @@ class SimKernel:
         fd, ino = self._new_fd(f"group:{group}")
         g.opened = True
         g.file_closed = False
-        self._files[fd] = _GroupFile(fd, ino, group=g, generation=g.generation)
+        self._install(_GroupFile(fd, ino, group=g, generation=g.generation))
         return fd
 
     @_op
@@ -1150,7 +1158,7 @@ class SimKernel:
     @_op
     def eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._files[fd] = _EventFile(fd, os.fstat(fd).st_ino)
+        self._install(_EventFile(fd, os.fstat(fd).st_ino))
         return fd
 
     @_op
@@ -1229,6 +1237,19 @@ class SimKernel:
         self._mmaps = live
         out.extend(f"mmap of {u.what} is still mapped" for u in live)
         return out
+
+
+def _brief(value: object) -> object:
+    """Arguments and results for a debug log: buffers by size, not by content."""
+    if isinstance(value, tuple):
+        return tuple(_brief(v) for v in value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, ctypes.Structure):
+        return {n: getattr(value, n) for n, *_ in value._fields_ if n != "header"}
+    if isinstance(value, mmap.mmap):
+        return f"<mmap {len(value)} bytes>"
+    return value
 
 
 def _check_feature(flags: int, argsz: int, supported: int, minsz: int) -> int:

@@ -278,3 +278,12 @@ def test_os_close_behind_the_kernels_back_releases_like_linux(rig: Rig) -> None:
     _, g = rig.attached()
     os.close(g)
     rig.k.open_group(GROUP)  # Linux released the group when its file closed
+
+
+def test_a_reused_fd_number_releases_the_old_file(rig: Rig) -> None:
+    g = rig.k.open_group(GROUP)
+    os.close(g)
+    c = rig.k.open_container()  # the lowest free number: the group's old one
+    assert c == g
+    assert rig.machine.leaks() == [f"container fd {c} is open"]
+    rig.k.close(rig.k.open_group(GROUP))
