@@ -96,10 +96,8 @@ class UserBuffer:
 
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or size < 0 or offset + size > self.size:
-            raise OSError(
-                errno.EFAULT,
-                f"ioctl argument is {self.size} bytes; the kernel accessed {size} at {offset} "
-                "[sim: copy_from_user/copy_to_user past the buffer]",
+            raise rules.USER_MEMORY.error(
+                f"the argument is {self.size} bytes; the kernel needs {size} at offset {offset}"
             )
 
     def read(self, offset: int, size: int) -> bytes:
@@ -109,7 +107,7 @@ class UserBuffer:
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         if self._view.readonly:
-            raise OSError(errno.EFAULT, "ioctl argument is read-only [sim]")
+            raise rules.USER_MEMORY.error("the argument is read-only memory")
         self._view[offset : offset + len(data)] = data
 
     def get(self, cls: type[S], minsz: int) -> S:
@@ -383,7 +381,7 @@ class SimKernel:
     @staticmethod
     def _buf(arg: _Arg) -> UserBuffer:
         if not isinstance(arg, UserBuffer):
-            raise OSError(errno.EFAULT, "ioctl argument is not a pointer to user memory [sim]")
+            raise rules.USER_MEMORY.error(f"the argument {arg!r} is not a pointer")
         return arg
 
     @staticmethod
@@ -1001,7 +999,7 @@ class SimKernel:
 
     @_op
     def group_set_container(self, group_fd: int, container: int) -> None:
-        arg = UserBuffer(bytearray(struct.pack("<i", container)))
+        arg = UserBuffer(bytearray(ctypes.c_int32(container)))  # as LinuxKernel passes it
         self._ioctl(group_fd, uapi.Ioctl.GROUP_SET_CONTAINER, arg)
 
     @_op
@@ -1101,6 +1099,8 @@ class SimKernel:
 
     @_op
     def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if size < 0:
+            raise ValueError(f"negative read size {size}")  # as os.pread
         f = self._lookup(fd)
         if isinstance(f, _DeviceFile):
             return self._device_rw(f.device, offset, size, None)

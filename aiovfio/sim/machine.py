@@ -406,7 +406,7 @@ class Machine:
             device = self._device(name)
             if driver == device.driver:
                 return
-            if device.vfio and device.open_count and not is_vfio_driver(driver):
+            if device.open_count:
                 device.irqs.signal_req()
                 raise rules.UNBIND_DEVICE_OPEN.error(f"{name} has {device.open_count} open fd(s)")
             group = device.group

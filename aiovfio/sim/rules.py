@@ -61,6 +61,10 @@ BAD_FD = Rule(
     "bad_fd", EBADF,
     "not an open file descriptor",
     "fs/file.c: fdget")
+USER_MEMORY = Rule(
+    "user_memory", EFAULT,
+    "the ioctl argument is shorter than what the kernel reads or writes there",
+    "copy_from_user / copy_to_user (the caller's buffer ends before argsz or the structure)")
 NOT_SUPPORTED = Rule(
     "not_supported", ENOTTY,
     "this ioctl is not supported on this kind of file",

@@ -287,3 +287,15 @@ def test_a_reused_fd_number_releases_the_old_file(rig: Rig) -> None:
     assert c == g
     assert rig.machine.leaks() == [f"container fd {c} is open"]
     rig.k.close(rig.k.open_group(GROUP))
+
+
+def test_aliased_numbers_mean_what_the_file_says(rig: Rig) -> None:
+    """IOMMU_MAP_DMA is DEVICE_PCI_HOT_RESET's number: a device fd decodes a hot reset."""
+    c, _, d = rig.device()
+    arg = uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=0, iova=0, size=PAGE)
+    with pytest.raises(OSError, match="hot_reset_header"):
+        rig.k.map_dma(d, arg)
+    info = bytearray(16)
+    struct.pack_into("<I", info, 0, 12)  # a hot reset info header, read as IOMMU_GET_INFO's
+    with pytest.raises(OSError, match="iommu_info_argsz"):
+        rig.k.device_get_pci_hot_reset_info(c, info)

@@ -51,6 +51,15 @@ def test_bad_fd(rig: Rig) -> None:
     refused(R.BAD_FD, rig.k.pread, fd, 4, 0)
 
 
+def test_user_memory(rig: Rig) -> None:
+    c, _, d = rig.device()
+    refused(R.USER_MEMORY, rig.k.iommu_get_info, c, bytearray(8))  # shorter than minsz
+    info = bytearray(24)
+    struct.pack_into("<I", info, 0, 200)  # claims room for the capabilities it lacks
+    refused(R.USER_MEMORY, rig.k.iommu_get_info, c, info)
+    refused(R.USER_MEMORY, rig.k.device_set_irqs, d, bytearray(12))
+
+
 def test_not_supported(rig: Rig) -> None:
     c, g, d = rig.device()
     e = rig.k.eventfd()

@@ -67,11 +67,14 @@ _NVME_VERSION = 0x0001_0400  # 1.4
 _MAX_NAMESPACES = 256
 _NSID = 1  # the one namespace, from `drive=`
 _AERL = 3  # up to four Async Event Requests outstanding (0-based)
+_AER_MAX_QUEUED = 64  # QEMU's aer_max_queued: events kept while no AER waits
+_AER_TYPE_ERROR, _AER_TYPE_SMART = 0, 1
+_AER_INVALID_DOORBELL_REGISTER, _AER_INVALID_DOORBELL_VALUE = 0x00, 0x01
+_LOG_RAE = 1 << 15  # Get Log Page: Retain Asynchronous Event
 _TIMEOUT = 0x0F  # CAP.TO: 7.5 s in 500 ms units
 _MPSMAX = 4  # 64 KiB pages
 _TEMPERATURE = 0x143  # Kelvin, as QEMU reports
 _TEMPERATURE_WARNING = 0x157
-_TEMPERATURE_CRITICAL = 0x175
 _CSS_ADMIN_ONLY_UNTIL = (10, 0)  # QEMU dropped CAP.CSS bit 7 in 10.0
 _MSIX_ENTRY = 16
 _MSIX_VECTOR_CTRL = 12
@@ -182,6 +185,13 @@ class _Completion:
     result: int
 
 
+@frozen
+class _AsyncEvent:
+    type: int
+    info: int
+    log_page: int
+
+
 @define(eq=False)
 class _CompletionQueue:
     qid: int
@@ -253,6 +263,8 @@ class Nvme(DeviceModel):
     _cqs: dict[int, _CompletionQueue] = field(factory=dict, init=False, repr=False)
     _qs_created: bool = field(default=False, init=False, repr=False)
     _aers: list[_Completion] = field(factory=list, init=False, repr=False)
+    _events: deque[_AsyncEvent] = field(factory=deque, init=False, repr=False)
+    _aer_mask: int = field(default=0, init=False, repr=False)
     _irq_status: int = field(default=0, init=False, repr=False)
     _intx: bool = field(default=False, init=False, repr=False)
     _msix_table: bytearray = field(init=False, repr=False)
@@ -466,6 +478,8 @@ class Nvme(DeviceModel):
         self._sqs.clear()
         self._cqs.clear()
         self._aers.clear()
+        self._events.clear()
+        self._aer_mask = 0
         self._qs_created = False
         self._cc = self._csts = self._intms = 0
         self._irq_status = 0
@@ -509,6 +523,11 @@ class Nvme(DeviceModel):
     ) -> None:
         why = f"{kind} {qid} does not exist" if size is None else f"{kind} {qid} has {size} entries"
         self._context.log_fault(f"nvme: {kind} {what} doorbell write {value} ignored: {why}")
+        if self._aers:  # NVMe 1.4 4.1: tell an outstanding Async Event Request
+            info = _AER_INVALID_DOORBELL_REGISTER if size is None else _AER_INVALID_DOORBELL_VALUE
+            self._enqueue_event(_AsyncEvent(_AER_TYPE_ERROR, info, LogId.ERROR_INFO))
+            admin = self._cqs[0]
+            self._schedule(lambda: self._post_if_current(admin))
 
     def _schedule(self, callback: Callable[[], None]) -> None:
         self._context.schedule(self.command_latency, callback)
@@ -524,7 +543,7 @@ class Nvme(DeviceModel):
         if self._sqs.get(sq.qid) is not sq:
             return  # deleted or reset since
         cq = self._cqs[sq.cqid]
-        completed = False
+        held = len(cq.held)
         while sq.head != sq.tail and sq.outstanding < sq.size:
             address = sq.base + sq.head * SQE.size
             try:
@@ -538,8 +557,7 @@ class Nvme(DeviceModel):
             result = self._admin(sq, command) if sq.qid == 0 else self._io(command)
             if result is not None:
                 cq.held.append(_Completion(sq, command.cid, result.status, result.result))
-                completed = True
-        if completed:
+        if len(cq.held) > held:  # new completions (an AER may have met a queued event)
             self._post(cq)
 
     def _post_if_current(self, cq: _CompletionQueue) -> None:
@@ -814,7 +832,7 @@ class Nvme(DeviceModel):
         return _Result(self._to_host(command, data))
 
     def _get_log_page(self, command: Command) -> _Result:
-        lid = command.cdw10 & 0xFF
+        lid, retain = command.cdw10 & 0xFF, bool(command.cdw10 & _LOG_RAE)
         dwords = ((command.cdw11 & _U16) << 16 | command.cdw10 >> 16) + 1
         length = dwords * 4
         offset = command.cdw13 << 32 | command.cdw12
@@ -828,8 +846,12 @@ class Nvme(DeviceModel):
                 if command.nsid not in (NSID_BROADCAST, _NSID):
                     return _fail(Status.INVALID_NSID)
                 log = self._smart_log()
+                if not retain:
+                    self._clear_events(_AER_TYPE_SMART)
             case LogId.ERROR_INFO:
                 log = bytes(_ERROR_LOG_ENTRY)
+                if not retain:
+                    self._clear_events(_AER_TYPE_ERROR)
             case LogId.FIRMWARE_SLOT:
                 # AFI: slot 1 active; FRS1: its revision.
                 log = b"\x01".ljust(_FW_SLOT_REVISION, b"\0") + _padded("1.0", 8)
@@ -912,11 +934,34 @@ class Nvme(DeviceModel):
         return _OK
 
     def _async_event_request(self, sq: _SubmissionQueue, command: Command) -> _Result | None:
-        # Parked until an event; this model raises none, so they wait for Abort or reset.
+        """Parked until an event (this model raises only invalid-doorbell errors)."""
         if len(self._aers) > _AERL:
             return _fail(Status.ASYNC_EVENT_LIMIT_EXCEEDED, dnr=False)
         self._aers.append(_Completion(sq, command.cid, Status.SUCCESS, 0))
+        self._process_events()
         return None
+
+    def _enqueue_event(self, event: _AsyncEvent) -> None:
+        if len(self._events) < _AER_MAX_QUEUED:
+            self._events.append(event)
+            self._process_events()
+
+    def _process_events(self) -> None:
+        """QEMU's nvme_process_aers: complete AERs (newest first) with unmasked events."""
+        for event in list(self._events):
+            if not self._aers:
+                return
+            if self._aer_mask & 1 << event.type:
+                continue  # one event per type until the host reads its log page
+            self._events.remove(event)
+            self._aer_mask |= 1 << event.type
+            aer = self._aers.pop()
+            aer.result = event.type | event.info << 8 | event.log_page << 16
+            self._cqs[0].held.append(aer)
+
+    def _clear_events(self, event_type: int) -> None:
+        self._aer_mask &= ~(1 << event_type)
+        self._events = deque(e for e in self._events if e.type != event_type)
 
     def _abort(self, command: Command) -> _Result:
         sqid, cid = command.cdw10 & _U16, command.cdw10 >> 16
@@ -932,16 +977,19 @@ class Nvme(DeviceModel):
 
     # --- I/O commands ---------------------------------------------------------
     def _io(self, command: Command) -> _Result:
+        # QEMU 7.2's order (checked against it): the broadcast NSID passes the
+        # validity check and, except for Flush, then names no namespace.
         nsid = command.nsid
-        if command.opcode == IoOpcode.FLUSH:
-            if nsid not in (NSID_BROADCAST, _NSID):
-                return _fail(Status.INVALID_FIELD)
+        if not self._nsid_valid(nsid):
+            return _fail(Status.INVALID_NSID)
+        if command.opcode == IoOpcode.FLUSH and nsid == NSID_BROADCAST:
             self._store.flush()
             return _OK
-        if not self._nsid_valid(nsid) or nsid == NSID_BROADCAST:
-            return _fail(Status.INVALID_NSID)
         if nsid != _NSID:
             return _fail(Status.INVALID_FIELD)
+        if command.opcode == IoOpcode.FLUSH:
+            self._store.flush()
+            return _OK
         if command.fuse:
             return _fail(Status.INVALID_FIELD, dnr=False)
         match command.opcode:
@@ -1019,7 +1067,6 @@ class Nvme(DeviceModel):
         data[IdCtrl.AERL] = _AERL
         data[IdCtrl.FRMW] = _FRMW_ONE_SLOT_READ_ONLY
         data[IdCtrl.LPA] = _LPA_SMART_PER_NS_AND_EXTENDED
-        put(IdCtrl.WCTEMP, "<HH", _TEMPERATURE_WARNING, _TEMPERATURE_CRITICAL)
         data[IdCtrl.SQES] = Cc.SQES << 4 | Cc.SQES
         data[IdCtrl.CQES] = Cc.CQES << 4 | Cc.CQES
         put(IdCtrl.NN, "<I", _MAX_NAMESPACES)
