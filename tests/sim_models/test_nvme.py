@@ -433,6 +433,28 @@ def test_async_event_requests_park_and_abort(host: NvmeHost) -> None:
     assert host.admin(AdminOpcode.ABORT, cdw=(9,)).status == 0x4002
 
 
+def test_invalid_doorbells_complete_an_async_event_request(host: NvmeHost) -> None:
+    cids = [host.submit(0, AdminOpcode.ASYNC_EVENT_REQUEST) for _ in range(2)]
+    host.run()
+    assert host.reap(0) == []
+    host.set_reg(Reg.DOORBELLS + 8 * 7, 1)  # SQ 7 does not exist
+    assert host.reap(0) == []  # posted after the write, not inside it
+    host.run()
+    (event,) = host.reap(0)
+    assert (event.cid, event.status) == (cids[1], 0)  # the newest AER, as QEMU
+    assert event.dw0 == 0x01_00_00  # error event, invalid doorbell register, log page 1
+    host.set_reg(Reg.DOORBELLS + 8, 99)  # beyond SQ 1's size: an error event again...
+    host.run()
+    assert host.reap(0) == []  # ...masked until the error log is read
+    iova, _ = host.buffer(PAGE)
+    log = host.admin(AdminOpcode.GET_LOG_PAGE, prp1=iova, cdw=(LogId.ERROR_INFO | 15 << 16,))
+    assert log.status == 0  # RAE = 0: unmasks errors, and drops the queued one
+    host.set_reg(Reg.DOORBELLS + 8 + 4, 99)  # beyond CQ 1's size
+    host.run()
+    (event,) = host.reap(0)
+    assert (event.cid, event.dw0) == (cids[0], 0x01_01_00)  # invalid doorbell value
+
+
 # --- queues ---------------------------------------------------------------------------
 
 
@@ -691,12 +713,15 @@ def test_lba_range_error_with_dnr(host: NvmeHost) -> None:
 def test_io_namespace_and_opcode_errors(host: NvmeHost) -> None:
     iova, _ = host.buffer(PAGE)
     assert host.command(1, IoOpcode.READ, nsid=0, prp1=iova).status == 0x400B
-    assert host.command(1, IoOpcode.READ, nsid=0xFFFF_FFFF, prp1=iova).status == 0x400B
+    # QEMU 7.2: the broadcast NSID is valid, but names no namespace to read
+    assert host.command(1, IoOpcode.READ, nsid=0xFFFF_FFFF, prp1=iova).status == 0x4002
     assert host.command(1, IoOpcode.READ, nsid=2, prp1=iova).status == 0x4002
     assert host.command(1, 0x7F, nsid=NSID).status == 0x4001
     assert host.command(1, IoOpcode.READ, nsid=NSID, flags=1 << 6, prp1=iova).status == 0x4002
     assert host.command(1, IoOpcode.FLUSH, nsid=0xFFFF_FFFF).status == 0
-    assert host.command(1, IoOpcode.FLUSH, nsid=0).status == 0x4002
+    assert host.command(1, IoOpcode.FLUSH, nsid=0).status == 0x400B
+    assert host.command(1, IoOpcode.FLUSH, nsid=2).status == 0x4002
+    assert host.command(1, IoOpcode.FLUSH, nsid=NSID).status == 0
 
 
 def test_write_zeroes(host: NvmeHost) -> None:
