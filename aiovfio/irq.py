@@ -157,24 +157,6 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
             if w is not None and not w.done():
                 w.set_result(None)
 
-    async def _receive_asyncio(self, loop: asyncio.AbstractEventLoop) -> int:
-        if self._loop is None:
-            loop.add_reader(self._fd, self._on_readable)
-            self._loop = loop
-        elif self._loop is not loop:
-            raise errors.UsageError(f"{self!r} is already read from another event loop")
-        while not self._pending:
-            waiter = loop.create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-            if self._closed:
-                raise errors.ClosedResourceError(f"{self!r} was closed while waiting")
-        n, self._pending = self._pending, 0
-        return n
-
     # --- trio path ---------------------------------------------------------------
 
     async def _receive_trio(self) -> int:
@@ -193,10 +175,33 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
 
     async def receive(self) -> int:
         """Wait for the vector to fire; return how many times it fired since last time."""
-        if self._closed:
-            raise errors.ClosedResourceError(f"{self!r} is closed")
-        if self._receiving:
-            raise errors.BusyResourceError(f"another task is already receiving from {self!r}")
+        if self._receiving or self._closed:
+            raise self._refusal()
+        loop = self._loop
+        pending = self._pending
+        if loop is None or pending:
+            return await self._receive_first()
+        # The asyncio (and uvloop) hot path: the persistent reader resolves a
+        # future; nothing here but that wait.
+        self._receiving = True
+        try:
+            while not self._pending:
+                waiter = loop.create_future()
+                self._waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                if self._closed:
+                    raise errors.ClosedResourceError(f"{self!r} was closed while waiting")
+        finally:
+            self._receiving = False
+        n, self._pending = self._pending, 0
+        self.received += n
+        return n
+
+    async def _receive_first(self) -> int:
+        """A receive with counts already pending, on trio, or the first on asyncio."""
         self._receiving = True
         try:
             if self._pending:
@@ -211,11 +216,19 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
                     self._trio = True
                     n = await self._receive_trio()
                 else:
-                    n = await self._receive_asyncio(loop)
+                    self._loop = loop
+                    loop.add_reader(self._fd, self._on_readable)
+                    self._receiving = False
+                    return await self.receive()
         finally:
             self._receiving = False
         self.received += n
         return n
+
+    def _refusal(self) -> errors.VfioError:
+        if self._closed:
+            return errors.ClosedResourceError(f"{self!r} is closed")
+        return errors.BusyResourceError(f"another task is already receiving from {self!r}")
 
     async def aclose(self) -> None:
         """Close the stream (its InterruptSet disables the vector first)."""
@@ -322,11 +335,15 @@ class InterruptSet:
                 _log.debug("irq.disable", device=dev.name, kind=self.info.kind)
         finally:
             streams, self._streams = self._streams, []
-            try:
-                for stream in streams:
+            first: BaseException | None = None
+            for stream in streams:  # close every eventfd, even after one close failed
+                try:
                     stream._close()
-            finally:
-                dev._interrupts_closed(self)
+                except BaseException as exc:  # noqa: PERF203 - cleanup, not a hot loop
+                    first = first or exc
+            dev._interrupts_closed(self)
+            if first is not None:
+                raise first
 
     def _unmask(self, vector: int) -> None:
         dev = self.device
