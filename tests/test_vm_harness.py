@@ -333,10 +333,21 @@ def test_initramfs_holds_busybox_init_nodes_and_modules(
     assert entries["dev/console"][0] == 0o020600
     assert entries["dev/console"][2] == (5, 1)
     assert entries["dev/ttyS1"][2] == (4, 65)
-    assert entries["modules/overlay.ko"][1] == b"overlay"  # decompressed
-    order = entries["modules/order"][1].decode().split()
-    assert order[0] == "virtio_ring.ko"
-    assert order[-1] == "overlay.ko"
+    moddir = f"lib/modules/{RELEASE}"
+    assert entries[f"{moddir}/overlay.ko"][1] == b"overlay"  # decompressed
+    names = entries["etc/modules"][1].decode().split()
+    assert names == [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci",
+        "9pnet",
+        "9pnet_virtio",
+        "9p",
+        "overlay",
+    ]
+    # in load order, without dependencies: `modprobe -a` loads them as listed
+    dep = entries[f"{moddir}/modules.dep"][1].decode()
+    assert dep.splitlines() == [f"{name}.ko:" for name in names]
     for folder in ("lower", "upper", "root"):
         assert stat.S_ISDIR(entries[folder][0])
     # cached by content

@@ -478,18 +478,19 @@ def build_initramfs(
     if out.is_file():
         return out
     cpio = _Cpio()
-    for folder in ("bin", "dev", "lower", "upper", "root", "modules"):
+    moddir = f"lib/modules/{image.release}"
+    for folder in ("bin", "dev", "etc", "lower", "upper", "root", "lib", "lib/modules", moddir):
         cpio.directory(folder)
     for node, (major, minor) in _INIT_NODES.items():
         cpio.chardev(node, major, minor)
     cpio.file("bin/busybox", box, 0o755)
     cpio.file("init", init, 0o755)
-    names = []
-    for rel in order:
-        name = _module_name(rel) + ".ko"
-        cpio.file(f"modules/{name}", _read_module(image.modules / rel))
-        names.append(name)
-    cpio.file("modules/order", ("\n".join(names) + "\n").encode())
+    names = [_module_name(rel) for rel in order]
+    for rel, name in zip(order, names, strict=True):
+        cpio.file(f"{moddir}/{name}.ko", _read_module(image.modules / rel))
+    # Listed in load order, each without dependencies: one `modprobe -a` loads all.
+    cpio.file(f"{moddir}/modules.dep", "".join(f"{n}.ko:\n" for n in names).encode())
+    cpio.file("etc/modules", (" ".join(names) + "\n").encode())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(cpio.finish())
