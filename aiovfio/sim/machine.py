@@ -461,10 +461,15 @@ class Machine:
         """Manual clock: move time on, running the device work that falls due."""
         return self._clock.advance(seconds)
 
-    def run_until_idle(self) -> int:
-        """Manual clock: run all pending device work. Thread clock: wait for it."""
+    def run_until_idle(self, *, timeout: float | None = None) -> int:
+        """Manual clock: run all pending device work (returns how many callbacks ran).
+
+        Thread clock: wait until the worker has run everything pending, at most
+        `timeout` seconds (TimeoutError after that); returns 0.
+        """
         if self._clock.kind == "thread":
-            self._clock.wait_idle()
+            if not self._clock.wait_idle(timeout):
+                raise TimeoutError(f"device work still pending after {timeout} s")
             return 0
         return self._clock.run_until_idle()
 

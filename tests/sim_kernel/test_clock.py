@@ -205,3 +205,13 @@ def test_thread_clock_close_with_work_pending() -> None:
 def test_bad_clock_kind() -> None:
     with pytest.raises(ValueError, match="thread"):
         Machine(clock="sundial")  # type: ignore[arg-type]
+
+
+def test_thread_run_until_idle_timeout() -> None:
+    with Machine() as m:
+        timer = Timer()
+        m.add_device(timer, name=NAME, group=10)
+        _, d = _open(m)
+        _write(m, d, 60_000)
+        with pytest.raises(TimeoutError):
+            m.run_until_idle(timeout=0)
