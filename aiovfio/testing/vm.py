@@ -46,7 +46,7 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import structlog
 from attrs import frozen
@@ -738,8 +738,15 @@ def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) 
 # --- command line ------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (a `VmSetupError`), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise VmSetupError(f"{message} (see `aiovfio vm --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aiovfio vm",
         description="Run CMD on real Linux VFIO in a QEMU guest with emulated edu and nvme.",
         epilog=(
@@ -753,7 +760,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kernel",
         action="append",
-        choices=FLAVOURS,
+        metavar="{" + ",".join(FLAVOURS) + "}",
         help="Debian kernel flavour (default $AIOVFIO_VM_KERNEL or 6.1)",
     )
     parser.add_argument("--edu", type=int, default=1, metavar="N", help="edu devices (default 1)")
@@ -853,15 +860,14 @@ def main(argv: list[str] | None = None) -> int:
     """`aiovfio vm`: returns the exit status described in the module docstring."""
     try:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exc:  # --help, or a usage error argparse has printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.verbose and not structlog.is_configured():
-        # the command line's own choice; library code never configures structlog
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    kernels: list[str] = args.kernel or []
-    try:
+        if args.verbose and not structlog.is_configured():
+            # the command line's own choice; library code never configures structlog
+            structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        kernels: list[str] = args.kernel or []
         return _setup(kernels, command) if args.setup else _run(args, kernels, command)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except VmSetupError as exc:
         print(f"aiovfio vm: {exc}", file=sys.stderr)
         return EXIT_USAGE
