@@ -143,3 +143,46 @@ async def test_dma_buffer_repr_and_lifetime(sim_machine: Target) -> None:
         with pytest.raises(aiovfio.ClosedResourceError):
             _ = buf.view
         await buf.aclose()
+
+
+@pytest.mark.kernel
+async def test_cancel_in_the_middle_of_a_map_leaves_no_stale_mapping(
+    vfio_target: Target,
+) -> None:
+    size = 32 * 1024 * 1024  # pinning 8192 pages keeps the worker thread busy a while
+    iova = 0x4000000
+    async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
+        mem = mmap.mmap(-1, size)
+        try:
+            entered: list[aiovfio.DmaMapping] = []
+
+            async def map_and_hold() -> None:
+                async with dev.map_dma(mem, iova=iova) as m:
+                    entered.append(m)
+                    await anyio.sleep_forever()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(map_and_hold)
+                await anyio.wait_all_tasks_blocked()  # the map is in its worker thread
+                tg.cancel_scope.cancel()
+            assert dev.container.mappings == ()
+            # No stale mapping: the same IOVA maps again at once.
+            async with dev.map_dma(mem, iova=iova) as again:
+                assert again.iova == iova
+        finally:
+            mem.close()
+    # ...and the device opens again at once, with nothing left behind.
+    assert vfio_target.leaks() == []
+    async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
+        assert dev.bar(0).read32(0) == 0x010000ED
+
+
+async def test_hugepage_buffer_or_a_clear_error(sim_machine: Target) -> None:
+    async with aiovfio.open_device(sim_machine.edu, kernel=sim_machine.kernel) as dev:
+        try:
+            async with dev.dma_buffer(4096, hugepages=True) as buf:
+                assert buf.size == 2 * 1024 * 1024
+        except aiovfio.KernelError as exc:  # no hugepages reserved on this machine
+            assert exc.errno in (12, 22)
+            assert "hugepages" in str(exc)
+    assert sim_machine.leaks() == []
