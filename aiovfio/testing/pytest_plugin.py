@@ -10,11 +10,15 @@ Fixtures:
 
 Mark a test `@pytest.mark.kernel` when its body should also run on the real
 kernel in the guest (`nox -s vm`).
+
+Inside the guest a suite that proves the real kernel must never pass by not
+running: a skipped test counts as failed (mark what a kernel cannot do
+`xfail(strict=True)`), and a run in which no test passed fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -27,6 +31,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "kernel: the test body also runs on the real kernel inside the QEMU guest"
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if in_guest() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"a skip counts as a failure on the real kernel: {report.longrepr}"
+    return report
+
+
+_passed: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        _passed.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if in_guest() and exitstatus == pytest.ExitCode.OK and not _passed:
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
 
 
 def _checked(target: Target) -> Iterator[Target]:
