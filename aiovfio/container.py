@@ -226,8 +226,12 @@ class Container:
             self._groups.append(group)
 
     def _detached(self, group: Group) -> None:
-        """Called by a group that has left; the last one takes the IOMMU with it."""
-        self._groups.remove(group)
+        """Called by a group that has left; the last one takes the IOMMU with it.
+
+        A group whose VFIO_SET_IOMMU failed was never added: nothing to remove.
+        """
+        if group in self._groups:
+            self._groups.remove(group)
         if not self._groups:
             self._info = None
             self._allocator = None
