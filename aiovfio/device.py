@@ -166,8 +166,27 @@ class Device:
                 fd, self._fd = self._fd, -1
                 self.group._device_closed(self)
                 if fd >= 0:
-                    await kcall_thread("close", self.label, self.kernel.close, fd)
-                    _log.debug("device.close", device=self.name, fd=fd)
+                    await self._close_fd(fd)
+
+    async def _close_fd(self, fd: int) -> None:
+        """Close the device fd in a worker thread; if a BaseException (trio delivers
+        KeyboardInterrupt at the thread's starting checkpoint, even when shielded)
+        stops it before the thread ran, close it here instead of leaking it."""
+        started = False
+
+        def close() -> None:
+            nonlocal started
+            started = True
+            self.kernel.close(fd)
+
+        try:
+            await kcall_thread("close", self.label, close)
+        except BaseException:
+            if not started:
+                with contextlib.suppress(OSError):  # close(2) frees the fd even so
+                    self.kernel.close(fd)
+            raise
+        _log.debug("device.close", device=self.name, fd=fd)
 
     # --- description ---------------------------------------------------------------
 
