@@ -368,8 +368,8 @@ class Region:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset` (for RAM-like areas; registers want writeN)."""
-        try:
-            payload = bytes(data)
+        try:  # a buffer only: bytes(5) would be five zeros, bytes([300]) a ValueError
+            payload = memoryview(data).tobytes()
         except TypeError:
             raise errors.InvalidArgument(
                 f"write on {self.label}: data must be bytes-like, not {type(data).__name__}"
