@@ -4,14 +4,14 @@ PCI address parsing, and shielded cleanup."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import anyio
 
 from . import errors
 
-__all__ = ["kcall", "kcall_thread", "normalize_bdf", "PAGE_SIZE"]
+__all__ = ["kcall", "kcall_thread", "normalize_bdf", "aclose_all", "PAGE_SIZE"]
 
 T = TypeVar("T")
 
@@ -59,3 +59,24 @@ async def kcall_thread(operation: str, target: str, fn: Callable[..., T], *args:
     so whatever the call acquired is always handed back to be owned.
     """
     return await anyio.to_thread.run_sync(kcall, operation, target, fn, *args)
+
+
+class _AsyncClosable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def aclose_all(resources: Iterable[_AsyncClosable]) -> None:
+    """Close every resource, even after one failed; then re-raise the first failure.
+
+    A parent closing its children must not leave the rest open because one
+    child's close raised.
+    """
+    first: BaseException | None = None
+    for resource in list(resources):
+        try:
+            await resource.aclose()
+        except BaseException as exc:  # noqa: PERF203 - cleanup, not a hot loop
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first

@@ -17,7 +17,7 @@ from attrs import define, field, frozen
 from . import _log, errors
 from ._uapi import caps
 from ._uapi import vfio as uapi
-from ._util import PAGE_SIZE, kcall, kcall_thread
+from ._util import PAGE_SIZE, aclose_all, kcall, kcall_thread
 from .dma import DmaBuffer, DmaMapping, IovaAllocator, buffer_address
 from .kernel import Kernel, default_kernel
 
@@ -178,15 +178,9 @@ class Container:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                for mapping in reversed(self._mappings[:]):
-                    await mapping.aclose()
-                    if mapping in self._mappings:  # its unmap failed once: try again
-                        try:
-                            await self._unmap(mapping, mapping.iova)
-                        except errors.VfioError as exc:
-                            _log.logger.warning("dma.unmap_failed", error=str(exc))
-                for group in reversed(self._groups[:]):
-                    await group.aclose()
+                # A mapping whose unmap fails is dropped by the kernel when the
+                # last group leaves (the IOMMU goes with it), so go on regardless.
+                await aclose_all([*reversed(self._mappings), *reversed(self._groups)])
             finally:
                 self._close_fd()
 

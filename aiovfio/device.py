@@ -14,7 +14,7 @@ from attrs import define, field, frozen
 
 from . import _log, errors
 from ._uapi import vfio as uapi
-from ._util import kcall, kcall_thread, normalize_bdf
+from ._util import aclose_all, kcall, kcall_thread, normalize_bdf
 from .container import Container
 from .irq import InterruptSet, IrqInfo, IrqKind
 from .kernel import Kernel, default_kernel
@@ -157,8 +157,7 @@ class Device:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                for iset in reversed(self._interrupt_sets[:]):
-                    await iset.aclose()
+                await aclose_all(reversed(self._interrupt_sets))
             finally:
                 regions, self._regions = self._regions, {}
                 for region in regions.values():

@@ -11,7 +11,7 @@ from attrs import define, field
 
 from . import _log, errors
 from ._uapi import vfio as uapi
-from ._util import kcall, normalize_bdf
+from ._util import aclose_all, kcall, normalize_bdf
 
 if TYPE_CHECKING:
     from .container import Container
@@ -170,8 +170,7 @@ class Group:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                for device in reversed(self._devices[:]):
-                    await device.aclose()
+                await aclose_all(reversed(self._devices))
             finally:
                 self._release()
 

@@ -146,6 +146,8 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
             return self._kernel.eventfd_read(self._fd)
         except BlockingIOError:
             return 0
+        except OSError as exc:
+            raise errors.from_oserror(exc, "eventfd read", repr(self)) from exc
 
     # --- asyncio path ------------------------------------------------------------
 
