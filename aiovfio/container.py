@@ -8,13 +8,13 @@ its groups and mappings are context managers nested inside it.
 from __future__ import annotations
 
 import ctypes
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 from attrs import define, field, frozen
 
 from . import _log, errors
+from ._resource import FdResource
 from ._uapi import caps
 from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, aclose_all, kcall, kcall_thread
@@ -60,7 +60,7 @@ def _kernel_or_default(kernel: Kernel | None) -> Kernel:
 
 
 @define(eq=False, repr=False, kw_only=True)
-class Container:
+class Container(FdResource):
     """An IOMMU container: `async with aiovfio.Container() as c:`.
 
     Attach groups with `c.group(n)`; the Type1v2 IOMMU is set when the first
@@ -69,14 +69,11 @@ class Container:
     """
 
     kernel: Kernel = field(factory=default_kernel, converter=_kernel_or_default)
-    _fd: int = field(default=-1, init=False)
     _groups: list[Group] = field(factory=list, init=False)
     _mappings: list[DmaMapping] = field(factory=list, init=False)
     _info: IommuInfo | None = field(default=None, init=False)
     _allocator: IovaAllocator | None = field(default=None, init=False)
     _dma_avail: int | None = field(default=None, init=False)
-    _entered: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -91,17 +88,7 @@ class Container:
 
     @property
     def label(self) -> str:
-        return f"container (fd {self._fd})"
-
-    @property
-    def fd(self) -> int:
-        """The container's file descriptor."""
-        self._check_open()
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        return f"container (fd {self._fd})" if self._fd >= 0 else "the container"
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -121,18 +108,10 @@ class Container:
             )
         return _replace_avail(self._info, self._dma_avail)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise errors.ClosedResourceError("the container is closed; open a new one")
-        if self._fd < 0:
-            raise errors.UsageError("the container is not open: use it as `async with`")
-
     # --- lifetime ----------------------------------------------------------------
 
     async def __aenter__(self) -> Container:
-        if self._entered:
-            raise errors.UsageError("a Container can be entered only once")
-        self._entered = True
+        self._enter_once()
         await anyio.lowlevel.checkpoint()
         k = self.kernel
         if not k.vfio_available():
@@ -165,11 +144,6 @@ class Container:
             raise
         _log.debug("container.open", fd=self._fd, kernel=k.name)
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Unmap what is still mapped, release groups, close; a second call does nothing."""

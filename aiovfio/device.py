@@ -6,13 +6,13 @@ import contextlib
 import ctypes
 import errno
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 from attrs import define, field, frozen
 
 from . import _log, errors
+from ._resource import FdResource
 from ._uapi import vfio as uapi
 from ._util import aclose_all, kcall, kcall_thread, normalize_bdf
 from .container import Container
@@ -52,7 +52,7 @@ class DeviceInfo:
 
 
 @define(eq=False, repr=False)
-class Device:
+class Device(FdResource):
     """An open VFIO device: `async with group.open_device(bdf) as dev:`.
 
     `dma_mask` (None: any IOVA) bounds the IOVAs `dma_buffer` hands out;
@@ -62,13 +62,10 @@ class Device:
     group: Group
     name: str
     dma_mask: int | None = None
-    _fd: int = field(default=-1, init=False)
     _info: DeviceInfo | None = field(default=None, init=False)
     _region_infos: dict[int, RegionInfo] = field(factory=dict, init=False)
     _regions: dict[int, Region] = field(factory=dict, init=False)
     _interrupt_sets: list[InterruptSet] = field(factory=list, init=False)
-    _entered: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -93,27 +90,10 @@ class Device:
     def label(self) -> str:
         return f"device {self.name}"
 
-    @property
-    def fd(self) -> int:
-        self._check_open()
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise errors.ClosedResourceError(f"{self.label} is closed; open it again")
-        if self._fd < 0:
-            raise errors.UsageError(f"{self.label} is not open: use it as `async with`")
-
     # --- lifetime ----------------------------------------------------------------
 
     async def __aenter__(self) -> Device:
-        if self._entered:
-            raise errors.UsageError("a Device can be entered only once")
-        self._entered = True
+        self._enter_once()
         await anyio.lowlevel.checkpoint()
         group = self.group
         group._check_open()
@@ -140,11 +120,6 @@ class Device:
             raise
         _log.debug("device.open", device=self.name, fd=self._fd)
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Disable interrupts, unmap regions, close the fd; a second call does nothing.

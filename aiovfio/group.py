@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import errno
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 from attrs import define, field
 
 from . import _log, errors
+from ._resource import FdResource
 from ._uapi import vfio as uapi
 from ._util import aclose_all, kcall, normalize_bdf
 
@@ -43,16 +43,13 @@ def offenders(container: Container, number: int) -> tuple[errors.Offender, ...]:
 
 
 @define(eq=False, repr=False)
-class Group:
+class Group(FdResource):
     """IOMMU group `number`, attached to `container` while its context is open."""
 
     container: Container
     number: int
-    _fd: int = field(default=-1, init=False)
     _attached: bool = field(default=False, init=False)
     _devices: list[Device] = field(factory=list, init=False)
-    _entered: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -67,15 +64,6 @@ class Group:
     @property
     def label(self) -> str:
         return f"group {self.number}"
-
-    @property
-    def fd(self) -> int:
-        self._check_open()
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -104,18 +92,10 @@ class Group:
         )
         return int(arg.flags)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise errors.ClosedResourceError(f"{self.label} is closed; attach it again")
-        if self._fd < 0:
-            raise errors.UsageError(f"{self.label} is not open: use it as `async with`")
-
     # --- lifetime ----------------------------------------------------------------
 
     async def __aenter__(self) -> Group:
-        if self._entered:
-            raise errors.UsageError("a Group can be entered only once")
-        self._entered = True
+        self._enter_once()
         await anyio.lowlevel.checkpoint()
         c = self.container
         c._check_open()
@@ -157,11 +137,6 @@ class Group:
                 f"close that first (one opener at a time)",
             )
         return errors.from_oserror(exc, "open", path)
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close its devices, leave the container, close; a second call does nothing."""
