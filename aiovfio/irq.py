@@ -110,6 +110,7 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     _waiter: asyncio.Future[None] | None = field(default=None, init=False)
     _trio: bool | None = field(default=None, init=False)
+    _failure: errors.VfioError | None = field(default=None, init=False)
     #: total interrupts seen (for reprs and tests)
     received: int = field(default=0, init=False)
 
@@ -152,12 +153,18 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
     # --- asyncio path ------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        n = self._drain()
-        if n:
-            self._pending += n
-            w = self._waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+        """The persistent reader (asyncio, uvloop): runs in the loop on each wake."""
+        try:
+            n = self._kernel.eventfd_read(self._fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # not seen on Linux; surface it at the next receive
+            self._failure = errors.from_oserror(exc, "eventfd read", repr(self))
+            n = 1
+        self._pending += n
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # --- trio path ---------------------------------------------------------------
 
@@ -177,7 +184,7 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
 
     async def receive(self) -> int:
         """Wait for the vector to fire; return how many times it fired since last time."""
-        if self._receiving or self._closed:
+        if self._receiving or self._closed or self._failure is not None:
             raise self._refusal()
         loop = self._loop
         pending = self._pending
@@ -198,6 +205,8 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
                     raise errors.ClosedResourceError(f"{self!r} was closed while waiting")
         finally:
             self._receiving = False
+        if self._failure is not None:
+            raise self._refusal()
         n, self._pending = self._pending, 0
         self.received += n
         return n
@@ -228,6 +237,9 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
         return n
 
     def _refusal(self) -> errors.VfioError:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            return failure
         if self._closed:
             return errors.ClosedResourceError(f"{self!r} is closed")
         return errors.BusyResourceError(f"another task is already receiving from {self!r}")

@@ -23,6 +23,9 @@ from .protocol import PciIds
 __all__ = ["LinuxKernel"]
 
 _O_FLAGS = os.O_RDWR | os.O_CLOEXEC
+# Bound once: every kernel call passes through these (see benchmarks/run.py).
+_ioctl = fcntl.ioctl
+_logging = _log.enabled
 
 
 def _fields(arg: ctypes.Structure) -> dict[str, object]:
@@ -57,12 +60,12 @@ class LinuxKernel:
     def _ioctl(self, what: str, fd: int, request: int, arg: ctypes.Structure | bytearray) -> int:
         """One ioctl with an in/out buffer; returns the ioctl's return value."""
         try:
-            rc: int = fcntl.ioctl(fd, request, arg, True)
+            rc: int = _ioctl(fd, request, arg, True)
         except OSError as exc:
-            if _log.enabled():
+            if _logging():
                 _log.logger.debug("kernel.ioctl", op=what, fd=fd, errno=exc.errno)
             raise
-        if _log.enabled():
+        if _logging():
             shown = _fields(arg) if isinstance(arg, ctypes.Structure) else {"len": len(arg)}
             _log.logger.debug("kernel.ioctl", op=what, fd=fd, result=rc, **shown)
         return rc
