@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 import aiovfio
@@ -170,3 +171,40 @@ async def test_container_must_be_entered(sim_machine: Target) -> None:
             c.group(-1)
     with pytest.raises(aiovfio.ClosedResourceError):
         c.group(4)
+
+
+@pytest.mark.kernel
+async def test_nvme_msix_reset_bulk_config_and_dma_budget(vfio_target: Target) -> None:
+    if vfio_target.nvme is None:
+        pytest.fail("the target has no nvme device")
+    async with aiovfio.open_device(vfio_target.nvme, kernel=vfio_target.kernel) as dev:
+        cfg = dev.config
+        assert cfg.read(0, 4) == bytes([0x36, 0x1B, 0x10, 0x00])  # 1b36:0010, bulk pread
+        cfg.write(0x3C, b"\x0b")  # interrupt line: a plain, writable config byte
+        assert cfg.read8(0x3C) == 0x0B
+        express = cfg.find_capability(CapId.EXP)
+        assert express is not None and express.name == "EXP"
+        assert cfg.find_capability(CapId.MSIX) is not None
+        assert dev.info.can_reset
+        info = dev.irq_info("msix")
+        assert info.count == 65
+        with pytest.raises(aiovfio.Unsupported):
+            dev.interrupts("msi")  # nvme offers MSI-X only
+        async with dev.interrupts("msix", 4) as vectors:
+            assert [v.vector for v in vectors] == [0, 1, 2, 3]
+            vectors[2].trigger()
+            with anyio.fail_after(10):
+                assert await vectors[2].receive() == 1
+            # ERR (PCI Express) and REQ (the kernel asking for the device back)
+            # are offered beside the interrupt mode.
+            async with dev.interrupts("err") as (err,), dev.interrupts("req") as (req,):
+                assert not err.closed and not req.closed
+        await dev.reset()
+        dev.config.enable()
+        assert dev.bar(0).read32(0x1C) & 1 == 0  # CSTS.RDY clear after the reset
+        budget = dev.container.iommu_info.dma_avail
+        assert budget is not None and budget > 0
+        async with dev.dma_buffer(4096), dev.dma_buffer(4096):
+            assert dev.container.iommu_info.dma_avail == budget - 2
+        assert dev.container.iommu_info.dma_avail == budget
+    assert vfio_target.leaks() == []
