@@ -43,6 +43,7 @@ import aiovfio
 from aiovfio._uapi import vfio as uapi
 from aiovfio.dma import allocate_memory
 from aiovfio.kernel import LinuxKernel
+from aiovfio.kernel.linux import _ioctl
 from aiovfio.region import MappedRegion, RegionInfo
 
 ROUNDS = 7
@@ -378,7 +379,7 @@ def _op_loop(op: str, mode: str, n: int) -> None:
     offsets = [(i * 64) % size for i in range(n)]
     r, _w = os.pipe()
     buf = bytearray(4)
-    call = LinuxKernel()._ioctl
+    call = _ioctl
     if mode == "none":
         return
     if op == "read32":

@@ -24,8 +24,36 @@ __all__ = ["LinuxKernel"]
 
 _O_FLAGS = os.O_RDWR | os.O_CLOEXEC
 # Bound once: every kernel call passes through these (see benchmarks/run.py).
-_ioctl = fcntl.ioctl
-_logging = _log.enabled
+_raw_ioctl = fcntl.ioctl
+_log_state = _log.state
+
+# Plain ints: an IntEnum member lookup costs ~65 ns, more than the rest of a call.
+_CHECK_EXTENSION = int(Ioctl.CHECK_EXTENSION)
+_DEVICE_ATTACH_IOMMUFD_PT = int(Ioctl.DEVICE_ATTACH_IOMMUFD_PT)
+_DEVICE_BIND_IOMMUFD = int(Ioctl.DEVICE_BIND_IOMMUFD)
+_DEVICE_DETACH_IOMMUFD_PT = int(Ioctl.DEVICE_DETACH_IOMMUFD_PT)
+_DEVICE_FEATURE = int(Ioctl.DEVICE_FEATURE)
+_DEVICE_GET_INFO = int(Ioctl.DEVICE_GET_INFO)
+_DEVICE_GET_IRQ_INFO = int(Ioctl.DEVICE_GET_IRQ_INFO)
+_DEVICE_GET_PCI_HOT_RESET_INFO = int(Ioctl.DEVICE_GET_PCI_HOT_RESET_INFO)
+_DEVICE_GET_REGION_INFO = int(Ioctl.DEVICE_GET_REGION_INFO)
+_DEVICE_PCI_HOT_RESET = int(Ioctl.DEVICE_PCI_HOT_RESET)
+_DEVICE_RESET = int(Ioctl.DEVICE_RESET)
+_DEVICE_SET_IRQS = int(Ioctl.DEVICE_SET_IRQS)
+_GET_API_VERSION = int(Ioctl.GET_API_VERSION)
+_GROUP_GET_DEVICE_FD = int(Ioctl.GROUP_GET_DEVICE_FD)
+_GROUP_GET_STATUS = int(Ioctl.GROUP_GET_STATUS)
+_GROUP_SET_CONTAINER = int(Ioctl.GROUP_SET_CONTAINER)
+_GROUP_UNSET_CONTAINER = int(Ioctl.GROUP_UNSET_CONTAINER)
+_IOMMU_GET_INFO = int(Ioctl.IOMMU_GET_INFO)
+_IOMMU_MAP_DMA = int(Ioctl.IOMMU_MAP_DMA)
+_IOMMU_UNMAP_DMA = int(Ioctl.IOMMU_UNMAP_DMA)
+_SET_IOMMU = int(Ioctl.SET_IOMMU)
+_IOMMU_DESTROY = int(IommufdIoctl.DESTROY)
+_IOMMU_IOAS_ALLOC = int(IommufdIoctl.IOAS_ALLOC)
+_IOMMU_IOAS_IOVA_RANGES = int(IommufdIoctl.IOAS_IOVA_RANGES)
+_IOMMU_IOAS_MAP = int(IommufdIoctl.IOAS_MAP)
+_IOMMU_IOAS_UNMAP = int(IommufdIoctl.IOAS_UNMAP)
 
 
 def _fields(arg: ctypes.Structure) -> dict[str, object]:
@@ -36,6 +64,33 @@ def _fields(arg: ctypes.Structure) -> dict[str, object]:
         if not isinstance(value, ctypes.Array | ctypes.Structure | ctypes.Union):
             out[name] = value
     return out
+
+
+def _ioctl(what: str, fd: int, request: int, arg: ctypes.Structure | bytearray) -> int:
+    """One ioctl with an in/out buffer; returns the ioctl's return value."""
+    try:
+        rc: int = _raw_ioctl(fd, request, arg, True)
+    except OSError as exc:
+        if _log_state.is_configured:
+            _log.logger.debug("kernel.ioctl", op=what, fd=fd, errno=exc.errno)
+        raise
+    if _log_state.is_configured:
+        shown = _fields(arg) if isinstance(arg, ctypes.Structure) else {"len": len(arg)}
+        _log.logger.debug("kernel.ioctl", op=what, fd=fd, result=rc, **shown)
+    return rc
+
+
+def _ioctl_int(what: str, fd: int, request: int, value: int | None = None) -> int:
+    """One ioctl whose argument is an integer (or none); returns its result."""
+    try:
+        rc: int = _raw_ioctl(fd, request) if value is None else _raw_ioctl(fd, request, value)
+    except OSError as exc:
+        if _log_state.is_configured:
+            _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, errno=exc.errno)
+        raise
+    if _log_state.is_configured:
+        _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, result=rc)
+    return rc
 
 
 class LinuxKernel:
@@ -56,31 +111,6 @@ class LinuxKernel:
         return f"<LinuxKernel sysfs={str(self.sysfs)!r} dev={str(self.dev)!r}>"
 
     # --- plumbing --------------------------------------------------------------
-
-    def _ioctl(self, what: str, fd: int, request: int, arg: ctypes.Structure | bytearray) -> int:
-        """One ioctl with an in/out buffer; returns the ioctl's return value."""
-        try:
-            rc: int = _ioctl(fd, request, arg, True)
-        except OSError as exc:
-            if _logging():
-                _log.logger.debug("kernel.ioctl", op=what, fd=fd, errno=exc.errno)
-            raise
-        if _logging():
-            shown = _fields(arg) if isinstance(arg, ctypes.Structure) else {"len": len(arg)}
-            _log.logger.debug("kernel.ioctl", op=what, fd=fd, result=rc, **shown)
-        return rc
-
-    def _ioctl_int(self, what: str, fd: int, request: int, value: int | None = None) -> int:
-        """One ioctl whose argument is an integer (or none); returns its result."""
-        try:
-            rc = fcntl.ioctl(fd, request) if value is None else fcntl.ioctl(fd, request, value)
-        except OSError as exc:
-            if _log.enabled():
-                _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, errno=exc.errno)
-            raise
-        if _log.enabled():
-            _log.logger.debug("kernel.ioctl", op=what, fd=fd, arg=value, result=rc)
-        return rc
 
     def _open(self, path: Path) -> int:
         fd = os.open(path, _O_FLAGS)
@@ -106,76 +136,74 @@ class LinuxKernel:
     # --- container -------------------------------------------------------------
 
     def get_api_version(self, container: int) -> int:
-        return self._ioctl_int("VFIO_GET_API_VERSION", container, Ioctl.GET_API_VERSION)
+        return _ioctl_int("VFIO_GET_API_VERSION", container, _GET_API_VERSION)
 
     def check_extension(self, container: int, extension: int) -> int:
-        return self._ioctl_int(
-            "VFIO_CHECK_EXTENSION", container, Ioctl.CHECK_EXTENSION, int(extension)
-        )
+        return _ioctl_int("VFIO_CHECK_EXTENSION", container, _CHECK_EXTENSION, int(extension))
 
     def set_iommu(self, container: int, iommu_type: int) -> None:
-        self._ioctl_int("VFIO_SET_IOMMU", container, Ioctl.SET_IOMMU, int(iommu_type))
+        _ioctl_int("VFIO_SET_IOMMU", container, _SET_IOMMU, int(iommu_type))
 
     def iommu_get_info(self, container: int, info: bytearray) -> None:
-        self._ioctl("VFIO_IOMMU_GET_INFO", container, Ioctl.IOMMU_GET_INFO, info)
+        _ioctl("VFIO_IOMMU_GET_INFO", container, _IOMMU_GET_INFO, info)
 
     def map_dma(self, container: int, arg: uapi.vfio_iommu_type1_dma_map) -> None:
-        self._ioctl("VFIO_IOMMU_MAP_DMA", container, Ioctl.IOMMU_MAP_DMA, arg)
+        _ioctl("VFIO_IOMMU_MAP_DMA", container, _IOMMU_MAP_DMA, arg)
 
     def unmap_dma(self, container: int, arg: uapi.vfio_iommu_type1_dma_unmap) -> None:
-        self._ioctl("VFIO_IOMMU_UNMAP_DMA", container, Ioctl.IOMMU_UNMAP_DMA, arg)
+        _ioctl("VFIO_IOMMU_UNMAP_DMA", container, _IOMMU_UNMAP_DMA, arg)
 
     # --- group -----------------------------------------------------------------
 
     def group_get_status(self, group_fd: int, arg: uapi.vfio_group_status) -> None:
-        self._ioctl("VFIO_GROUP_GET_STATUS", group_fd, Ioctl.GROUP_GET_STATUS, arg)
+        _ioctl("VFIO_GROUP_GET_STATUS", group_fd, _GROUP_GET_STATUS, arg)
 
     def group_set_container(self, group_fd: int, container: int) -> None:
-        self._ioctl(
+        _ioctl(
             "VFIO_GROUP_SET_CONTAINER",
             group_fd,
-            Ioctl.GROUP_SET_CONTAINER,
+            _GROUP_SET_CONTAINER,
             bytearray(ctypes.c_int32(container)),
         )
 
     def group_unset_container(self, group_fd: int) -> None:
-        self._ioctl_int("VFIO_GROUP_UNSET_CONTAINER", group_fd, Ioctl.GROUP_UNSET_CONTAINER)
+        _ioctl_int("VFIO_GROUP_UNSET_CONTAINER", group_fd, _GROUP_UNSET_CONTAINER)
 
     def group_get_device_fd(self, group_fd: int, name: str) -> int:
         # A mutable buffer makes fcntl.ioctl return the ioctl's value: the new fd.
         buf = bytearray(name.encode() + b"\0")
-        return self._ioctl("VFIO_GROUP_GET_DEVICE_FD", group_fd, Ioctl.GROUP_GET_DEVICE_FD, buf)
+        return _ioctl("VFIO_GROUP_GET_DEVICE_FD", group_fd, _GROUP_GET_DEVICE_FD, buf)
 
     # --- device ----------------------------------------------------------------
 
     def device_get_info(self, device: int, info: bytearray) -> None:
-        self._ioctl("VFIO_DEVICE_GET_INFO", device, Ioctl.DEVICE_GET_INFO, info)
+        _ioctl("VFIO_DEVICE_GET_INFO", device, _DEVICE_GET_INFO, info)
 
     def device_get_region_info(self, device: int, info: bytearray) -> None:
-        self._ioctl("VFIO_DEVICE_GET_REGION_INFO", device, Ioctl.DEVICE_GET_REGION_INFO, info)
+        _ioctl("VFIO_DEVICE_GET_REGION_INFO", device, _DEVICE_GET_REGION_INFO, info)
 
     def device_get_irq_info(self, device: int, arg: uapi.vfio_irq_info) -> None:
-        self._ioctl("VFIO_DEVICE_GET_IRQ_INFO", device, Ioctl.DEVICE_GET_IRQ_INFO, arg)
+        _ioctl("VFIO_DEVICE_GET_IRQ_INFO", device, _DEVICE_GET_IRQ_INFO, arg)
 
     def device_set_irqs(self, device: int, arg: bytearray) -> None:
-        self._ioctl("VFIO_DEVICE_SET_IRQS", device, Ioctl.DEVICE_SET_IRQS, arg)
+        _ioctl("VFIO_DEVICE_SET_IRQS", device, _DEVICE_SET_IRQS, arg)
 
     def device_reset(self, device: int) -> None:
-        self._ioctl_int("VFIO_DEVICE_RESET", device, Ioctl.DEVICE_RESET)
+        _ioctl_int("VFIO_DEVICE_RESET", device, _DEVICE_RESET)
 
     def device_get_pci_hot_reset_info(self, device: int, info: bytearray) -> None:
-        self._ioctl(
+        _ioctl(
             "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
             device,
-            Ioctl.DEVICE_GET_PCI_HOT_RESET_INFO,
+            _DEVICE_GET_PCI_HOT_RESET_INFO,
             info,
         )
 
     def device_pci_hot_reset(self, device: int, arg: bytearray) -> None:
-        self._ioctl("VFIO_DEVICE_PCI_HOT_RESET", device, Ioctl.DEVICE_PCI_HOT_RESET, arg)
+        _ioctl("VFIO_DEVICE_PCI_HOT_RESET", device, _DEVICE_PCI_HOT_RESET, arg)
 
     def device_feature(self, device: int, arg: bytearray) -> int:
-        return self._ioctl("VFIO_DEVICE_FEATURE", device, Ioctl.DEVICE_FEATURE, arg)
+        return _ioctl("VFIO_DEVICE_FEATURE", device, _DEVICE_FEATURE, arg)
 
     # --- iommufd ---------------------------------------------------------------
 
@@ -191,32 +219,32 @@ class LinuxKernel:
         return self._open(self.dev / "vfio" / "devices" / cdev)
 
     def device_bind_iommufd(self, device: int, arg: uapi.vfio_device_bind_iommufd) -> None:
-        self._ioctl("VFIO_DEVICE_BIND_IOMMUFD", device, Ioctl.DEVICE_BIND_IOMMUFD, arg)
+        _ioctl("VFIO_DEVICE_BIND_IOMMUFD", device, _DEVICE_BIND_IOMMUFD, arg)
 
     def device_attach_iommufd_pt(
         self, device: int, arg: uapi.vfio_device_attach_iommufd_pt
     ) -> None:
-        self._ioctl("VFIO_DEVICE_ATTACH_IOMMUFD_PT", device, Ioctl.DEVICE_ATTACH_IOMMUFD_PT, arg)
+        _ioctl("VFIO_DEVICE_ATTACH_IOMMUFD_PT", device, _DEVICE_ATTACH_IOMMUFD_PT, arg)
 
     def device_detach_iommufd_pt(
         self, device: int, arg: uapi.vfio_device_detach_iommufd_pt
     ) -> None:
-        self._ioctl("VFIO_DEVICE_DETACH_IOMMUFD_PT", device, Ioctl.DEVICE_DETACH_IOMMUFD_PT, arg)
+        _ioctl("VFIO_DEVICE_DETACH_IOMMUFD_PT", device, _DEVICE_DETACH_IOMMUFD_PT, arg)
 
     def ioas_alloc(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_alloc) -> None:
-        self._ioctl("IOMMU_IOAS_ALLOC", iommufd, IommufdIoctl.IOAS_ALLOC, arg)
+        _ioctl("IOMMU_IOAS_ALLOC", iommufd, _IOMMU_IOAS_ALLOC, arg)
 
     def ioas_map(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_map) -> None:
-        self._ioctl("IOMMU_IOAS_MAP", iommufd, IommufdIoctl.IOAS_MAP, arg)
+        _ioctl("IOMMU_IOAS_MAP", iommufd, _IOMMU_IOAS_MAP, arg)
 
     def ioas_unmap(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_unmap) -> None:
-        self._ioctl("IOMMU_IOAS_UNMAP", iommufd, IommufdIoctl.IOAS_UNMAP, arg)
+        _ioctl("IOMMU_IOAS_UNMAP", iommufd, _IOMMU_IOAS_UNMAP, arg)
 
     def ioas_iova_ranges(self, iommufd: int, arg: iommufd_uapi.iommu_ioas_iova_ranges) -> None:
-        self._ioctl("IOMMU_IOAS_IOVA_RANGES", iommufd, IommufdIoctl.IOAS_IOVA_RANGES, arg)
+        _ioctl("IOMMU_IOAS_IOVA_RANGES", iommufd, _IOMMU_IOAS_IOVA_RANGES, arg)
 
     def iommufd_destroy(self, iommufd: int, arg: iommufd_uapi.iommu_destroy) -> None:
-        self._ioctl("IOMMU_DESTROY", iommufd, IommufdIoctl.DESTROY, arg)
+        _ioctl("IOMMU_DESTROY", iommufd, _IOMMU_DESTROY, arg)
 
     # --- device I/O ------------------------------------------------------------
 
