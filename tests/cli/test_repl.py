@@ -17,10 +17,8 @@ from aiovfio.cli import main
 
 
 def machine_class() -> Any:
-    try:
-        from aiovfio.sim import Machine
-    except ImportError:
-        pytest.skip("the simulated machine (aiovfio.sim.Machine) is not here yet")
+    from aiovfio.sim import Machine
+
     return Machine
 
 
