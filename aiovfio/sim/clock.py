@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from .. import _log
+from ..errors import InvalidArgument
 
 __all__ = ["Clock", "ClockKind"]
 
@@ -38,7 +39,7 @@ class Clock:
 
     def __init__(self, kind: ClockKind, lock: threading.RLock) -> None:
         if kind not in ("thread", "manual"):
-            raise ValueError(f"clock must be 'thread' or 'manual', not {kind!r}")
+            raise InvalidArgument(f"clock must be 'thread' or 'manual', not {kind!r}")
         self.kind: ClockKind = kind
         self._lock = lock  # the machine lock, held while a callback runs
         self._cond = threading.Condition(threading.Lock())
@@ -76,7 +77,7 @@ class Clock:
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
         """Run `callback` `delay` seconds of machine time from now."""
         if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
+            raise InvalidArgument(f"delay must be >= 0, not {delay}")
         with self._cond:
             if self._closed:
                 return  # a closed machine does no more device work
@@ -139,7 +140,7 @@ class Clock:
         """Manual kind: move time forward, running what falls due; returns how many ran."""
         self._need_manual("advance")
         if seconds < 0:
-            raise ValueError(f"cannot advance by {seconds} seconds")
+            raise InvalidArgument(f"cannot advance by {seconds} seconds")
         end = self._manual_now + round(seconds * 1e9)
         ran = 0
         while True:

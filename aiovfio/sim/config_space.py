@@ -39,6 +39,7 @@ from .._uapi.pci import (
     MsixCtrl,
     Status,
 )
+from ..errors import InvalidArgument
 
 __all__ = ["Bar", "ConfigSpace", "MsixTable"]
 
@@ -177,7 +178,7 @@ class ConfigSpace:
         for cap_id, body in capabilities:
             length = 2 + len(body)
             if offset + length > CONFIG_SPACE_SIZE:
-                raise ValueError(
+                raise InvalidArgument(
                     f"capabilities do not fit in config space: cap {cap_id:#x} "
                     f"({length} bytes) would end at {offset + length:#x}"
                 )
@@ -193,7 +194,9 @@ class ConfigSpace:
     def _decode_capability(self, cap_id: int, offset: int, body: bytes) -> None:
         if cap_id == CapId.MSI and offset == self.caps[cap_id]:
             if len(body) < 8:
-                raise ValueError(f"MSI capability body is {len(body)} bytes; it needs 8 or more")
+                raise InvalidArgument(
+                    f"MSI capability body is {len(body)} bytes; it needs 8 or more"
+                )
             ctrl = struct.unpack_from("<H", body)[0]
             self.msi_vectors = 1 << ((ctrl & MsiCtrl.QMASK) >> 1)
             # The user's MSI control low byte and message registers are virtual.
@@ -203,7 +206,7 @@ class ConfigSpace:
             self._writable(offset + 4, rest, (1 << (8 * rest)) - 1, virtual=True)
         elif cap_id == CapId.MSIX and offset == self.caps[cap_id]:
             if len(body) < 10:
-                raise ValueError(
+                raise InvalidArgument(
                     f"MSI-X capability body is {len(body)} bytes; it needs 10 (control, table, PBA)"
                 )
             ctrl, table = struct.unpack_from("<HI", body)

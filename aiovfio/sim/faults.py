@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from attrs import define, field, frozen
 
 from .. import _log
+from ..errors import InvalidArgument
 from ..kernel.protocol import Kernel
 
 __all__ = ["KERNEL_OPERATIONS", "FaultLog", "FaultRecord", "Injection", "Injector"]
@@ -136,13 +137,13 @@ class Injector:
     ) -> Injection:
         if op not in KERNEL_OPERATIONS:
             known = ", ".join(sorted(KERNEL_OPERATIONS))
-            raise ValueError(f"{op!r} is not a Kernel operation; one of: {known}")
+            raise InvalidArgument(f"{op!r} is not a Kernel operation; one of: {known}")
         if errno <= 0:
-            raise ValueError(f"errno must be positive, not {errno}")
+            raise InvalidArgument(f"errno must be positive, not {errno}")
         if nth is not None and nth < 1:
-            raise ValueError(f"nth counts from 1, not {nth}")
+            raise InvalidArgument(f"nth counts from 1, not {nth}")
         if times is not None and times < 1:
-            raise ValueError(f"times must be >= 1 or None (always), not {times}")
+            raise InvalidArgument(f"times must be >= 1 or None (always), not {times}")
         injection = Injection(op, errno, nth, times)
         self.injections.append(injection)
         return injection

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 from attrs import define, field
 
 from .._uapi.vfio import PciIrq, PciRegion, RegionFlag
+from ..errors import InvalidArgument
 from ..kernel.protocol import PciIds
 from . import rules
 from .clock import Clock, ClockKind
@@ -239,17 +240,19 @@ class Machine:
         io_width: int = 8,
     ) -> None:
         if dma_entry_limit < 0:
-            raise ValueError(f"dma_entry_limit must be >= 0, not {dma_entry_limit}")
+            raise InvalidArgument(f"dma_entry_limit must be >= 0, not {dma_entry_limit}")
         if page_size < 4096 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two >= 4096, not {page_size}")
+            raise InvalidArgument(f"page_size must be a power of two >= 4096, not {page_size}")
         ranges = tuple((int(lo), int(hi)) for lo, hi in iova_ranges)
         for i, (lo, hi) in enumerate(ranges):
             if not 0 <= lo <= hi < 1 << 64 or (i and ranges[i - 1][1] >= lo):
-                raise ValueError(f"iova_ranges must be sorted, disjoint (start, end): {ranges}")
+                raise InvalidArgument(
+                    f"iova_ranges must be sorted, disjoint (start, end): {ranges}"
+                )
         if io_width not in (4, 8):
-            raise ValueError(f"io_width must be 4 or 8, not {io_width}")
+            raise InvalidArgument(f"io_width must be 4 or 8, not {io_width}")
         if memlock_limit is not None and memlock_limit < 0:
-            raise ValueError(f"memlock_limit must be >= 0 or None, not {memlock_limit}")
+            raise InvalidArgument(f"memlock_limit must be >= 0 or None, not {memlock_limit}")
         self.dma_entry_limit = dma_entry_limit
         self.page_size = page_size
         self.iova_ranges = ranges
@@ -312,19 +315,21 @@ class Machine:
     ) -> None:
         """Plug `model` in at PCI address `name`, in IOMMU group `group` (None: a new one)."""
         if not isinstance(cast(object, model), DeviceModel):
-            raise TypeError(f"model must be a DeviceModel, not {type(model).__name__}")
+            raise InvalidArgument(f"model must be a DeviceModel, not {type(model).__name__}")
         if not isinstance(name, str) or not _BDF.fullmatch(name):
-            raise ValueError(f"{name!r} is not a PCI address like '0000:00:04.0' (lowercase hex)")
+            raise InvalidArgument(
+                f"{name!r} is not a PCI address like '0000:00:04.0' (lowercase hex)"
+            )
         if driver is not None and (not isinstance(driver, str) or not driver or "/" in driver):
-            raise ValueError(f"driver must be a driver name or None, not {driver!r}")
+            raise InvalidArgument(f"driver must be a driver name or None, not {driver!r}")
         if group is not None and (not isinstance(group, int) or group < 0):
-            raise ValueError(f"group must be a non-negative int or None, not {group!r}")
+            raise InvalidArgument(f"group must be a non-negative int or None, not {group!r}")
         with self._lock:
             self._check_open()
             if name in self._devices:
-                raise ValueError(f"{name} is already on this machine")
+                raise InvalidArgument(f"{name} is already on this machine")
             if any(m.model is model for m in self._devices.values()):
-                raise ValueError("this model instance is already plugged in; make a new one")
+                raise InvalidArgument("this model instance is already plugged in; make a new one")
             regions = _check_regions(name, model.regions())
             bars = self._assign_bars(regions)
             config = ConfigSpace.build(
@@ -400,7 +405,7 @@ class Machine:
         DMA-using driver in a group whose DMA user space owns.
         """
         if driver is not None and (not isinstance(driver, str) or not driver or "/" in driver):
-            raise ValueError(f"driver must be a driver name or None, not {driver!r}")
+            raise InvalidArgument(f"driver must be a driver name or None, not {driver!r}")
         with self._lock:
             self._check_open()
             device = self._device(name)
@@ -604,20 +609,22 @@ def _check_regions(name: str, specs: Sequence[RegionSpec]) -> dict[int, RegionSp
         index = int(spec.index)
         where = f"{name} region {index}"
         if not 0 <= index <= PciRegion.ROM:
-            raise ValueError(f"{where}: models have BARs 0-5 and the ROM (6) only")
+            raise InvalidArgument(f"{where}: models have BARs 0-5 and the ROM (6) only")
         if index in regions:
-            raise ValueError(f"{where} is listed twice")
+            raise InvalidArgument(f"{where} is listed twice")
         minimum = 2048 if index == PciRegion.ROM else 16
         if spec.size < minimum or spec.size & (spec.size - 1):
-            raise ValueError(f"{where}: size {spec.size:#x} is not a power of two >= {minimum}")
+            raise InvalidArgument(
+                f"{where}: size {spec.size:#x} is not a power of two >= {minimum}"
+            )
         if spec.flags & ~int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP):
-            raise ValueError(f"{where}: flags {spec.flags!r}: only READ, WRITE (MMAP implied)")
+            raise InvalidArgument(f"{where}: flags {spec.flags!r}: only READ, WRITE (MMAP implied)")
         if index == PciRegion.ROM and spec.mmap_areas:
-            raise ValueError(f"{where}: the ROM cannot be mmapped")
+            raise InvalidArgument(f"{where}: the ROM cannot be mmapped")
         end = 0
         for off, size in sorted(spec.mmap_areas):
             if size <= 0 or off % page or size % page or off < end or off + size > spec.size:
-                raise ValueError(
+                raise InvalidArgument(
                     f"{where}: mmap area {off:#x}+{size:#x} must be page aligned, inside the "
                     "region and not overlap another"
                 )
@@ -626,7 +633,7 @@ def _check_regions(name: str, specs: Sequence[RegionSpec]) -> dict[int, RegionSp
     for index, spec in regions.items():
         wide = spec.is_64bit and index != PciRegion.ROM
         if wide and (index == PciRegion.BAR5 or index + 1 in regions):
-            raise ValueError(f"{name} region {index} is 64-bit: it needs BAR {index + 1} free")
+            raise InvalidArgument(f"{name} region {index} is 64-bit: it needs BAR {index + 1} free")
     return dict(sorted(regions.items()))
 
 
@@ -639,7 +646,7 @@ def _check_irqs(device: SimDevice) -> None:
         have = device.irqs.count(index)
         if spec.count != have:
             kind = PciIrq(index).name
-            raise ValueError(
+            raise InvalidArgument(
                 f"{device.name}: the model says {kind} has {spec.count} vector(s) but its config "
                 f"space makes vfio-pci report {have} (interrupt pin / MSI QMASK / MSI-X QSIZE)"
             )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+import aiovfio
 from aiovfio._uapi.pci import CapId
 from aiovfio.sim import IrqSpec, Machine, RegionSpec
 
@@ -39,7 +40,7 @@ def test_add_device_refuses_duplicates(machine: Machine) -> None:
         machine.add_device(Toy(), name=NAME)
     with pytest.raises(ValueError, match="already plugged"):
         machine.add_device(toy, name="0000:00:05.0")
-    with pytest.raises(TypeError):
+    with pytest.raises(aiovfio.InvalidArgument):
         machine.add_device(object(), name="0000:00:06.0")  # type: ignore[arg-type]
 
 
