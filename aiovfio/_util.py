@@ -11,36 +11,60 @@ import anyio
 
 from . import errors
 
-__all__ = ["kcall", "kcall_thread", "normalize_bdf", "aclose_all", "PAGE_SIZE"]
+__all__ = [
+    "kcall",
+    "kcall_thread",
+    "normalize_bdf",
+    "keeps_group_viable",
+    "aclose_all",
+    "PAGE_SIZE",
+]
 
 T = TypeVar("T")
 
 PAGE_SIZE = 4096
 
 _BDF = re.compile(
-    r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):"
-    r"(?P<slot>[0-1]?[0-9a-fA-F])\.(?P<func>[0-7])$"
+    r"^(?:(?:(?P<domain>[0-9a-f]{1,8}):)?(?P<bus>[0-9a-f]{1,2}):)?"
+    r"(?P<dev>[0-9a-f]{1,2})\.(?P<fn>[0-7])$",
+    re.IGNORECASE,
 )
 
+#: Drivers that leave an IOMMU group viable besides vfio-pci and its variants:
+#: they never claim DMA ownership (`driver_managed_dma` in the kernel).
+_VIABLE_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 
-def normalize_bdf(bdf: str) -> str:
-    """Return the canonical `DDDD:BB:SS.F` form of a PCI address.
 
-    Accepts `0000:00:04.0`, `00:04.0`; refuses anything else with a message
-    that shows the expected form.
+def normalize_bdf(text: str) -> str:
+    """`04.0`, `00:04.0` or `0000:00:04.0` (any case) as `0000:00:04.0`.
+
+    Anything else is an InvalidArgument that shows the expected form.
     """
-    if not isinstance(bdf, str):
-        raise errors.InvalidArgument(f"a PCI address is a string like '0000:00:04.0', not {bdf!r}")
-    m = _BDF.match(bdf.strip())
-    if m is None:
+    if not isinstance(text, str):
+        raise errors.InvalidArgument(f"a PCI address is a string like '0000:00:04.0', not {text!r}")
+    match = _BDF.match(text.strip())
+    if match is None:
         raise errors.InvalidArgument(
-            f"{bdf!r} is not a PCI address; write it as DDDD:BB:SS.F, e.g. '0000:00:04.0' "
-            f"(see `aiovfio ls`)"
+            f"{text!r} is not a PCI address: write it as 0000:00:04.0, 00:04.0 or 04.0 "
+            "(see `aiovfio ls`)"
         )
-    slot = int(m["slot"], 16)
-    if slot > 0x1F:
-        raise errors.InvalidArgument(f"{bdf!r}: PCI slot {slot:#x} is above 0x1f")
-    return f"{int(m['domain'] or '0', 16):04x}:{int(m['bus'], 16):02x}:{slot:02x}.{m['func']}"
+    dev = int(match["dev"], 16)
+    if dev > 0x1F:
+        raise errors.InvalidArgument(
+            f"{text!r} is not a PCI address: the device number {dev:#x} is above 0x1f"
+        )
+    domain = int(match["domain"] or "0", 16)
+    bus = int(match["bus"] or "0", 16)
+    return f"{domain:04x}:{bus:02x}:{dev:02x}.{match['fn']}"
+
+
+def keeps_group_viable(driver: str | None) -> bool:
+    """Whether a function bound to `driver` leaves its IOMMU group viable.
+
+    Unbound functions, vfio-pci and its vendor variants (`*vfio*`), pci-stub
+    and PCIe port drivers never claim DMA ownership; anything else does.
+    """
+    return driver is None or driver in _VIABLE_DRIVERS or "vfio" in driver
 
 
 def kcall(operation: str, target: str, fn: Callable[..., T], *args: object) -> T:

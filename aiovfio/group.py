@@ -11,21 +11,13 @@ from attrs import define, field
 from . import _log, errors
 from ._resource import FdResource
 from ._uapi import vfio as uapi
-from ._util import aclose_all, kcall, normalize_bdf
+from ._util import aclose_all, kcall, keeps_group_viable, normalize_bdf
 
 if TYPE_CHECKING:
     from .container import Container
     from .device import Device
 
 __all__ = ["Group", "offenders"]
-
-#: Drivers a group member may be bound to without making the group unviable
-#: (vfio_dev_driver_allowed, drivers/vfio/group.c and iommu.c).
-_ALLOWED_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
-
-
-def _driver_ok(driver: str | None) -> bool:
-    return driver is None or driver in _ALLOWED_DRIVERS or driver.startswith("vfio")
 
 
 def offenders(container: Container, number: int) -> tuple[errors.Offender, ...]:
@@ -35,7 +27,7 @@ def offenders(container: Container, number: int) -> tuple[errors.Offender, ...]:
     try:
         for name in k.group_devices(number):
             drv = k.driver(name)
-            if not _driver_ok(drv):
+            if not keeps_group_viable(drv):
                 found.append(errors.Offender(name, drv))
     except OSError:
         return ()

@@ -24,7 +24,6 @@ import enum
 import fcntl
 import json
 import os
-import re
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,8 @@ from attrs import define, field, frozen
 
 from . import _log
 from ._uapi.pci import CAP_LIST_OFFSET, CONFIG_SPACE_SIZE, EXT_CAP_START, CapId, ExtCapId
-from .errors import DeviceNotFound, InvalidArgument, Offender, SetupError, VfioUnavailable
+from ._util import keeps_group_viable, normalize_bdf
+from .errors import DeviceNotFound, Offender, SetupError, VfioUnavailable
 from .kernel.protocol import PciIds
 
 __all__ = [
@@ -62,16 +62,6 @@ __all__ = [
 
 #: The driver aiovfio binds functions to.
 VFIO_DRIVER = "vfio-pci"
-
-#: Drivers that leave an IOMMU group viable besides vfio-pci and its variants:
-#: they never claim DMA ownership (`driver_managed_dma` in the kernel).
-_VIABLE_DRIVERS = frozenset({VFIO_DRIVER, "pci-stub", "pcieport"})
-
-_BDF = re.compile(
-    r"^(?:(?:(?P<domain>[0-9a-f]{1,8}):)?(?P<bus>[0-9a-f]{1,2}):)?"
-    r"(?P<dev>[0-9a-f]{1,2})\.(?P<fn>[0-7])$",
-    re.IGNORECASE,
-)
 
 
 # --- roots ---------------------------------------------------------------------
@@ -104,24 +94,6 @@ class Roots:
 
 
 # --- names ---------------------------------------------------------------------
-
-
-def normalize_bdf(text: str) -> str:
-    """`04.0`, `00:04.0` or `0000:00:04.0` (any case) as `0000:00:04.0`."""
-    match = _BDF.match(text.strip())
-    if match is None:
-        raise InvalidArgument(
-            f"{text!r} is not a PCI address: write it as 0000:00:04.0, 00:04.0 or 04.0 "
-            "(see `aiovfio ls`)"
-        )
-    dev = int(match["dev"], 16)
-    if dev > 0x1F:
-        raise InvalidArgument(
-            f"{text!r} is not a PCI address: the device number {dev:#x} is above 0x1f"
-        )
-    domain = int(match["domain"] or "0", 16)
-    bus = int(match["bus"] or "0", 16)
-    return f"{domain:04x}:{bus:02x}:{dev:02x}.{match['fn']}"
 
 
 _BASE_CLASSES = {
@@ -201,13 +173,8 @@ def class_name(class_code: int) -> str:
     return f"{name} [{sub:04x}]"
 
 
-def is_vfio_compatible(driver: str | None) -> bool:
-    """Whether a function bound to `driver` leaves its IOMMU group viable.
-
-    Unbound functions, vfio-pci and its vendor variants (`*vfio*`), pci-stub
-    and PCIe port drivers never claim DMA ownership; anything else does.
-    """
-    return driver is None or driver in _VIABLE_DRIVERS or "vfio" in driver
+#: Whether a function bound to a driver leaves its IOMMU group viable.
+is_vfio_compatible = keeps_group_viable
 
 
 # --- values --------------------------------------------------------------------
