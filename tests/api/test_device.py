@@ -72,6 +72,8 @@ async def test_bad_register_access_is_refused_before_any_syscall(vfio_target: Ta
             dev.bar(6)
         with pytest.raises(aiovfio.Unsupported):
             dev.bar(1)  # edu has only BAR0
+        with pytest.raises(aiovfio.Unsupported, match="ROM"):
+            _ = dev.rom  # nor an option ROM
         # the device still works after every refusal
         assert bar.read32(0) == EDU_IDENT
 
@@ -184,6 +186,8 @@ async def test_nvme_msix_reset_bulk_config_and_dma_budget(vfio_target: Target) -
         assert cfg.read8(0x3C) == 0x0B
         express = cfg.find_capability(CapId.EXP)
         assert express is not None and express.name == "EXP"
+        assert cfg.size == 4096  # PCI Express: extended config space
+        assert cfg.extended_capabilities() == []  # QEMU's nvme lists none there
         assert cfg.find_capability(CapId.MSIX) is not None
         assert dev.info.can_reset
         info = dev.irq_info("msix")
