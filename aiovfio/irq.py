@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -111,8 +111,12 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
     _waiter: asyncio.Future[None] | None = field(default=None, init=False)
     _trio: bool | None = field(default=None, init=False)
     _failure: errors.VfioError | None = field(default=None, init=False)
+    _read: Callable[[int], int] = field(init=False, repr=False)
     #: total interrupts seen (for reprs and tests)
     received: int = field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._read = self._kernel.eventfd_read
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
@@ -155,7 +159,7 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
     def _on_readable(self) -> None:
         """The persistent reader (asyncio, uvloop): runs in the loop on each wake."""
         try:
-            n = self._kernel.eventfd_read(self._fd)
+            n = self._read(self._fd)
         except BlockingIOError:
             return
         except OSError as exc:  # not seen on Linux; surface it at the next receive
@@ -184,64 +188,62 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
 
     async def receive(self) -> int:
         """Wait for the vector to fire; return how many times it fired since last time."""
-        if self._receiving or self._closed or self._failure is not None:
-            raise self._refusal()
         loop = self._loop
-        pending = self._pending
-        if loop is None or pending:
-            return await self._receive_first()
+        if self._receiving or loop is None or self._pending:
+            # Busy, closed (close drops the loop), failed, counts already
+            # waiting, trio, or the first receive on asyncio.
+            return await self._receive_slow()
         # The asyncio (and uvloop) hot path: the persistent reader resolves a
-        # future; nothing here but that wait.
+        # future when the eventfd counts; nothing here but that wait. A
+        # cancelled waiter left behind is done, so the reader skips it.
         self._receiving = True
         try:
-            while not self._pending:
-                waiter = loop.create_future()
-                self._waiter = waiter
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
-                if self._closed:
-                    raise errors.ClosedResourceError(f"{self!r} was closed while waiting")
+            waiter = loop.create_future()
+            self._waiter = waiter
+            await waiter
         finally:
             self._receiving = False
-        if self._failure is not None:
-            raise self._refusal()
+        return self._take()
+
+    def _take(self) -> int:
+        """Hand over the pending count (the reader woke us, or close did)."""
+        if self._closed or self._failure is not None:
+            raise self._refusal(waiting=True)
         n, self._pending = self._pending, 0
         self.received += n
         return n
 
-    async def _receive_first(self) -> int:
-        """A receive with counts already pending, on trio, or the first on asyncio."""
+    async def _receive_slow(self) -> int:
+        if self._receiving or self._closed or self._failure is not None:
+            raise self._refusal()
+        if self._pending:
+            await anyio.lowlevel.checkpoint()
+            return self._take()
         self._receiving = True
         try:
-            if self._pending:
-                await anyio.lowlevel.checkpoint()
-                n, self._pending = self._pending, 0
-            elif self._trio:
-                n = await self._receive_trio()
-            else:
+            if not self._trio:
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:
                     self._trio = True
-                    n = await self._receive_trio()
                 else:
                     self._loop = loop
                     loop.add_reader(self._fd, self._on_readable)
-                    self._receiving = False
-                    return await self.receive()
+            if self._trio:
+                n = await self._receive_trio()
+                self.received += n
+                return n
         finally:
             self._receiving = False
-        self.received += n
-        return n
+        return await self.receive()
 
-    def _refusal(self) -> errors.VfioError:
+    def _refusal(self, *, waiting: bool = False) -> errors.VfioError:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             return failure
         if self._closed:
-            return errors.ClosedResourceError(f"{self!r} is closed")
+            when = "was closed while waiting" if waiting else "is closed"
+            return errors.ClosedResourceError(f"{self!r} {when}")
         return errors.BusyResourceError(f"another task is already receiving from {self!r}")
 
     async def aclose(self) -> None:

@@ -1161,8 +1161,13 @@ class SimKernel:
         self._install(_EventFile(fd, os.fstat(fd).st_ino))
         return fd
 
-    @_op
     def eventfd_read(self, fd: int) -> int:
+        """A plain read of a real eventfd: not counted, locked or injectable.
+
+        It touches no simulated state, Linux fails it only with EAGAIN, and it
+        runs on every interrupt: the machine lock and bookkeeping cost more
+        than the wake itself (1.2 us of 4.9 us under uvloop).
+        """
         return os.eventfd_read(fd)
 
     # --- sysfs ---------------------------------------------------------------------------
