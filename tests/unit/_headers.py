@@ -2,11 +2,21 @@
 
 Two header sets matter to the golden tests:
 
-* the newest: `$AIOVFIO_UAPI_INCLUDE`, else the cache folder that `.ci/run`
-  fills with Debian bookworm-backports' linux-libc-dev (6.12), else
-  `/usr/include`. It must have `linux/iommufd.h` and the 6.6+ VFIO
-  definitions; the tests that need it fail, never skip, when it lacks them.
+* the newest: `$AIOVFIO_UAPI_INCLUDE`, else the cache folder that
+  `python tests/unit/_headers.py` fills with Debian bookworm-backports'
+  linux-libc-dev (6.12), else `/usr/include`. It must have `linux/iommufd.h`
+  and the 6.6+ VFIO definitions; the tests that need it fail, never skip,
+  when it lacks them.
 * the system's: `/usr/include` (Debian 12: linux-libc-dev 6.1).
+
+Run as a script (`nox -s tests` does, before pytest), this module prepares
+both: it installs gcc, libc6-dev and linux-libc-dev when they are missing
+(root only) and unpacks bookworm-backports' linux-libc-dev into the cache.
+The download uses a private apt state folder holding only the backports
+source, whose mirror is the one this machine's bookworm source names, so the
+system's apt configuration is left as it is and no root is needed for it.
+Where it cannot (no registry, not Debian), it says so and the golden tests
+fail with the command to run.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +38,7 @@ SYSTEM_INCLUDE = Path("/usr/include")
 
 
 def cache_dir() -> Path:
-    """Where `.ci/run` unpacks the newer linux-libc-dev (`dpkg -x`)."""
+    """Where `python tests/unit/_headers.py` unpacks the newer linux-libc-dev (`dpkg -x`)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "aiovfio" / "headers"
 
@@ -104,19 +116,170 @@ def system_headers() -> Headers:
     return Headers(SYSTEM_INCLUDE, "system linux-libc-dev")
 
 
+def complete(headers: Headers) -> bool:
+    """Whether the headers have everything _uapi mirrors (iommufd, the 6.6+ VFIO cdev)."""
+    return headers.has("linux/iommufd.h") and "VFIO_DEVICE_BIND_IOMMUFD" in headers.text(
+        "linux/vfio.h"
+    )
+
+
 def how_to_get_headers(found: Headers) -> str:
     cache = cache_dir()
     return (
         f"the uapi headers in {found.describe()} lack linux/iommufd.h or the kernel 6.6+ "
         f"VFIO definitions (VFIO_DEVICE_BIND_IOMMUFD), so _uapi cannot be checked against "
-        f"them. Get Debian bookworm-backports' linux-libc-dev beside the system headers, "
-        f"as .ci/run does (as root, with the bookworm-backports apt source enabled):\n"
-        f"    mkdir -p {cache} && cd {cache} && "
-        f"apt-get download -t bookworm-backports linux-libc-dev && "
-        f"dpkg -x linux-libc-dev_*.deb . && rm linux-libc-dev_*.deb\n"
+        f"them. Fetch Debian bookworm-backports' linux-libc-dev into {cache} "
+        f"(`nox -s tests` does this first; it needs the Debian package mirror):\n"
+        f"    python tests/unit/_headers.py\n"
         f"or set {ENV} to an include directory with linux/vfio.h and linux/iommufd.h "
         f"of kernel 6.12 or later."
     )
+
+
+# --- preparing the headers (run as a script) ----------------------------------------
+
+#: What the golden tests compile with, as Debian packages.
+BUILD_PACKAGES = ("gcc", "libc6-dev", "linux-libc-dev")
+BACKPORTS = "bookworm-backports"
+APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+class CannotPrepare(Exception):
+    """The headers cannot be prepared here; the message says what to do."""
+
+
+def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES) -> str:
+    """The first URI of this machine's `bookworm` apt source (deb822 or one-line)."""
+    files: list[Path] = []
+    for source in sources:
+        files += sorted(source.glob("*.sources")) if source.is_dir() else [source]
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in stanza.splitlines())
+                    if not k.startswith("#") and v
+                }
+                if "bookworm" in fields.get("suites", "").split() and fields.get("uris"):
+                    return fields["uris"].split()[0]
+        else:
+            for line in text.splitlines():
+                parts = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+                    return parts[1]
+    raise CannotPrepare(
+        "no bookworm apt source in /etc/apt (this is not Debian 12?): get linux-libc-dev "
+        f"6.12 or later by hand and set {ENV} to its include directory"
+    )
+
+
+def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def _missing_packages() -> list[str]:
+    if shutil.which("dpkg-query") is None:
+        return []
+    return [
+        p
+        for p in BUILD_PACKAGES
+        if "install ok installed" not in _run(["dpkg-query", "-W", "-f=${Status}", p]).stdout
+    ]
+
+
+def install_build_packages() -> None:
+    """apt-get install gcc, libc6-dev and linux-libc-dev where they are missing (root)."""
+    missing = _missing_packages()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise CannotPrepare(
+            f"{', '.join(missing)} missing: run `apt-get install {' '.join(missing)}` as root"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"_headers: apt-get install {' '.join(missing)}", flush=True)
+    _run(["apt-get", "update", "-qq"], env=env)
+    done = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+    if done.returncode != 0:
+        raise CannotPrepare(
+            f"`apt-get install {' '.join(missing)}` failed: {done.stderr.strip()[-300:]}"
+        )
+
+
+def fetch_backports_headers(cache: Path | None = None) -> Path:
+    """Unpack bookworm-backports' linux-libc-dev into the cache; returns its include dir.
+
+    apt runs with a private state folder whose only source is the backports
+    suite on this machine's own mirror: the system's apt lists and sources
+    are not touched, and no root is needed.
+    """
+    cache = cache or cache_dir()
+    mirror = debian_mirror()
+    with tempfile.TemporaryDirectory(prefix="aiovfio-apt-") as tmp:
+        state = Path(tmp)
+        (state / "lists" / "partial").mkdir(parents=True)
+        (state / "cache" / "archives" / "partial").mkdir(parents=True)
+        (state / "deb").mkdir()
+        sources = state / "backports.sources"
+        sources.write_text(
+            f"Types: deb\nURIs: {mirror}\nSuites: {BACKPORTS}\nComponents: main\n"
+            f"Signed-By: {KEYRING}\n",
+            encoding="utf-8",
+        )
+        options = [
+            f"-oDir::Etc::SourceList={sources}",
+            "-oDir::Etc::SourceParts=/nonexistent",
+            f"-oDir::State::Lists={state / 'lists'}",
+            f"-oDir::Cache={state / 'cache'}",
+            "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oDebug::NoLocking=1",
+        ]
+        updated = _run(["apt-get", *options, "update", "-qq"])
+        if updated.returncode != 0 or "Err:" in updated.stdout + updated.stderr:
+            raise CannotPrepare(
+                f"`apt-get update` of {BACKPORTS} failed (no package mirror reachable?): "
+                f"{(updated.stderr or updated.stdout).strip()[-300:]}"
+            )
+        got = _run(["apt-get", *options, "download", "-qq", "linux-libc-dev"], cwd=state / "deb")
+        debs = sorted((state / "deb").glob("linux-libc-dev_*.deb"))
+        if got.returncode != 0 or not debs:
+            raise CannotPrepare(
+                f"`apt-get download linux-libc-dev` from {BACKPORTS} failed: "
+                f"{(got.stderr or got.stdout).strip()[-300:]}"
+            )
+        unpacked = state / "unpacked"
+        done = _run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)])
+        if done.returncode != 0:
+            raise CannotPrepare(f"`dpkg-deb -x {debs[-1].name}` failed: {done.stderr.strip()}")
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(unpacked), str(cache))
+    return cache / "usr" / "include"
+
+
+def prepare() -> int:
+    """Make both header sets ready; 0 when they are, 1 (with what to do) when not."""
+    try:
+        install_build_packages()
+        headers = newest_headers()
+        if not complete(headers):
+            print(f"_headers: fetching {BACKPORTS} linux-libc-dev into {cache_dir()}", flush=True)
+            fetch_backports_headers()
+            headers = newest_headers()
+    except CannotPrepare as exc:
+        print(f"_headers: cannot prepare the uapi headers: {exc}", file=sys.stderr)
+        return 1
+    if not complete(headers):
+        print(f"_headers: {how_to_get_headers(headers)}", file=sys.stderr)
+        return 1
+    print(f"_headers: uapi headers for the golden test: {headers.describe()}")
+    return 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,3 +320,7 @@ def run_probe(source: str, headers: Headers, workdir: Path, name: str = "probe")
     if ran.returncode != 0:
         pytest.fail(f"{exe} exited {ran.returncode}: {ran.stderr}")
     return ran.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(prepare())

@@ -30,7 +30,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from _headers import Headers, how_to_get_headers, newest_headers, run_probe, system_headers
+from _headers import (
+    Headers,
+    complete,
+    how_to_get_headers,
+    newest_headers,
+    run_probe,
+    system_headers,
+)
 
 from aiovfio._uapi import iommufd, vfio
 
@@ -403,17 +410,11 @@ class Golden:
         assert any(p.kind in kinds for p in self.probes)
 
 
-def _complete(headers: Headers) -> bool:
-    return headers.has("linux/iommufd.h") and "VFIO_DEVICE_BIND_IOMMUFD" in headers.text(
-        "linux/vfio.h"
-    )
-
-
 @pytest.fixture(scope="module", params=["newest", "system"])
 def golden(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Golden:
     if request.param == "newest":
         headers = newest_headers()
-        if not _complete(headers):
+        if not complete(headers):
             pytest.fail(how_to_get_headers(headers), pytrace=False)
         modules, exclude = MODULES, frozenset[str]()
     else:
