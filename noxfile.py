@@ -14,7 +14,8 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
-KERNELS = ("6.1", "6.12")
+#: The real-kernel setups of `nox -s vm` (names of aiovfio.testing.vm.SETUPS).
+VM_SETUPS = ("6.1", "6.12", "iommufd", "iommufd-compat", "noiommu")
 
 
 def _group(name: str) -> list[str]:
@@ -45,24 +46,29 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def vm(session: nox.Session) -> None:
-    """The real-kernel suite inside a QEMU guest, once per Debian kernel.
+    """The real-kernel suite inside a QEMU guest, once per setup.
 
-    Provisions the guest first (root: apt packages and Debian's kernels into a
-    cache folder). `nox -s vm -- 6.12` runs one kernel only; other arguments
-    go to pytest (`nox -s vm -- 6.1 -k dma`).
+    Five setups (`aiovfio vm --on NAME`, `aiovfio.testing.vm.SETUPS`): Debian
+    6.1 and 6.12 (legacy type1 container), and the 6.12 kernel built here with
+    iommufd through the device cdev, through the legacy API iommufd serves, and
+    in noiommu mode. Provisions the guest first (root: apt packages, Debian's
+    kernels and the iommufd kernel's build, all cached). `nox -s vm -- 6.12
+    noiommu` runs those setups only; other arguments go to pytest
+    (`nox -s vm -- 6.1 -k dma`).
     """
     session.install("-e", ".[trio,uvloop]", *_group("test"))
-    session.run("python", "-m", "aiovfio.testing.vm", "--setup")
-    kernels = [k for k in session.posargs if k in KERNELS] or list(KERNELS)
-    pytest_args = [a for a in session.posargs if a not in KERNELS]
+    setups = [s for s in VM_SETUPS if s in session.posargs] or list(VM_SETUPS)
+    pytest_args = [a for a in session.posargs if a not in VM_SETUPS]
+    on = [w for s in setups for w in ("--on", s)]
+    session.run("python", "-m", "aiovfio.testing.vm", "--setup", *on)
     # The venv's own python: its resolved target would leave the venv behind.
     # hypothesis's pytest plugin imports all of hypothesis: 10 s under TCG.
     python = os.path.join(session.bin, "python")
     guest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
     guest += [*_kernel_test_paths(), "-m", "kernel", "-o", "addopts=-ra --strict-markers", "-q"]
     guest += pytest_args
-    for kernel in kernels:
-        session.run("python", "-m", "aiovfio.testing.vm", "--kernel", kernel, "--", *guest)
+    for setup in setups:
+        session.run("python", "-m", "aiovfio.testing.vm", "--on", setup, "--", *guest)
 
 
 def _kernel_test_paths() -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from aiovfio.errors import SetupError
-from aiovfio.testing import vm, vm_setup
+from aiovfio.testing import vm, vm_kernel, vm_setup
 from aiovfio.testing.vm_setup import KernelImage, VmSetupError
 
 RELEASE = "6.1.0-99-amd64"
@@ -186,7 +186,137 @@ def test_the_module_runs_as_a_script() -> None:
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == vm.EXIT_USAGE
-    assert done.stderr == "aiovfio vm: unknown kernel flavour 'nope'; choose one of 6.1, 6.12\n"
+    assert done.stderr == (
+        "aiovfio vm: unknown kernel flavour 'nope'; choose one of 6.1, 6.12, 6.12-iommufd\n"
+    )
+
+
+def test_a_bad_flavour_is_named_before_the_host_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a fresh machine: no QEMU, no cache; the typo is still what gets reported
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
+    assert vm.main(["--kernel", "nope", "--", "true"]) == vm.EXIT_USAGE
+    assert "unknown kernel flavour 'nope'" in capsys.readouterr().err
+
+
+def test_noiommu_needs_the_built_kernel(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(cache))
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/bin/" + name)
+    assert vm.main(["--kernel", "6.1", "--iommu", "none", "--", "true"]) == vm.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--iommu none needs a kernel with VFIO's noiommu mode" in err
+    assert "--kernel 6.12-iommufd" in err
+
+
+def test_on_names_kernel_and_iommu_so_they_cannot_be_given_too(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AIOVFIO_VM_CACHE", str(cache))
+    assert vm.main(["--on", "noiommu", "--kernel", "6.1", "--", "true"]) == vm.EXIT_USAGE
+    assert "give no --kernel or --iommu" in capsys.readouterr().err
+
+
+def test_the_built_kernel_missing_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(VmSetupError, match=r"run `aiovfio vm --setup --kernel 6\.12-iommufd`"):
+        vm_setup.find_kernel("6.12-iommufd", tmp_path)
+
+
+def _built_cache(cache: Path, key: str) -> Path:
+    root = cache / "linux-6.12-iommufd"
+    release = "6.12.117-aiovfio"
+    modules = root / "lib" / "modules" / release
+    modules.mkdir(parents=True)
+    builtin = [f"kernel/x/{m}.ko" for m in ("virtio_pci", "9pnet_virtio", "9p", "overlay")]
+    (modules / "modules.builtin").write_text("\n".join(builtin) + "\n")
+    (modules / "modules.dep").write_text("")
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinux-{release}").write_bytes(_static_elf())
+    meta = {"release": release, "package": "linux-source-6.12", "version": "6.12.117-1", "key": key}
+    (root / "kernel.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_a_kernel_built_with_another_recipe_is_rebuilt(cache: Path) -> None:
+    _built_cache(cache, "0123456789ab")
+    with pytest.raises(VmSetupError, match=r"another recipe.*--setup --kernel 6\.12-iommufd"):
+        vm_setup.find_kernel("6.12-iommufd", cache)
+
+
+def test_the_built_kernel_has_iommufd_and_an_initramfs_without_modules(
+    cache: Path, busybox: Path, tmp_path: Path
+) -> None:
+    _built_cache(cache, vm_kernel.config_key())
+    image = vm_setup.find_kernel("6.12-iommufd", cache)
+    assert image.built and image.iommufd
+    assert not vm_setup.find_kernel("6.1", cache).iommufd
+    entries = _cpio_entries(
+        vm.build_initramfs(image, tmp_path / "initramfs", busybox=busybox).read_bytes()
+    )
+    assert entries["etc/modules"][1] == b"\n"  # all built in: init loads nothing
+    assert not [name for name in entries if name.endswith(".ko")]
+
+
+def test_the_build_recipe_is_checked_and_keyed() -> None:
+    assert "IOMMUFD_VFIO_CONTAINER" in vm_kernel.CONFIG_FRAGMENT
+    assert {"MODULES", "VFIO_CONTAINER"} <= set(vm_kernel.CONFIG_DISABLE)
+    assert len(vm_kernel.config_key()) == 12
+    assert vm_kernel.config_key() == vm_kernel.config_key()
+
+
+def test_a_config_that_lost_an_option_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / ".config"
+    lines = [f"CONFIG_{n}=y" for n in vm_kernel.CONFIG_FRAGMENT if n != "VFIO_DEVICE_CDEV"]
+    config.write_text(
+        "\n".join([*lines, "# CONFIG_VFIO_DEVICE_CDEV is not set", "CONFIG_MODULES=y"])
+    )
+    with pytest.raises(vm_kernel.BuildError) as caught:
+        vm_kernel._check_config(config)
+    assert "CONFIG_VFIO_DEVICE_CDEV is unset" in str(caught.value)
+    assert "CONFIG_MODULES is y" in str(caught.value)
+    config.write_text("\n".join(f"CONFIG_{n}=y" for n in vm_kernel.CONFIG_FRAGMENT))
+    vm_kernel._check_config(config)
+
+
+def test_a_build_without_tools_or_space_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def runner(*args: object, **kwargs: object) -> str:
+        raise AssertionError("nothing may run")
+
+    build = {
+        "source_deb": tmp_path / "src.deb",
+        "version": "1",
+        "work": tmp_path / "work",
+        "image_root": tmp_path / "image",
+        "runner": runner,
+        "progress": lambda message: None,
+    }
+    monkeypatch.setattr(vm_kernel, "BUILD_PACKAGES", {"flex": str(tmp_path / "no-flex")})
+    with pytest.raises(vm_kernel.BuildError, match="needs flex: run `aiovfio vm --setup"):
+        vm_kernel.build(**build)  # type: ignore[arg-type]
+    monkeypatch.setattr(vm_kernel, "BUILD_PACKAGES", {})
+    monkeypatch.setattr(vm_kernel, "NEEDED_SPACE", 1 << 60)
+    with pytest.raises(vm_kernel.BuildError, match=r"GiB free in .*AIOVFIO_VM_CACHE"):
+        vm_kernel.build(**build)  # type: ignore[arg-type]
+    assert not (tmp_path / "work").exists()
+
+
+def test_nox_runs_every_setup() -> None:
+    import ast
+
+    tree = ast.parse(Path(__file__).parent.parent.joinpath("noxfile.py").read_text())
+    names = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "VM_SETUPS" for t in node.targets)
+    )
+    assert list(names) == [s.name for s in vm.SETUPS]
+    assert {s.kernel for s in vm.SETUPS} == set(vm_setup.FLAVOURS)
 
 
 # --- devices, shares, QEMU ---------------------------------------------------------
@@ -244,6 +374,7 @@ def test_qemu_command(image: KernelImage, tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
     cmdline = argv[argv.index("-append") + 1]
     assert "intel_iommu=on" in cmdline.split()
+    assert "vfio.enable_unsafe_noiommu_mode=1" not in cmdline
     assert cmdline.endswith("vfio_iommu_type1.dma_entry_limit=16")
     assert "stdio,id=out,signal=off" in argv
     # the IOMMU precedes every PCI device
@@ -255,6 +386,23 @@ def test_qemu_command(image: KernelImage, tmp_path: Path) -> None:
     )
     # commas in paths are doubled for QEMU's option parser
     assert any(f"path={tmp_path}/run,,dir," in a for a in argv)
+
+
+def test_qemu_command_without_an_iommu(image: KernelImage, tmp_path: Path) -> None:
+    devices = vm.guest_devices(1, 0)
+    argv = vm.qemu_command(
+        qemu="qemu",
+        image=image,
+        initrd=tmp_path / "init.cpio",
+        run_dir=tmp_path,
+        devices=devices,
+        shares=vm._shares(tmp_path, (), devices),
+        iommu="none",
+    )
+    words = argv[argv.index("-append") + 1].split()
+    assert "vfio.enable_unsafe_noiommu_mode=1" in words
+    assert "intel_iommu=on" not in words
+    assert not [a for a in argv if a.startswith("intel-iommu")]
 
 
 # --- the job the guest sources -----------------------------------------------------
@@ -270,12 +418,13 @@ def test_job_round_trips_argv_env_and_settings(tmp_path: Path) -> None:
         timeout=90,
         devices=vm.guest_devices(1, 1),
         kernel="6.12",
+        iommu="none",
     )
     (tmp_path / "job").write_text(job)
     script = (
         '. "$1"; printf "%s\\0" "$@"; printf "%s\\0" "$PLAIN" "$QUOTED" "${PWD:-}" '
         '"$AIOVFIO_GUEST" "$AIOVFIO_VM_EDU" "$AIOVFIO_VM_NVME" "$AIOVFIO_VM_KERNEL" '
-        '"$vm_cwd" "$vm_timeout" "$vm_devices" "${vm_x:-unset}"'
+        '"$AIOVFIO_VM_IOMMU" "$vm_cwd" "$vm_timeout" "$vm_devices" "${vm_x:-unset}"'
     )
     done = subprocess.run(
         ["/bin/sh", "-c", script, "sh", str(tmp_path / "job")],
@@ -293,6 +442,7 @@ def test_job_round_trips_argv_env_and_settings(tmp_path: Path) -> None:
         "0000:00:04.0",
         "0000:00:05.0",
         "6.12",
+        "none",
         "/work/main",
         "90",
         "edu,0000:00:04.0,1234:11e8,0x00ff00 nvme,0000:00:05.0,1b36:0010,0x010802",

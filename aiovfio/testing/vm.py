@@ -1,18 +1,24 @@
 """Run a command on real Linux VFIO inside a throw-away QEMU guest.
 
-    aiovfio vm [--kernel 6.1|6.12] [--edu N] [--nvme N] [--timeout S] [--mem SIZE]
-               [--smp N] [--rw DIR]... [--append ARGS] [--keep] [-v] -- CMD...
-    aiovfio vm --setup [--kernel K]...
+    aiovfio vm [--kernel 6.1|6.12|6.12-iommufd] [--iommu intel|none] [--edu N]
+               [--nvme N] [--timeout S] [--mem SIZE] [--smp N] [--rw DIR]...
+               [--append ARGS] [--keep] [-v] -- CMD...
+    aiovfio vm --on SETUP [options] -- CMD...
+    aiovfio vm --setup [--kernel K | --on SETUP]...
 
-The guest boots one of Debian's kernels (uncompressed vmlinux, PVH) under TCG
-with an emulated Intel IOMMU, QEMU `edu` devices (1234:11e8, at 00:04.0 and
-on) and `nvme` controllers (class 0x010802, after the edu devices). Its root is
+The guest boots one of Debian's kernels, or "6.12-iommufd" (Debian's 6.12
+source built here with iommufd, the VFIO device cdev and noiommu:
+`aiovfio.testing.vm_kernel`), as an uncompressed vmlinux (PVH) under TCG
+with an emulated Intel IOMMU (`--iommu none`: no IOMMU, VFIO in its unsafe
+noiommu mode; 6.12-iommufd only), QEMU `edu` devices (1234:11e8, at 00:04.0
+and on) and `nvme` controllers (class 0x010802, after the edu devices). Its root is
 this machine's / over virtio-9p, read-only under a tmpfs overlay, so CMD runs
 with this machine's programs, interpreter and venvs; the working folder and
 each `--rw DIR` are shared read-write at the same path. The devices are bound
 to vfio-pci, CMD runs in the working folder with the caller's environment (plus
-AIOVFIO_GUEST=1, AIOVFIO_VM_KERNEL, AIOVFIO_VM_EDU and AIOVFIO_VM_NVME, which
-list the devices' PCI addresses), and the guest powers off.
+AIOVFIO_GUEST=1, AIOVFIO_VM_KERNEL, AIOVFIO_VM_IOMMU ("intel" or "none"),
+AIOVFIO_VM_EDU and AIOVFIO_VM_NVME, which list the devices' PCI addresses),
+and the guest powers off.
 
 CMD's stdout and stderr arrive on this process's stdout; stdin is never read.
 Exit codes: CMD's own, or
@@ -24,6 +30,9 @@ Exit codes: CMD's own, or
 
 On 124, 125 and 99 the tail of the guest's console goes to stderr. A guest
 that dies before its stage starts (a TCG boot flake) is booted once more.
+`--on SETUP` picks one of the five setups the project's guest suite proves
+(`SETUPS`: 6.1, 6.12, iommufd, iommufd-compat, noiommu): a kernel, an IOMMU,
+and the environment that selects aiovfio's backend.
 The same is available from Python as `run_in_guest(argv, ...)`.
 """
 
@@ -52,13 +61,25 @@ import structlog
 from attrs import frozen
 
 from .. import _log
-from .vm_setup import FLAVOURS, KernelImage, VmSetupError, cache_dir, find_kernel, setup
+from .vm_setup import (
+    DEBIAN_FLAVOURS,
+    FLAVOURS,
+    KernelImage,
+    VmSetupError,
+    cache_dir,
+    check_flavour,
+    find_kernel,
+    setup,
+)
 
 __all__ = [
     "EXIT_BIND_FAILED",
     "EXIT_GUEST_DIED",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
+    "IOMMU_MODES",
+    "SETUPS",
+    "GuestSetup",
     "GuestDevice",
     "GuestResult",
     "Share",
@@ -102,9 +123,16 @@ _KERNEL_ARGS = (
     "loglevel=4",
     "rdinit=/init",
     "panic=-1",
-    "intel_iommu=on",
-    "iommu=pt",
 )
+#: What each `--iommu` adds: QEMU arguments, kernel command-line words.
+IOMMU_MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # the IOMMU comes before the PCI devices it translates for
+    "intel": (
+        ("-device", "intel-iommu,intremap=on,caching-mode=on"),
+        ("intel_iommu=on", "iommu=pt"),
+    ),
+    "none": ((), ("vfio.enable_unsafe_noiommu_mode=1",)),
+}
 #: Character devices in the initramfs: path -> (major, minor).
 _INIT_NODES = {
     "dev/console": (5, 1),
@@ -135,6 +163,49 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 # --- values ------------------------------------------------------------------------
+
+
+@frozen
+class GuestSetup:
+    """One real-kernel setup the guest suite runs on: a kernel, an IOMMU, a backend."""
+
+    name: str
+    kernel: str
+    iommu: str  # a key of IOMMU_MODES
+    env: tuple[tuple[str, str], ...] = ()  # what the suite's environment adds
+    about: str = ""
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return {"AIOVFIO_VM_SETUP": self.name, **dict(self.env)}
+
+
+#: The five setups `nox -s vm` and .ci/run prove the public API on.
+SETUPS: tuple[GuestSetup, ...] = (
+    GuestSetup("6.1", "6.1", "intel", about="Debian 6.1, legacy type1 container"),
+    GuestSetup("6.12", "6.12", "intel", about="Debian 6.12, legacy type1 container"),
+    GuestSetup(
+        "iommufd",
+        "6.12-iommufd",
+        "intel",
+        (("AIOVFIO_BACKEND", "iommufd"),),
+        about="6.12 built here, iommufd through the VFIO device cdev",
+    ),
+    GuestSetup(
+        "iommufd-compat",
+        "6.12-iommufd",
+        "intel",
+        (("AIOVFIO_BACKEND", "container"),),
+        about="6.12 built here, the legacy container API served by iommufd",
+    ),
+    GuestSetup(
+        "noiommu",
+        "6.12-iommufd",
+        "none",
+        (("AIOVFIO_NOIOMMU", "1"),),
+        about="6.12 built here, no IOMMU: VFIO's unsafe noiommu mode",
+    ),
+)
 
 
 @frozen
@@ -274,9 +345,11 @@ def qemu_command(
     smp: int = 2,
     accel: str = "tcg",
     append: Sequence[str] = (),
+    iommu: str = "intel",
 ) -> list[str]:
     """The QEMU command line of one guest."""
-    cmdline = " ".join([*_KERNEL_ARGS, *append])
+    qemu_iommu, kernel_iommu = IOMMU_MODES[iommu]
+    cmdline = " ".join([*_KERNEL_ARGS, *kernel_iommu, *append])
     argv = [
         qemu,
         "-nodefaults",
@@ -310,9 +383,7 @@ def qemu_command(
         "stdio,id=out,signal=off",
         "-serial",
         "chardev:out",
-        # the IOMMU comes before the PCI devices it translates for
-        "-device",
-        "intel-iommu,intremap=on,caching-mode=on",
+        *qemu_iommu,
     ]
     for share in shares:
         argv += share.qemu_args()
@@ -338,6 +409,7 @@ def job_script(
     timeout: float,
     devices: Sequence[GuestDevice],
     kernel: str,
+    iommu: str = "intel",
 ) -> str:
     """The POSIX sh fragment the guest stage sources: environment, settings, "$@"."""
     q = shlex.quote
@@ -345,6 +417,7 @@ def job_script(
         "AIOVFIO_GUEST": "1",
         "TERM": "dumb",
         "AIOVFIO_VM_KERNEL": kernel,
+        "AIOVFIO_VM_IOMMU": iommu,
         "AIOVFIO_VM_EDU": " ".join(d.bdf for d in devices if d.kind == "edu"),
         "AIOVFIO_VM_NVME": " ".join(d.bdf for d in devices if d.kind == "nvme"),
     }
@@ -585,6 +658,7 @@ def run_in_guest(
     argv: Sequence[str],
     *,
     kernel: str = "6.1",
+    iommu: str = "intel",
     edu: int = 1,
     nvme: int = 1,
     timeout: float = 900.0,
@@ -605,9 +679,12 @@ def run_in_guest(
     `append` adds kernel command-line words (e.g.
     "vfio_iommu_type1.dma_entry_limit=16"). `stdout` receives the command's
     output (default: this process's stdout).
-    A `timeout` of 0 means none. Raises `VmSetupError` when the host is not
-    ready or the arguments are wrong; every guest outcome is a `GuestResult`.
+    `iommu` "none" boots without an IOMMU, VFIO in noiommu mode (a kernel
+    with CONFIG_VFIO_NOIOMMU: "6.12-iommufd"). A `timeout` of 0 means none.
+    Raises `VmSetupError` when the host is not ready or the arguments are
+    wrong; every guest outcome is a `GuestResult`.
     """
+    check_flavour(kernel)  # before the host checks: a typo is reported as one
     if not argv:
         raise VmSetupError("no command given: aiovfio vm [options] -- CMD...")
     if timeout < 0 or smp < 1:
@@ -617,8 +694,15 @@ def run_in_guest(
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise VmSetupError("qemu-system-x86_64 is not installed: run `aiovfio vm --setup`")
+    if iommu not in IOMMU_MODES:
+        raise VmSetupError(f"--iommu {iommu!r}: choose one of {', '.join(IOMMU_MODES)}")
     root = cache or cache_dir()
     image = find_kernel(kernel, root)
+    if iommu == "none" and not image.iommufd:
+        raise VmSetupError(
+            f"--iommu none needs a kernel with VFIO's noiommu mode; kernel {kernel} "
+            "(Debian's build) has none: use --kernel 6.12-iommufd"
+        )
     workdir = Path(cwd if cwd is not None else os.getcwd()).resolve()
     environ = dict(os.environ if env is None else env)
     devices = guest_devices(edu, nvme)
@@ -630,12 +714,19 @@ def run_in_guest(
         devices=devices,
         folders=_normalise_rw([*([workdir] if workdir != Path("/") else []), *rw]),
         job=job_script(
-            program, env=environ, cwd=workdir, timeout=timeout, devices=devices, kernel=kernel
+            program,
+            env=environ,
+            cwd=workdir,
+            timeout=timeout,
+            devices=devices,
+            kernel=kernel,
+            iommu=iommu,
         ),
         timeout=timeout,
         mem=mem,
         smp=smp,
         append=tuple(append),
+        iommu=iommu,
     )
     log = structlog.get_logger("aiovfio").bind(kernel=image.release)
     if _log.enabled():
@@ -665,6 +756,7 @@ class _Plan:
     mem: str
     smp: int
     append: tuple[str, ...]
+    iommu: str
 
 
 def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) -> GuestResult:
@@ -686,6 +778,7 @@ def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) 
             mem=plan.mem,
             smp=plan.smp,
             append=plan.append,
+            iommu=plan.iommu,
         )
         _log.debug("vm.boot", attempt=boots, qemu=shlex.join(command))
         limit = plan.timeout + BOOT_ALLOWANCE if plan.timeout else None
@@ -761,7 +854,22 @@ def _parser() -> argparse.ArgumentParser:
         "--kernel",
         action="append",
         metavar="{" + ",".join(FLAVOURS) + "}",
-        help="Debian kernel flavour (default $AIOVFIO_VM_KERNEL or 6.1)",
+        help="kernel flavour (default $AIOVFIO_VM_KERNEL or 6.1); 6.12-iommufd is built "
+        "here once (`--setup --kernel 6.12-iommufd`, about 15 minutes on two cores)",
+    )
+    parser.add_argument(
+        "--iommu",
+        choices=tuple(IOMMU_MODES),
+        help="the guest's IOMMU: an emulated Intel one (default), or none: VFIO's "
+        "unsafe noiommu mode (6.12-iommufd only)",
+    )
+    parser.add_argument(
+        "--on",
+        action="append",
+        choices=[s.name for s in SETUPS],
+        metavar="SETUP",
+        help="one of the guest suite's setups: "
+        + "; ".join(f"{s.name}: {s.about}" for s in SETUPS),
     )
     parser.add_argument("--edu", type=int, default=1, metavar="N", help="edu devices (default 1)")
     parser.add_argument(
@@ -823,20 +931,35 @@ def _report(result: GuestResult) -> None:
     )
 
 
-def _setup(kernels: Sequence[str], command: Sequence[str]) -> int:
+def _setup(kernels: Sequence[str], on: Sequence[str], command: Sequence[str]) -> int:
     if command:
         raise VmSetupError("--setup takes no command")
-    for image in setup(kernels or FLAVOURS, progress=lambda m: print(m, file=sys.stderr)):
+    by_name = {s.name: s for s in SETUPS}
+    kernels = list(dict.fromkeys([*kernels, *(by_name[n].kernel for n in on)]))
+    for image in setup(kernels or DEBIAN_FLAVOURS, progress=lambda m: print(m, file=sys.stderr)):
         print(f"kernel {image.flavour}: {image.release} ({image.package} {image.version})")
     return 0
 
 
 def _run(args: argparse.Namespace, kernels: Sequence[str], command: Sequence[str]) -> int:
-    if len(kernels) > 1:
-        raise VmSetupError("give one --kernel for a run")
+    on: list[str] = args.on or []
+    if len(kernels) > 1 or len(on) > 1:
+        raise VmSetupError("give one --kernel (or one --on) for a run")
+    env = dict(os.environ)
+    kernel = kernels[0] if kernels else os.environ.get("AIOVFIO_VM_KERNEL", "6.1")
+    iommu = args.iommu or "intel"
+    chosen = next((s for s in SETUPS if s.name in on), None)
+    if chosen is not None:
+        if kernels or args.iommu:
+            raise VmSetupError("--on names a kernel and an IOMMU: give no --kernel or --iommu")
+        check_flavour(chosen.kernel)
+        kernel, iommu = chosen.kernel, chosen.iommu
+        env.update(chosen.environment)
     result = run_in_guest(
         command,
-        kernel=kernels[0] if kernels else os.environ.get("AIOVFIO_VM_KERNEL", "6.1"),
+        kernel=kernel,
+        iommu=iommu,
+        env=env,
         edu=args.edu,
         nvme=args.nvme,
         timeout=args.timeout,
@@ -853,6 +976,12 @@ def _run(args: argparse.Namespace, kernels: Sequence[str], command: Sequence[str
     failed = result.returncode in (EXIT_TIMEOUT, EXIT_BIND_FAILED, EXIT_GUEST_DIED)
     if args.verbose or failed:
         _report(result)
+    elif chosen is not None:
+        print(
+            f"aiovfio vm: setup {chosen.name} ({chosen.about}): kernel {result.kernel}, "
+            f"exit {result.returncode}, host wall {result.timings.wall:.1f} s",
+            file=sys.stderr,
+        )
     return result.returncode
 
 
@@ -865,7 +994,9 @@ def main(argv: list[str] | None = None) -> int:
             structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         kernels: list[str] = args.kernel or []
-        return _setup(kernels, command) if args.setup else _run(args, kernels, command)
+        if args.setup:
+            return _setup(kernels, args.on or [], command)
+        return _run(args, kernels, command)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except VmSetupError as exc:

@@ -6,11 +6,15 @@
    one is missing (`apt-get update` once, only then);
 2. adds `<codename>-backports` as an apt source when no source names it,
    reusing the mirror URI of the configured `<codename>` suite;
-3. fetches each kernel flavour's `linux-image-*` package with
+3. fetches each Debian kernel flavour's `linux-image-*` package with
    `apt-get download`, unpacks it with `dpkg -x` into the cache folder
    (`$AIOVFIO_VM_CACHE`, default `~/.cache/aiovfio-vm`), runs `depmod -b`
    and extracts the uncompressed `vmlinux` (booted through PVH, which skips
    the in-guest decompression). Nothing is installed into /boot.
+4. for "6.12-iommufd" (only when asked for: `--kernel 6.12-iommufd`), installs
+   the build tools, fetches `linux-source-6.12` and builds the kernel with
+   iommufd, the VFIO device cdev and noiommu (`vm_kernel`; about 15 minutes on
+   two cores, once per machine).
 
 A run that finds everything in place changes nothing and needs no network.
 """
@@ -31,21 +35,26 @@ from attrs import frozen
 
 from .. import _log
 from ..errors import SetupError
+from . import vm_kernel
 
 __all__ = [
+    "DEBIAN_FLAVOURS",
     "FLAVOURS",
     "PACKAGES",
     "KernelImage",
     "VmSetupError",
     "cache_dir",
+    "check_flavour",
     "extract_vmlinux",
     "find_kernel",
     "mirror_uri",
     "setup",
 ]
 
-#: Kernel flavours: a Debian `linux-image-amd64` version prefix each.
-FLAVOURS: tuple[str, ...] = ("6.1", "6.12")
+#: Debian's kernel flavours: a `linux-image-amd64` version prefix each.
+DEBIAN_FLAVOURS: tuple[str, ...] = ("6.1", "6.12")
+#: Every flavour: Debian's, and the one built here with iommufd (`vm_kernel`).
+FLAVOURS: tuple[str, ...] = (*DEBIAN_FLAVOURS, vm_kernel.FLAVOUR)
 #: Host packages the guest needs.
 PACKAGES: tuple[str, ...] = (
     "qemu-system-x86",
@@ -76,9 +85,15 @@ class KernelImage:
 
     flavour: str  # "6.1"
     release: str  # `uname -r` in the guest, e.g. "6.1.0-56-amd64"
-    package: str  # e.g. "linux-image-6.1.0-56-amd64"
+    package: str  # e.g. "linux-image-6.1.0-56-amd64" (or "linux-source-6.12" when built)
     version: str  # the package's version
     root: Path  # the `dpkg -x` tree
+    built: bool = False  # built here: everything built in, no loadable modules
+
+    @property
+    def iommufd(self) -> bool:
+        """The kernel has iommufd, the VFIO device cdev and noiommu."""
+        return self.built
 
     @property
     def vmlinux(self) -> Path:
@@ -101,7 +116,8 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "aiovfio-vm"
 
 
-def _check_flavour(flavour: str) -> None:
+def check_flavour(flavour: str) -> None:
+    """`VmSetupError` unless `flavour` is one of `FLAVOURS`."""
     if flavour not in FLAVOURS:
         raise VmSetupError(
             f"unknown kernel flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}"
@@ -110,9 +126,10 @@ def _check_flavour(flavour: str) -> None:
 
 def find_kernel(flavour: str, cache: Path | None = None) -> KernelImage:
     """The cached kernel of `flavour`, or `VmSetupError` telling to run the setup."""
-    _check_flavour(flavour)
+    check_flavour(flavour)
     root = (cache or cache_dir()) / f"linux-{flavour}"
-    hint = f"kernel {flavour} is not in the cache {root.parent}: run `aiovfio vm --setup`"
+    command = "aiovfio vm --setup" + ("" if flavour in DEBIAN_FLAVOURS else f" --kernel {flavour}")
+    hint = f"kernel {flavour} is not in the cache {root.parent}: run `{command}`"
     try:
         meta = json.loads((root / _MARKER).read_text())
         image = KernelImage(
@@ -121,9 +138,16 @@ def find_kernel(flavour: str, cache: Path | None = None) -> KernelImage:
             package=str(meta["package"]),
             version=str(meta["version"]),
             root=root,
+            built=flavour not in DEBIAN_FLAVOURS,
         )
-    except (OSError, ValueError, KeyError, TypeError):
+        key = meta.get("key")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise VmSetupError(hint) from None
+    if image.built and key != vm_kernel.config_key():
+        raise VmSetupError(
+            f"kernel {flavour} in {root} was built with another recipe ({key}, now "
+            f"{vm_kernel.config_key()}): run `{command}` to rebuild it"
+        )
     if not image.vmlinux.is_file() or not (image.modules / "modules.dep").is_file():
         raise VmSetupError(hint)
     return image
@@ -359,19 +383,87 @@ def _fetch_kernel(flavour: str, cache: Path, apt: _Apt, progress: Progress) -> K
     return image
 
 
+def _build_kernel(cache: Path, apt: _Apt, progress: Progress) -> KernelImage:
+    """Fetch `linux-source-6.12` and build the iommufd kernel into the cache."""
+    package = vm_kernel.SOURCE_PACKAGE
+    out = _run(["apt-cache", "madison", package], what="apt-cache madison")
+    if not out.strip():
+        apt.update()
+        out = _run(["apt-cache", "madison", package], what="apt-cache madison")
+    versions = [cols[1].strip() for ln in out.splitlines() if len(cols := ln.split("|")) >= 3]
+    if not versions:
+        raise VmSetupError(
+            f"apt knows no {package} (is {_codename()}-backports or -security enabled?)"
+        )
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    deb_name = f"{package}_{versions[0].replace(':', '%3a')}_all.deb"
+    if not (debs / deb_name).is_file():
+        progress(f"kernel {vm_kernel.FLAVOUR}: downloading {package} {versions[0]}")
+        for old in debs.glob(f"{package}_*.deb"):
+            old.unlink()
+        _run(
+            [
+                "apt-get",
+                "download",
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                f"{package}={versions[0]}",
+            ],
+            what=f"apt-get download {package} (is the Debian package registry reachable?)",
+            cwd=debs,
+        )
+    deb = max(debs.glob(f"{package}_*.deb"), key=lambda p: p.stat().st_mtime)
+    root = cache / f"linux-{vm_kernel.FLAVOUR}"
+    staging = cache / f"linux-{vm_kernel.FLAVOUR}.new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        built = vm_kernel.build(
+            source_deb=deb,
+            version=versions[0],
+            work=cache / f"build-{vm_kernel.config_key()}",
+            image_root=staging,
+            runner=_run,
+            progress=progress,
+        )
+    except vm_kernel.BuildError as exc:
+        raise VmSetupError(str(exc)) from None
+    meta = {
+        "release": built.release,
+        "package": built.package,
+        "version": built.version,
+        "key": built.key,
+        "build_seconds": round(built.seconds, 1),
+    }
+    (staging / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    staging.replace(root)
+    deb.unlink()
+    return find_kernel(vm_kernel.FLAVOUR, cache)
+
+
 def setup(
-    flavours: Sequence[str] = FLAVOURS,
+    flavours: Sequence[str] = DEBIAN_FLAVOURS,
     *,
     cache: Path | None = None,
     progress: Progress | None = None,
 ) -> list[KernelImage]:
-    """Make the host ready to boot guests of `flavours`; returns the kernels."""
+    """Make the host ready to boot guests of `flavours`; returns the kernels.
+
+    Debian's flavours by default; name "6.12-iommufd" to build that one too.
+    """
     say: Progress = progress or (lambda _msg: None)
     for flavour in flavours:
-        _check_flavour(flavour)
+        check_flavour(flavour)
     root = cache or cache_dir()
     images = {f: image for f in flavours if (image := _cached(f, root)) is not None}
-    missing = _missing_packages(PACKAGES)
+    wanted = list(PACKAGES)
+    if vm_kernel.FLAVOUR in flavours and vm_kernel.FLAVOUR not in images:
+        wanted += [p for p in vm_kernel.missing_tools() if p not in wanted]
+    missing = _missing_packages(wanted)
     if not missing and len(images) == len(flavours):
         return [images[f] for f in flavours]
     if os.geteuid() != 0:
@@ -392,5 +484,8 @@ def setup(
         )
     for flavour in flavours:
         if flavour not in images:
-            images[flavour] = _fetch_kernel(flavour, root, apt, say)
+            if flavour in DEBIAN_FLAVOURS:
+                images[flavour] = _fetch_kernel(flavour, root, apt, say)
+            else:
+                images[flavour] = _build_kernel(root, apt, say)
     return [images[f] for f in flavours]

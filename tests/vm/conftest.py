@@ -15,6 +15,14 @@ running, so:
 
 The tests elsewhere marked `@pytest.mark.kernel` run here too, with the same
 bodies they run on the simulated machine (`nox -s vm` collects them).
+
+The suite runs on five setups (`aiovfio vm --on NAME`). A test that cannot
+apply to one says why with a marker, and is deselected there (listed with its
+reason at the end of the run, never skipped silently):
+
+* `@pytest.mark.needs_iommu("why")`: not under noiommu (`--iommu none`);
+* `@pytest.mark.needs_type1("why")`: only where /dev/vfio/vfio is the real
+  type1 container, not iommufd's emulation of it (the 6.12-iommufd kernel).
 """
 
 from __future__ import annotations
@@ -32,12 +40,49 @@ if os.environ.get("AIOVFIO_GUEST") != "1":
     )
 
 
+def _not_here() -> dict[str, str]:
+    """Marker name -> what this setup lacks, for the markers that cannot apply."""
+    lacks = {}
+    if os.environ.get("AIOVFIO_VM_IOMMU") == "none":
+        lacks["needs_iommu"] = "no IOMMU in this guest (noiommu)"
+    if os.environ.get("AIOVFIO_VM_KERNEL", "").endswith("-iommufd"):
+        lacks["needs_type1"] = "/dev/vfio/vfio is iommufd's emulation of type1 here"
+    return lacks
+
+
+_deselected: list[tuple[str, str]] = []
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Everything in tests/vm is real-kernel only: mark it so `-m kernel` keeps it."""
+    """Mark tests/vm real-kernel only; deselect what cannot apply to this setup."""
     here = os.path.dirname(__file__)
     for item in items:
         if str(item.path).startswith(here):
             item.add_marker(pytest.mark.kernel)
+    lacks = _not_here()
+    keep, drop = [], []
+    for item in items:
+        why = [
+            f"{lacks[m.name]}: {m.args[0] if m.args else m.name}"
+            for m in item.iter_markers()
+            if m.name in lacks
+        ]
+        if why:
+            drop.append(item)
+            _deselected.append((item.nodeid, "; ".join(why)))
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    setup = os.environ.get("AIOVFIO_VM_SETUP", "(no --on)")
+    if _deselected:
+        terminalreporter.section(f"deselected on setup {setup}")
+        for nodeid, why in _deselected:
+            terminalreporter.write_line(f"{nodeid}: {why}")
 
 
 @pytest.fixture(scope="session")

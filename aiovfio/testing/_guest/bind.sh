@@ -4,7 +4,8 @@
 # Each device is checked to be what the host put at that address, gets
 # driver_override=vfio-pci and loses any driver it has; one modprobe then loads
 # vfio-pci, which takes them all. Writes "kind bdf group=N driver=D" lines to
-# /run/aiovfio/devices. Builtins only, but for that modprobe.
+# /run/aiovfio/devices. Builtins only, but for that modprobe (which succeeds
+# for a built-in vfio-pci; drivers_probe then binds the devices).
 vm_ifs=$IFS
 
 vm_prepare() { # kind bdf ids class
@@ -38,8 +39,11 @@ vm_check() { # kind bdf ids class
 	for vm_g in /sys/kernel/iommu_groups/*/devices/"$2"; do
 		[ -e "$vm_g" ] && vm_grp=${vm_g%/devices/*} && vm_grp=${vm_grp##*/}
 	done
-	echo "$1 $2 group=$vm_grp driver=$vm_drv" >>$vm_run/devices
-	[ $vm_drv = vfio-pci ] && [ -c "/dev/vfio/$vm_grp" ]
+	# a noiommu group's node is /dev/vfio/noiommu-N
+	vm_node=/dev/vfio/$vm_grp
+	[ -c "$vm_node" ] || vm_node=/dev/vfio/noiommu-$vm_grp
+	echo "$1 $2 group=$vm_grp driver=$vm_drv node=${vm_node#/dev/vfio/}" >>$vm_run/devices
+	[ $vm_drv = vfio-pci ] && [ -c "$vm_node" ]
 }
 
 vm_bind() {
