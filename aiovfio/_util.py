@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 import anyio
 
 from . import errors
+from .kernel.viability import keeps_group_viable
 
 __all__ = [
     "kcall",
@@ -29,10 +30,6 @@ _BDF = re.compile(
     r"(?P<dev>[0-9a-f]{1,2})\.(?P<fn>[0-7])$",
     re.IGNORECASE,
 )
-
-#: Drivers that leave an IOMMU group viable besides vfio-pci and its variants:
-#: they never claim DMA ownership (`driver_managed_dma` in the kernel).
-_VIABLE_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 
 
 def normalize_bdf(text: str) -> str:
@@ -56,15 +53,6 @@ def normalize_bdf(text: str) -> str:
     domain = int(match["domain"] or "0", 16)
     bus = int(match["bus"] or "0", 16)
     return f"{domain:04x}:{bus:02x}:{dev:02x}.{match['fn']}"
-
-
-def keeps_group_viable(driver: str | None) -> bool:
-    """Whether a function bound to `driver` leaves its IOMMU group viable.
-
-    Unbound functions, vfio-pci and its vendor variants (`*vfio*`), pci-stub
-    and PCIe port drivers never claim DMA ownership; anything else does.
-    """
-    return driver is None or driver in _VIABLE_DRIVERS or "vfio" in driver
 
 
 def kcall(operation: str, target: str, fn: Callable[..., T], *args: object) -> T:

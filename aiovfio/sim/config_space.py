@@ -56,6 +56,9 @@ _COMMAND_WRITABLE = (
 )
 _MSI_CTRL_WRITABLE = MsiCtrl.ENABLE | MsiCtrl.QSIZE
 _MSIX_CTRL_WRITABLE = MsixCtrl.ENABLE | MsixCtrl.MASKALL
+#: COMMAND as the firmware and Linux's enumeration leave a function on QEMU's q35 (SeaBIOS
+#: enables I/O and Memory decoding, Linux sets SERR): vfio-pci's open keeps it, minus Bus Master.
+FIRMWARE_COMMAND = Command.IO | Command.MEMORY | Command.SERR
 _BAR_MEM_64 = 0x4
 _BAR_PREFETCH = 0x8
 _ROM_ENABLE = 0x1
@@ -135,6 +138,7 @@ class ConfigSpace:
             vbyte=bytearray(size),
             virt=bytearray(size),
         )
+        struct.pack_into("<H", phys, Cfg.COMMAND, FIRMWARE_COMMAND)
         space._writable(Cfg.COMMAND, 2, _COMMAND_WRITABLE)
         space._writable(Cfg.CACHE_LINE_SIZE, 1, 0xFF)
         space._writable(Cfg.LATENCY_TIMER, 1, 0xFF)

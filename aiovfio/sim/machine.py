@@ -17,156 +17,37 @@ need no locking of their own.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import re
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
-
-from attrs import define, field
+from typing import cast
 
 from .._uapi.vfio import PciIrq, PciRegion, RegionFlag
-from ..errors import InvalidArgument
-from ..kernel.protocol import PciIds
+from ..errors import ClosedResourceError, InvalidArgument
+from ..kernel.viability import keeps_group_viable
 from . import rules
 from .clock import Clock, ClockKind
 from .config_space import Bar, ConfigSpace
-from .faults import FaultLog, FaultRecord, Injection, Injector
-from .iommu import MemlockAccount, ProcessMemory, TranslationFault, default_memlock_limit
+from .faults import FaultLog, FaultRecord, Injection
+from .iommu import MemlockAccount, TranslationFault, default_memlock_limit
 from .irqs import DeviceIrqs, IrqType
 from .kernel import SimKernel
 from .model import DeviceModel, IommuFault, RegionSpec
-
-if TYPE_CHECKING:
-    from .kernel import SimContainer
+from .rules import NEWEST_KERNEL, Personality
+from .topology import RegionRam, SimDevice, SimGroup, Topology
 
 __all__ = ["Machine", "SimDevice", "SimGroup"]
 
 _BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
 #: Group numbers handed out when add_device is not told one (real machines start low too).
 _FIRST_GROUP = 10
-#: Drivers that leave DMA to user space (driver_managed_dma): they keep a group viable.
-_DMA_FREE_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 _MMIO_32 = 0xC000_0000
 _MMIO_64 = 0x80_0000_0000
 _DEFAULT_IOVA_RANGES = ((0, 0xFEDF_FFFF), (0xFEF0_0000, 0x7F_FFFF_FFFF))
-
-
-def is_vfio_driver(driver: str | None) -> bool:
-    """vfio-pci and its variant drivers (mlx5_vfio_pci, ...) register VFIO devices."""
-    return driver is not None and (driver == "vfio-pci" or driver.endswith("vfio_pci"))
-
-
-def keeps_viable(driver: str | None) -> bool:
-    """Whether a device bound to `driver` leaves its group viable (no kernel DMA)."""
-    return driver is None or driver in _DMA_FREE_DRIVERS or is_vfio_driver(driver)
-
-
-@define(eq=False)
-class RegionRam:
-    """The memfd behind a region: what mmap areas show, and `DeviceContext.ram`."""
-
-    index: int
-    size: int
-    fd: int = field(repr=False)
-    map: mmap.mmap = field(repr=False)
-
-    @classmethod
-    def create(cls, name: str, index: int, size: int) -> RegionRam:
-        fd = os.memfd_create(f"aiovfio-sim:{name}:region{index}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(index, size, fd, m)
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a model still holds a view; GC unmaps it
-            self.map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-@define(eq=False)
-class SimGroup:
-    """An IOMMU group and what VFIO knows about it (struct vfio_group)."""
-
-    number: int
-    devices: list[SimDevice] = field(factory=list)
-    #: bumped when the last VFIO device unbinds: older group files are stale
-    generation: int = 0
-    #: group->opened_file: an opener holds it (its fd, or open device fds)
-    opened: bool = False
-    #: the opener closed its fd while device fds still hold the group
-    file_closed: bool = False
-    container: SimContainer | None = field(default=None, repr=False)
-    #: devices of the group with open device fds (container users besides the group)
-    devices_in_use: int = 0
-
-    @property
-    def exists(self) -> bool:
-        """Whether /dev/vfio/<number> exists: a device is bound to a VFIO driver."""
-        return any(d.vfio for d in self.devices)
-
-    @property
-    def viable(self) -> bool:
-        return all(keeps_viable(d.driver) for d in self.devices)
-
-    def offenders(self) -> list[SimDevice]:
-        return [d for d in self.devices if not keeps_viable(d.driver)]
-
-
-@define(eq=False)
-class SimDevice:
-    """One PCI function: its model, config space, region memory and interrupt state."""
-
-    name: str
-    model: DeviceModel
-    group: SimGroup = field(repr=False)
-    driver: str | None
-    config: ConfigSpace = field(repr=False)
-    regions: dict[int, RegionSpec] = field(repr=False)
-    bars: dict[int, Bar] = field(repr=False)
-    ram: dict[int, RegionRam] = field(repr=False)
-    irqs: DeviceIrqs = field(repr=False)
-    #: device->open_count: open device fds
-    open_count: int = 0
-    low_power: bool = False
-
-    @property
-    def vfio(self) -> bool:
-        return is_vfio_driver(self.driver)
-
-    @property
-    def domain(self) -> int:
-        return int(self.name[0:4], 16)
-
-    @property
-    def bus(self) -> int:
-        return int(self.name[5:7], 16)
-
-    @property
-    def devfn(self) -> int:
-        return (int(self.name[8:10], 16) << 3) | int(self.name[11], 16)
-
-    def ids(self) -> PciIds:
-        m = self.model
-        return PciIds(
-            vendor=m.vendor_id,
-            device=m.device_id,
-            subsystem_vendor=m.subsystem_vendor_id,
-            subsystem_device=m.subsystem_id,
-            class_code=m.class_code,
-            revision=m.revision,
-        )
 
 
 class _Context:
@@ -187,19 +68,19 @@ class _Context:
         self._machine._dma(self._device, iova, len(data), bytes(data))
 
     def set_intx(self, asserted: bool) -> None:
-        with self._machine._lock:
+        with self._machine._topo.lock:
             self._device.irqs.set_intx_level(bool(asserted))
 
     def send_msi(self, vector: int) -> None:
-        with self._machine._lock:
+        with self._machine._topo.lock:
             self._device.irqs.send_msi(IrqType.MSI, vector)
 
     def send_msix(self, vector: int) -> None:
-        with self._machine._lock:
+        with self._machine._topo.lock:
             self._device.irqs.send_msi(IrqType.MSIX, vector)
 
     def config_read(self, offset: int, size: int) -> int:
-        with self._machine._lock:
+        with self._machine._topo.lock:
             return self._device.config.read(offset, size)
 
     def ram(self, index: int) -> memoryview:
@@ -212,7 +93,7 @@ class _Context:
         self._machine._clock.schedule(delay, callback)
 
     def log_fault(self, message: str) -> None:
-        with self._machine._lock:
+        with self._machine._topo.lock:
             self._machine.faults.add(FaultRecord("device", self.name, message))
 
 
@@ -224,9 +105,12 @@ class Machine:
     memory limit in bytes; None applies Linux's rule to this process
     (RLIMIT_MEMLOCK, or no limit with CAP_IPC_LOCK). `clock` is "thread"
     (real time, a worker thread while work is pending) or "manual" (time
-    moves only with `advance`/`run_until_idle`). `io_width` is the widest
-    access vfio-pci makes for pread/pwrite of a BAR: 8 on kernels >= 6.11, 4
-    before (a wider access reaches the model as several).
+    moves only with `advance`/`run_until_idle`). `linux` is the kernel
+    personality ("6.12" or "6.1", `aiovfio.sim.rules.PERSONALITY`): every
+    behaviour where the kernels differ follows that kernel. `io_width` is the
+    widest access vfio-pci makes for pread/pwrite of a BAR (None: the
+    personality's, 8 on 6.12 and 4 on 6.1; a wider access reaches the model
+    as several).
     """
 
     def __init__(
@@ -237,13 +121,26 @@ class Machine:
         iova_ranges: Sequence[tuple[int, int]] = _DEFAULT_IOVA_RANGES,
         memlock_limit: int | None = None,
         clock: ClockKind = "thread",
-        io_width: int = 8,
+        io_width: int | None = None,
+        linux: str = NEWEST_KERNEL,
     ) -> None:
+        personality = Personality.of(linux)
+        if io_width is None:
+            io_width = personality.bar_io_width
+        if not isinstance(dma_entry_limit, int) or not isinstance(page_size, int):
+            raise InvalidArgument(
+                f"dma_entry_limit and page_size are ints, not {dma_entry_limit!r}, {page_size!r}"
+            )
         if dma_entry_limit < 0:
             raise InvalidArgument(f"dma_entry_limit must be >= 0, not {dma_entry_limit}")
         if page_size < 4096 or page_size & (page_size - 1):
             raise InvalidArgument(f"page_size must be a power of two >= 4096, not {page_size}")
-        ranges = tuple((int(lo), int(hi)) for lo, hi in iova_ranges)
+        try:
+            ranges = tuple((int(lo), int(hi)) for lo, hi in iova_ranges)
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f"iova_ranges is a sequence of (start, end) int pairs, not {iova_ranges!r}"
+            ) from None
         for i, (lo, hi) in enumerate(ranges):
             if not 0 <= lo <= hi < 1 << 64 or (i and ranges[i - 1][1] >= lo):
                 raise InvalidArgument(
@@ -251,26 +148,28 @@ class Machine:
                 )
         if io_width not in (4, 8):
             raise InvalidArgument(f"io_width must be 4 or 8, not {io_width}")
-        if memlock_limit is not None and memlock_limit < 0:
+        if memlock_limit is not None and (not isinstance(memlock_limit, int) or memlock_limit < 0):
             raise InvalidArgument(f"memlock_limit must be >= 0 or None, not {memlock_limit}")
         self.dma_entry_limit = dma_entry_limit
         self.page_size = page_size
         self.iova_ranges = ranges
         self.io_width = io_width
-        self._lock = threading.RLock()
-        self._clock = Clock(clock, self._lock)
-        self._injector = Injector()
-        self.faults = FaultLog()
-        self._memlock = MemlockAccount(
-            default_memlock_limit() if memlock_limit is None else memlock_limit
+        self.personality = personality
+        self._topo = Topology(
+            personality=personality,
+            dma_entry_limit=dma_entry_limit,
+            page_size=page_size,
+            iova_ranges=ranges,
+            io_width=io_width,
+            memlock=MemlockAccount(
+                default_memlock_limit() if memlock_limit is None else memlock_limit
+            ),
         )
-        self._memory = ProcessMemory()
-        self._devices: dict[str, SimDevice] = {}
-        self._groups: dict[int, SimGroup] = {}
+        self._lock = self._topo.lock
+        self._clock = Clock(clock, self._lock)
         self._mmio32 = _MMIO_32
         self._mmio64 = _MMIO_64
-        self._closed = False
-        self.kernel = SimKernel(self)
+        self.kernel = SimKernel(self._topo)
 
     # --- context manager and close ----------------------------------------------------
 
@@ -287,21 +186,21 @@ class Machine:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._topo.closed
 
     def close(self) -> None:
         """Stop the clock and release every fd, mapping, eventfd and region. Idempotent."""
         self._clock.close()  # without the lock: the worker may be waiting for it
         with self._lock:
-            if self._closed:
+            if self._topo.closed:
                 return
-            self._closed = True
-            self.kernel._shutdown()
-            for device in self._devices.values():
+            self._topo.closed = True
+            self.kernel.files.shutdown()
+            for device in self._topo.devices.values():
                 device.irqs.close()
                 for ram in device.ram.values():
                     ram.close()
-            self._memory.close()
+            self._topo.memory.close()
 
     # --- topology ------------------------------------------------------------------------
 
@@ -326,9 +225,9 @@ class Machine:
             raise InvalidArgument(f"group must be a non-negative int or None, not {group!r}")
         with self._lock:
             self._check_open()
-            if name in self._devices:
+            if name in self._topo.devices:
                 raise InvalidArgument(f"{name} is already on this machine")
-            if any(m.model is model for m in self._devices.values()):
+            if any(m.model is model for m in self._topo.devices.values()):
                 raise InvalidArgument("this model instance is already plugged in; make a new one")
             regions = _check_regions(name, model.regions())
             bars = self._assign_bars(regions)
@@ -343,9 +242,13 @@ class Machine:
                 bars=list(bars.values()),
                 capabilities=[(int(i), bytes(b)) for i, b in model.capabilities()],
             )
-            number = group if group is not None else self._new_group_number()
-            sim_group = self._groups.get(number) or SimGroup(number)
-            if driver is not None and not keeps_viable(driver) and sim_group.container is not None:
+            number = group if group is not None else self._topo.new_group_number(_FIRST_GROUP)
+            sim_group = self._topo.groups.get(number) or SimGroup(number)
+            if (
+                driver is not None
+                and not keeps_group_viable(driver)
+                and sim_group.container is not None
+            ):
                 raise rules.BIND_DMA_OWNED.error(f"{name} into group {number} with {driver}")
             ram: dict[int, RegionRam] = {}
             try:
@@ -373,16 +276,10 @@ class Machine:
                 for r in ram.values():
                     r.close()
                 raise
-            self._groups[number] = sim_group
+            self._topo.groups[number] = sim_group
             sim_group.devices.append(device)
             sim_group.devices.sort(key=lambda d: d.name)
-            self._devices[name] = device
-
-    def _new_group_number(self) -> int:
-        number = _FIRST_GROUP
-        while number in self._groups:
-            number += 1
-        return number
+            self._topo.devices[name] = device
 
     def _assign_bars(self, regions: dict[int, RegionSpec]) -> dict[int, Bar]:
         bars: dict[int, Bar] = {}
@@ -415,11 +312,11 @@ class Machine:
                 device.irqs.signal_req()
                 raise rules.UNBIND_DEVICE_OPEN.error(f"{name} has {device.open_count} open fd(s)")
             group = device.group
-            if not keeps_viable(driver) and group.container is not None:
+            if not keeps_group_viable(driver) and group.container is not None:
                 raise rules.BIND_DMA_OWNED.error(f"{name} to {driver}")
             device.driver = driver
             if not group.exists:
-                self.kernel._group_vanished(group)
+                self._topo.group_vanished(group)
 
     def request_release(self, name: str) -> bool:
         """Signal the device's REQ eventfd (the kernel asking for the device back)."""
@@ -439,17 +336,37 @@ class Machine:
     @property
     def device_names(self) -> tuple[str, ...]:
         with self._lock:
-            return tuple(sorted(self._devices))
+            return tuple(sorted(self._topo.devices))
+
+    @property
+    def faults(self) -> FaultLog:
+        """Every fault the machine's devices met, with its message."""
+        return self._topo.faults
+
+    @property
+    def linux(self) -> str:
+        """The kernel this machine behaves as ("6.12" or "6.1")."""
+        return self.personality.linux
+
+    @property
+    def topology(self) -> Topology:
+        """Groups, devices, containers and the lock (what the kernel and sysfs writer read)."""
+        return self._topo
+
+    @property
+    def _devices(self) -> dict[str, SimDevice]:
+        return self._topo.devices
+
+    @property
+    def _memlock(self) -> MemlockAccount:
+        return self._topo.memlock
 
     def _device(self, name: str) -> SimDevice:
-        try:
-            return self._devices[name]
-        except KeyError:
-            raise LookupError(f"no device {name!r} on this machine") from None
+        return self._topo.device(name)
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this simulated machine is closed")
+        if self._topo.closed:
+            raise ClosedResourceError("this simulated machine is closed; make a new Machine")
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -495,16 +412,16 @@ class Machine:
         for `close`, which releases the fd and then raises (as close(2) does).
         """
         with self._lock:
-            return self._injector.inject(op, errno, nth=nth, times=times)
+            return self._topo.injector.inject(op, errno, nth=nth, times=times)
 
     def clear_injections(self) -> None:
         with self._lock:
-            self._injector.clear()
+            self._topo.injector.clear()
 
     @property
     def kernel_calls(self) -> Counter[str]:
         """How many times each Kernel method was called."""
-        return self._injector.calls
+        return self._topo.injector.calls
 
     def _dropped_interrupt(self, name: str, message: str) -> None:
         self.faults.add(FaultRecord("interrupt", name, message))
@@ -535,7 +452,7 @@ class Machine:
             if data is None:
                 parts = []
                 for vaddr, n in segments:
-                    chunk = self._memory.read(vaddr, n)
+                    chunk = self._topo.memory.read(vaddr, n)
                     if chunk is None:
                         self._gone(device, vaddr, n)
                         chunk = bytes(n)
@@ -543,7 +460,7 @@ class Machine:
                 return b"".join(parts)
             pos = 0
             for vaddr, n in segments:
-                if not self._memory.write(vaddr, data[pos : pos + n]):
+                if not self._topo.memory.write(vaddr, data[pos : pos + n]):
                     self._gone(device, vaddr, n)
                 pos += n
             return b""
@@ -563,21 +480,24 @@ class Machine:
     def leaks(self) -> list[str]:
         """Everything still open, mapped or enabled, one line each; [] when clean."""
         with self._lock:
-            return self.kernel._leaks()
+            return self.kernel.files.leaks()
 
     def write_sysfs(self, root: str | os.PathLike[str]) -> Path:
         """Write a sysfs-like tree of this machine under `root` (for LinuxKernel(sysfs=root))."""
         from .sysfs_tree import write_tree
 
         with self._lock:
-            return write_tree(Path(root), self)
+            return write_tree(Path(root), self._topo)
 
     def __repr__(self) -> str:
         with self._lock:
-            state = "closed" if self._closed else f"clock={self._clock.kind}"
-            lines = [f"<Machine {state} groups={len(self._groups)} devices={len(self._devices)}"]
-            for number in sorted(self._groups):
-                g = self._groups[number]
+            state = "closed" if self._topo.closed else f"clock={self._clock.kind}"
+            lines = [
+                f"<Machine linux={self.linux} {state} groups={len(self._topo.groups)} "
+                f"devices={len(self._topo.devices)}"
+            ]
+            for number in sorted(self._topo.groups):
+                g = self._topo.groups[number]
                 flags = ["viable" if g.viable else "not viable"]
                 if g.opened:
                     flags.append("open")
@@ -592,13 +512,6 @@ class Machine:
                         + (f" open={d.open_count}" if d.open_count else "")
                     )
             return "\n".join(lines) + ">"
-
-    # for the sysfs writer and the kernel
-    def _iter_devices(self) -> Iterable[SimDevice]:
-        return [self._devices[n] for n in sorted(self._devices)]
-
-    def _iter_groups(self) -> Iterable[SimGroup]:
-        return [self._groups[n] for n in sorted(self._groups)]
 
 
 def _check_regions(name: str, specs: Sequence[RegionSpec]) -> dict[int, RegionSpec]:

@@ -6,13 +6,15 @@ torvalds/linux drivers/vfio/*.c and drivers/vfio/pci/*.c, kernels 6.1 to 6.12).
 `aiovfio.sim.kernel` raises `rule.error(detail)`: an `OSError` with Linux's
 errno whose message names the rule, so a failing test says which rule refused.
 
-Where kernels differ the sim takes the stricter side, so that code that
-passes on the sim passes on every supported kernel: MSI-X vectors cannot be
-added to an enabled index (6.5+ allows it with dynamic MSI-X), and
-VFIO_TYPE1_NESTING_IOMMU is not offered (removed in 6.13).
-
 The rows are grouped as the kernel's files are: the container and the type1
 IOMMU, the group, the vfio-pci device, device I/O, and driver binding.
+Rows of the sim's iommufd (drivers/iommu/iommufd) go in their own section.
+
+Where Linux versions differ, the machine's *personality* decides:
+`PERSONALITY` is the table (kernel version -> variant, each row naming the
+kernel function that makes it so), and `Personality.of("6.1")` is what one
+kernel answers. `Machine(linux="6.12")` picks the row; the guest test
+tests/vm/test_personality.py compares each row with the running kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from errno import (
 
 from attrs import frozen
 
-__all__ = ["RULES", "Rule"]
+__all__ = [
+    "KERNELS",
+    "NEWEST_KERNEL",
+    "PERSONALITY",
+    "RULES",
+    "Personality",
+    "PersonalityRow",
+    "Rule",
+]
 
 
 @frozen
@@ -400,3 +410,113 @@ UNBIND_DEVICE_OPEN = Rule(
 
 #: The table, in the order above.
 RULES: tuple[Rule, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Rule))
+
+
+# --- kernel personalities -------------------------------------------------------------------
+
+#: The kernels the project proves in the QEMU guest, oldest first.
+KERNELS: tuple[str, ...] = ("6.1", "6.12")
+#: What `Machine()` simulates unless told otherwise.
+NEWEST_KERNEL = KERNELS[-1]
+
+
+@frozen
+class PersonalityRow:
+    """One behaviour that differs (or could differ) between kernels."""
+
+    name: str
+    description: str
+    #: kernel version -> what that kernel does
+    answers: dict[str, object]
+    #: "file.c: function" in torvalds/linux that makes it so
+    enforced_by: str
+
+
+# fmt: off
+PERSONALITY: tuple[PersonalityRow, ...] = (
+    PersonalityRow(
+        "msix_noresize",
+        "VFIO_DEVICE_GET_IRQ_INFO(MSI-X) has NORESIZE (no dynamic MSI-X)",
+        {"6.1": True, "6.12": False},
+        "vfio_pci_core.c: vfio_pci_ioctl_get_irq_info (!vdev->has_dyn_msix; dynamic MSI-X "
+        "since 6.5)"),
+    PersonalityRow(
+        "msix_dynamic",
+        "vectors past those allocated can be hooked while MSI-X is enabled",
+        {"6.1": False, "6.12": True},
+        "vfio_pci_intrs.c: vfio_msi_set_vector_signal / vfio_msi_alloc_irq (has_dyn_msix)"),
+    PersonalityRow(
+        "msix_loopback_unallocated",
+        "a DATA_NONE/BOOL trigger of a vector never allocated: 0 (ignored) or EINVAL",
+        {"6.1": "EINVAL", "6.12": 0},
+        "vfio_pci_intrs.c: vfio_pci_set_msi_trigger (6.1: start + count > num_ctx; 6.12: "
+        "vfio_irq_ctx_get is NULL, skipped)"),
+    PersonalityRow(
+        "iommu_info_cap_align",
+        "each VFIO_IOMMU_GET_INFO capability is padded to this many bytes (argsz 116 or 120)",
+        {"6.1": 1, "6.12": 8},
+        "vfio_main.c: vfio_info_cap_add (ALIGN(size, sizeof(u64)) from 6.8)"),
+    PersonalityRow(
+        "bar_io_width",
+        "the widest single access vfio-pci's pread/pwrite makes to a BAR",
+        {"6.1": 4, "6.12": 8},
+        "vfio_pci_rdwr.c: vfio_pci_core_do_io_rw (8-byte ioread64/iowrite64 from 6.11)"),
+    PersonalityRow(
+        "type1_nesting",
+        "CHECK_EXTENSION(VFIO_TYPE1_NESTING_IOMMU)",
+        {"6.1": 1, "6.12": 1},
+        "vfio_iommu_type1.c: vfio_iommu_type1_check_extension (removed in 6.13)"),
+    PersonalityRow(
+        "update_vaddr_before_set_iommu",
+        "CHECK_EXTENSION(VFIO_UPDATE_VADDR) on a container without an IOMMU",
+        {"6.1": 0, "6.12": 0},
+        "vfio_iommu_type1.c: vfio_iommu_type1_check_extension (iommu && ...)"),
+    PersonalityRow(
+        "command_after_open",
+        "PCI COMMAND right after the first open (I/O, Memory, SERR; Bus Master clear)",
+        {"6.1": 0x0103, "6.12": 0x0103},
+        "vfio_pci_core.c: vfio_pci_core_enable (pci_enable_device, pci_clear_master; "
+        "the firmware's I/O and SERR stay)"),
+    PersonalityRow(
+        "msix_rehook_failure",
+        "re-hooking an enabled MSI-X block with a bad eventfd unhooks start..the failing one",
+        {"6.1": "unhooked", "6.12": "unhooked"},
+        "vfio_pci_intrs.c: vfio_msi_set_block (the error path sets every vector from start "
+        "up to the failing one to -1)"),
+)
+# fmt: on
+
+
+@frozen
+class Personality:
+    """What one kernel version answers, one attribute per `PERSONALITY` row."""
+
+    linux: str
+    msix_noresize: bool
+    msix_dynamic: bool
+    msix_loopback_unallocated: object
+    iommu_info_cap_align: int
+    bar_io_width: int
+    type1_nesting: int
+    update_vaddr_before_set_iommu: int
+    command_after_open: int
+    msix_rehook_failure: object
+
+    @classmethod
+    def of(cls, linux: str) -> Personality:
+        """The personality of kernel `linux` ("6.1" or "6.12")."""
+        if linux not in KERNELS:
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(
+                f"linux={linux!r} is not a kernel the sim knows; use one of "
+                f"{', '.join(KERNELS)} (the kernels the guest suite proves)"
+            )
+        values = {row.name: row.answers[linux] for row in PERSONALITY}
+        return cls(linux=linux, **values)  # type: ignore[arg-type]
+
+    def row(self, name: str) -> PersonalityRow:
+        for row in PERSONALITY:
+            if row.name == name:
+                return row
+        raise KeyError(name)

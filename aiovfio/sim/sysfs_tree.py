@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .._uapi.vfio import PciRegion
 
 if TYPE_CHECKING:
-    from .machine import Machine, SimDevice
+    from .topology import SimDevice, Topology
 
 __all__ = ["write_tree"]
 
@@ -51,7 +51,7 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def write_tree(root: Path, machine: Machine) -> Path:
+def write_tree(root: Path, machine: Topology) -> Path:
     """Write the tree; return `root`."""
     root.mkdir(parents=True, exist_ok=True)
     for name in _OWNED:
@@ -59,9 +59,9 @@ def write_tree(root: Path, machine: Machine) -> Path:
     drivers = root / "bus" / "pci" / "drivers"
     for drv in ("vfio-pci", "pci-stub"):
         _driver_dir(drivers / drv)
-    for device in machine._iter_devices():
+    for device in machine.iter_devices():
         _device(root, device)
-    for group in machine._iter_groups():
+    for group in machine.iter_groups():
         base = root / "kernel" / "iommu_groups" / str(group.number)
         _write(base / "type", "DMA\n")
         (base / "devices").mkdir(parents=True, exist_ok=True)

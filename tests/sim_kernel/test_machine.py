@@ -142,7 +142,7 @@ def test_closed_machine(machine: Machine) -> None:
     machine.close()
     with pytest.raises(OSError, match="closed"):
         machine.kernel.open_container()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(aiovfio.ClosedResourceError, match="closed"):
         machine.add_device(Toy(), name="0000:00:05.0")
     assert "closed" in repr(machine)
 
@@ -171,3 +171,25 @@ def test_memlock_default_follows_linux(machine: Machine) -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     expected = None if _has_cap_ipc_lock() or soft == resource.RLIM_INFINITY else soft
     assert machine._memlock.limit == expected
+
+
+@pytest.mark.parametrize(
+    ("driver", "viable"),
+    [
+        (None, True),
+        ("vfio-pci", True),
+        ("mlx5_vfio_pci", True),
+        ("pci-stub", True),
+        ("pcieport", True),
+        ("vfio_ap", False),  # not a driver_managed_dma PCI driver: the old public rule said viable
+        ("e1000e", False),
+    ],
+)
+def test_one_viability_rule(machine: Machine, driver: str | None, viable: bool) -> None:
+    """The sim and the public layer answer from one rule (aiovfio.kernel.viability)."""
+    from aiovfio._util import keeps_group_viable
+
+    assert keeps_group_viable(driver) is viable
+    machine.add_device(Toy(), name=NAME, group=3)
+    machine.add_device(Toy(), name="0000:00:04.1", group=3, driver=driver)
+    assert machine.topology.groups[3].viable is viable
