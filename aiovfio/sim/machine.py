@@ -267,7 +267,11 @@ class Machine:
                 regions=regions,
                 bars=bars,
                 ram=ram,
-                irqs=DeviceIrqs(config, lambda msg: self._dropped_interrupt(name, msg)),
+                irqs=DeviceIrqs(
+                    config,
+                    lambda msg: self._dropped_interrupt(name, msg),
+                    self._topo.personality,
+                ),
             )
             try:
                 _check_irqs(device)

@@ -46,6 +46,7 @@ __all__ = [
     "Personality",
     "PersonalityRow",
     "Rule",
+    "personality_name",
 ]
 
 
@@ -520,3 +521,26 @@ class Personality:
             if row.name == name:
                 return row
         raise KeyError(name)
+
+
+def personality_name(release: str) -> str:
+    """The personality for a kernel release: "6.12.95+deb12-amd64" or "6.12-iommufd" -> "6.12".
+
+    A release between two proven kernels gets the older one's personality;
+    an unknown one raises InvalidArgument.
+    """
+    from ..errors import InvalidArgument
+
+    head = release.split("-", 1)[0].split("+", 1)[0].split(".")
+    try:
+        version = (int(head[0]), int(head[1]))
+    except (IndexError, ValueError):
+        raise InvalidArgument(
+            f"{release!r} is not a kernel release like 6.12 or 6.1.0-57"
+        ) from None
+    known = [k for k in KERNELS if tuple(int(x) for x in k.split(".")) <= version]
+    if not known:
+        raise InvalidArgument(
+            f"kernel {release} is older than the oldest the sim knows ({KERNELS[0]})"
+        )
+    return known[-1]

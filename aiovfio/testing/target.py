@@ -53,6 +53,20 @@ class Target:
     def real(self) -> bool:
         return self.machine is None
 
+    @property
+    def linux(self) -> str:
+        """The kernel personality this target behaves as ("6.12" or "6.1").
+
+        On the sim the machine's; in the guest the booted kernel's
+        (AIOVFIO_VM_KERNEL, else `uname -r`), so a kernel-marked test body can
+        expect what that kernel does: `Personality.of(target.linux)`.
+        """
+        from ..sim.rules import personality_name
+
+        if self.machine is not None:
+            return self.machine.linux
+        return personality_name(os.environ.get("AIOVFIO_VM_KERNEL") or os.uname().release)
+
     def leaks(self) -> list[str]:
         """What is still open, mapped or enabled since the target was made."""
         if self.machine is not None:

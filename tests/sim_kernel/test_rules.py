@@ -496,7 +496,13 @@ def test_set_irqs_intx_range(rig: Rig) -> None:
     refused(R.SET_IRQS_INTX_RANGE, rig.irq_set, d, bools, 4, 0, 0)  # REQ
 
 
-def test_set_irqs_vector_not_allocated(rig: Rig) -> None:
+def test_set_irqs_vector_not_allocated(machine: Machine) -> None:
+    """6.1 (no dynamic MSI-X): vectors past those allocated need a disable and re-enable."""
+    machine.close()
+    machine = Machine(clock="manual", linux="6.1")
+    toy = Toy()
+    machine.add_device(toy, name=NAME, group=GROUP)
+    rig = Rig(machine, toy)
     _, _, d = rig.device()
     e = rig.k.eventfd()
     rig.eventfds(d, 2, [e])  # MSI-X with one vector allocated
@@ -504,6 +510,17 @@ def test_set_irqs_vector_not_allocated(rig: Rig) -> None:
     rig.disable(d, 2)
     rig.eventfds(d, 2, [e, -1])  # allocate two, the second without an eventfd
     rig.eventfds(d, 2, [e], start=1)
+    machine.close()
+
+
+def test_dynamic_msix_adds_vectors_while_enabled(rig: Rig) -> None:
+    """6.12 (dynamic MSI-X): a vector past those allocated is hooked while enabled."""
+    _, _, d = rig.device()
+    e = rig.k.eventfd()
+    rig.eventfds(d, 2, [e])
+    rig.eventfds(d, 2, [e], start=3)
+    assert "MSIX vector 3 enabled" in " ".join(rig.machine.leaks())
+    rig.disable(d, 2)
 
 
 def test_set_irqs_mask_eventfd(rig: Rig) -> None:
