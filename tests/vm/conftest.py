@@ -22,7 +22,9 @@ reason at the end of the run, never skipped silently):
 
 * `@pytest.mark.needs_iommu("why")`: not under noiommu (`--iommu none`);
 * `@pytest.mark.needs_type1("why")`: only where /dev/vfio/vfio is the real
-  type1 container, not iommufd's emulation of it (the 6.12-iommufd kernel).
+  type1 container, not iommufd's emulation of it (the 6.12-iommufd kernel);
+* `@pytest.mark.needs_iommufd("why")`: only on a kernel with iommufd (not
+  Debian's).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _not_here() -> dict[str, str]:
         lacks["needs_iommu"] = "no IOMMU in this guest (noiommu)"
     if os.environ.get("AIOVFIO_VM_KERNEL", "").endswith("-iommufd"):
         lacks["needs_type1"] = "/dev/vfio/vfio is iommufd's emulation of type1 here"
+    else:
+        lacks["needs_iommufd"] = "Debian's kernel has no iommufd"
     return lacks
 
 
