@@ -33,7 +33,8 @@ from . import rules
 from .clock import Clock, ClockKind
 from .config_space import Bar, ConfigSpace
 from .faults import FaultLog, FaultRecord, Injection
-from .iommu import MemlockAccount, TranslationFault, default_memlock_limit
+from .ioas import Ioas
+from .iommu import MemlockAccount, TranslationFault, Type1Iommu, default_memlock_limit
 from .irqs import DeviceIrqs, IrqType
 from .kernel import SimKernel
 from .model import DeviceModel, IommuFault, RegionSpec
@@ -110,7 +111,11 @@ class Machine:
     behaviour where the kernels differ follows that kernel. `io_width` is the
     widest access vfio-pci makes for pread/pwrite of a BAR (None: the
     personality's, 8 on 6.12 and 4 on 6.1; a wider access reaches the model
-    as several).
+    as several). `iommufd` gives the machine /dev/iommu and VFIO device cdevs
+    (/dev/vfio/devices/vfioN, numbered as devices bind to VFIO), as a kernel
+    built with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV: IOAS objects, the
+    cdev's bind/attach and its exclusion of the group path
+    (`aiovfio.sim.ioas`, `aiovfio.sim.kernel.iommufd`).
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class Machine:
         clock: ClockKind = "thread",
         io_width: int | None = None,
         linux: str = NEWEST_KERNEL,
+        iommufd: bool = False,
     ) -> None:
         personality = Personality.of(linux)
         if io_width is None:
@@ -164,7 +170,9 @@ class Machine:
             memlock=MemlockAccount(
                 default_memlock_limit() if memlock_limit is None else memlock_limit
             ),
+            iommufd=bool(iommufd),
         )
+        self.iommufd = bool(iommufd)
         self._lock = self._topo.lock
         self._clock = Clock(clock, self._lock)
         self._mmio32 = _MMIO_32
@@ -444,9 +452,14 @@ class Machine:
                 return IommuFault(iova, size, write, reason)
 
             container = device.group.container
-            iommu = container.iommu if container is not None else None
+            iommu: Type1Iommu | Ioas | None = device.ioas  # attached through its cdev
+            if iommu is None and container is not None:
+                iommu = container.iommu
             if iommu is None:
-                raise fault("the device's group is not attached to a container with an IOMMU")
+                raise fault(
+                    "the device's group is not attached to a container with an IOMMU, "
+                    "and the device is not attached to an IOAS"
+                )
             if not device.config.bus_master:
                 raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
             try:

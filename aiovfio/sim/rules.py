@@ -20,6 +20,7 @@ tests/vm/test_personality.py compares each row with the running kernel.
 from __future__ import annotations
 
 from errno import (
+    EADDRINUSE,
     EBADF,
     EBADFD,
     EBUSY,
@@ -27,12 +28,15 @@ from errno import (
     EFAULT,
     EINVAL,
     EIO,
+    EMSGSIZE,
     ENODEV,
     ENOENT,
     ENOMEM,
     ENOSPC,
     ENOTSUP,
     ENOTTY,
+    EOPNOTSUPP,
+    EOVERFLOW,
     EPERM,
 )
 
@@ -397,6 +401,112 @@ MMAP_BAD_RANGE = Rule(
     "mmap_bad_range", EINVAL,
     "the length is 0, or the offset is not page aligned",
     "mm/mmap.c: do_mmap")
+
+# --- iommufd: /dev/iommu, IOAS objects, the VFIO device cdev --------------------------------
+IOMMUFD_CMD_SIZE = Rule(
+    "iommufd_cmd_size", EINVAL,
+    "the iommufd command's size is smaller than its structure",
+    "iommufd/main.c: iommufd_fops_ioctl (ucmd.user_size < op->min_size)")
+IOMMUFD_FLAGS = Rule(
+    "iommufd_flags", EOPNOTSUPP,
+    "unknown flags in an iommufd command",
+    "iommufd/ioas.c: iommufd_ioas_alloc_ioctl / iommufd_ioas_map")
+IOMMUFD_NO_OBJECT = Rule(
+    "iommufd_no_object", ENOENT,
+    "no IOAS with this id in this iommufd",
+    "iommufd/main.c: iommufd_get_object")
+IOMMUFD_OBJECT_BUSY = Rule(
+    "iommufd_object_busy", EBUSY,
+    "the IOAS still has devices attached",
+    "iommufd/main.c: iommufd_object_remove (refcount)")
+IOAS_RANGES_SPACE = Rule(
+    "ioas_ranges_space", EMSGSIZE,
+    "num_iovas is smaller than the IOAS's number of ranges (the count is written back)",
+    "iommufd/ioas.c: iommufd_ioas_iova_ranges")
+IOAS_MAP_NO_PERMISSION = Rule(
+    "ioas_map_no_permission", EINVAL,
+    "an IOAS map needs READABLE, WRITEABLE or both",
+    "iommufd/ioas.c: iommufd_ioas_map")
+IOAS_MAP_OVERFLOW = Rule(
+    "ioas_map_overflow", EOVERFLOW,
+    "the IOVA range wraps past the end of the address space",
+    "iommufd/ioas.c: iommufd_ioas_map; io_pagetable.c: iopt_check_iova")
+IOAS_MAP_UNALIGNED = Rule(
+    "ioas_map_unaligned", EINVAL,
+    "IOVA, length or user address is not aligned to the IOAS's IOVA alignment",
+    "iommufd/io_pagetable.c: iopt_check_iova / iopt_alloc_area_pages")
+IOAS_MAP_RESERVED = Rule(
+    "ioas_map_reserved", EINVAL,
+    "the IOVA range is outside the IOAS's allowed ranges (reserved by an attached domain)",
+    "iommufd/io_pagetable.c: iopt_check_iova (iopt_reserved_iter_first)")
+IOAS_MAP_OVERLAP = Rule(
+    "ioas_map_overlap", EEXIST,
+    "the IOVA range overlaps an existing mapping in the IOAS",
+    "iommufd/io_pagetable.c: iopt_check_iova (iopt_area_iter_first)")
+IOAS_MAP_NO_SPACE = Rule(
+    "ioas_map_no_space", ENOSPC,
+    "no free IOVA range of this size and alignment is left for the kernel to pick",
+    "iommufd/io_pagetable.c: iopt_alloc_iova")
+IOAS_MAP_BAD_VADDR = Rule(
+    "ioas_map_bad_vaddr", EFAULT,
+    "the user address range is not mapped in the process with the needed access",
+    "iommufd/pages.c: pfn_reader_user_pin (pin_user_pages_fast)")
+IOAS_MAP_MEMLOCK = Rule(
+    "ioas_map_memlock", ENOMEM,
+    "pinning would exceed RLIMIT_MEMLOCK",
+    "iommufd/pages.c: incr_user_locked_vm")
+IOAS_UNMAP_EMPTY = Rule(
+    "ioas_unmap_empty", EINVAL,
+    "an unmap of length 0 (only iova 0 with length U64_MAX means all)",
+    "iommufd/io_pagetable.c: iopt_unmap_iova")
+IOAS_UNMAP_SPLITS = Rule(
+    "ioas_unmap_splits", ENOENT,
+    "the unmap range starts or ends inside a mapping: unmap whole mappings",
+    "iommufd/io_pagetable.c: iopt_unmap_iova_range")
+IOAS_UNMAP_NOTHING = Rule(
+    "ioas_unmap_nothing", ENOENT,
+    "nothing is mapped in the unmap range",
+    "iommufd/io_pagetable.c: iopt_unmap_iova_range")
+CDEV_NONE = Rule(
+    "cdev_none", ENOENT,
+    "no /dev/vfio/devices/<cdev> node: the device is not bound to a VFIO driver, or it is "
+    "a noiommu device (which has no cdev)",
+    "vfio.h: vfio_device_add (cdev_device_add, not for noiommu devices)")
+CDEV_NOT_BOUND = Rule(
+    "cdev_not_bound", EINVAL,
+    "a device cdev needs VFIO_DEVICE_BIND_IOMMUFD before any other ioctl, read, write or mmap",
+    "vfio_main.c: vfio_device_fops_unl_ioctl (df->access_granted)")
+BIND_BAD_ARGS = Rule(
+    "bind_bad_args", EINVAL,
+    "VFIO_DEVICE_BIND_IOMMUFD: argsz too small, flags set, or a negative iommufd",
+    "device_cdev.c: vfio_df_ioctl_bind_iommufd")
+BIND_NOT_IOMMUFD = Rule(
+    "bind_not_iommufd", EBADFD,
+    "the fd given to VFIO_DEVICE_BIND_IOMMUFD is not an open /dev/iommu",
+    "iommufd/main.c: iommufd_ctx_from_fd")
+BIND_TWICE = Rule(
+    "bind_twice", EINVAL,
+    "the device is already bound through a cdev (one bind per device)",
+    "device_cdev.c: vfio_df_ioctl_bind_iommufd (df->access_granted); "
+    "vfio_main.c: vfio_df_open (open_count)")
+BIND_GROUP_OPEN = Rule(
+    "bind_group_open", EBUSY,
+    "the device's group is open (/dev/vfio/<group>): the group path and the cdev exclude "
+    "each other",
+    "group.c: vfio_device_block_group (group->opened_file)")
+GROUP_CDEV_BOUND = Rule(
+    "group_cdev_bound", EBUSY,
+    "a device of the group is bound through its cdev: the cdev and the group path exclude "
+    "each other",
+    "group.c: vfio_group_fops_open (group->cdev_device_open_cnt)")
+ATTACH_NOT_IOAS = Rule(
+    "attach_not_ioas", ENOENT,
+    "pt_id names no IOAS or hardware page table of the bound iommufd",
+    "iommufd/device.c: iommufd_device_change_pt (iommufd_get_object)")
+ATTACH_RESERVED_OVERLAP = Rule(
+    "attach_reserved_overlap", EADDRINUSE,
+    "the IOAS already maps IOVAs the device's IOMMU domain reserves",
+    "iommufd/io_pagetable.c: iopt_table_enforce_dev_resv_regions")
 
 # --- driver binding (Machine.set_driver / add_device) --------------------------------------
 BIND_DMA_OWNED = Rule(

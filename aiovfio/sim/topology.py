@@ -30,6 +30,7 @@ from ..kernel.protocol import PciIds
 from ..kernel.viability import is_vfio_driver, keeps_group_viable
 from .config_space import Bar, ConfigSpace
 from .faults import FaultLog, Injector
+from .ioas import Ioas
 from .iommu import MemlockAccount, ProcessMemory, Type1Iommu
 from .irqs import DeviceIrqs
 from .model import DeviceModel, RegionSpec
@@ -95,6 +96,8 @@ class SimGroup:
     container: SimContainer | None = field(default=None, repr=False)
     #: devices of the group with open device fds (container users besides the group)
     devices_in_use: int = 0
+    #: group->cdev_device_open_cnt: devices bound through their cdev block the group path
+    cdev_binds: int = 0
 
     @property
     def exists(self) -> bool:
@@ -125,6 +128,10 @@ class SimDevice:
     #: device->open_count: open device fds
     open_count: int = 0
     low_power: bool = False
+    #: the N of /dev/vfio/devices/vfioN on an iommufd machine, once bound to VFIO
+    cdev: int | None = None
+    #: the IOAS the device is attached to through its cdev
+    ioas: Ioas | None = field(default=None, repr=False)
 
     @property
     def vfio(self) -> bool:
@@ -166,8 +173,13 @@ class Topology:
         iova_ranges: Sequence[tuple[int, int]],
         io_width: int,
         memlock: MemlockAccount,
+        iommufd: bool = False,
     ) -> None:
         self.lock = threading.RLock()
+        #: /dev/iommu and the VFIO device cdevs exist (CONFIG_IOMMUFD, VFIO_DEVICE_CDEV)
+        self.iommufd = iommufd
+        self._cdevs = 0
+        self._ioas_ids = 0
         self.personality = personality
         self.dma_entry_limit = dma_entry_limit
         self.page_size = page_size
@@ -200,6 +212,26 @@ class Topology:
             raise DeviceNotFound(
                 f"no device {name!r} on this simulated machine; its devices: {have}"
             ) from None
+
+    def cdev_name(self, device: SimDevice) -> str | None:
+        """`vfioN` of the device's cdev: numbered on first bind to VFIO, None without one."""
+        if not self.iommufd or not device.vfio:
+            return None
+        if device.cdev is None:
+            device.cdev = self._cdevs
+            self._cdevs += 1
+        return f"vfio{device.cdev}"
+
+    def new_ioas(self) -> Ioas:
+        """An IOAS with the machine's IOMMU domain: page size and usable ranges."""
+        self._ioas_ids += 1
+        return Ioas(
+            self._ioas_ids,
+            self.page_size,
+            self.iova_ranges or ((0, (1 << 64) - 1),),
+            memlock=self.memlock,
+            memory=self.memory,
+        )
 
     def new_group_number(self, first: int) -> int:
         number = first

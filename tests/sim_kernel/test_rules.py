@@ -11,12 +11,14 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Iterator
 
 import pytest
 
+from aiovfio._uapi import iommufd as iuapi
 from aiovfio._uapi import vfio as uapi
 from aiovfio._uapi.vfio import DeviceFeature, DeviceFeatureFlag, IrqSetFlag
-from aiovfio.sim import RULES, Machine
+from aiovfio.sim import RULES, IommuFault, Machine
 from aiovfio.sim import rules as R  # noqa: N812 - R.RULE_NAME reads as the table
 
 from .rig import CONFIG, GROUP, NAME, PAGE, Rig, Toy, buffer, protect, refused
@@ -740,3 +742,311 @@ def test_unbind_device_open(rig: Rig) -> None:
 def test_struct_sizes_are_the_kernels() -> None:
     assert ctypes.sizeof(uapi.vfio_iommu_type1_dma_map) == 32
     assert ctypes.sizeof(uapi.vfio_irq_set) == 20
+
+
+# --- iommufd: /dev/iommu, IOAS objects, the VFIO device cdev (Machine(iommufd=True)) ----
+
+
+class Fd:
+    """An iommufd machine's kernel with a Toy: iommufd, IOAS and cdev shortcuts."""
+
+    def __init__(self) -> None:
+        self.machine = Machine(iommufd=True)
+        self.toy = Toy()
+        self.machine.add_device(self.toy, name=NAME, group=GROUP)
+        self.k = self.machine.kernel
+
+    def close(self) -> None:
+        self.machine.close()
+
+    def ioas(self) -> tuple[int, int]:
+        fd = self.k.open_iommufd()
+        arg = iuapi.iommu_ioas_alloc(size=ctypes.sizeof(iuapi.iommu_ioas_alloc))
+        self.k.ioas_alloc(fd, arg)
+        return fd, int(arg.out_ioas_id)
+
+    def cdev(self) -> int:
+        name = self.k.device_cdev(NAME)
+        assert name is not None
+        return self.k.open_device_cdev(name)
+
+    def bind(self, cdev: int, iommufd: int) -> int:
+        arg = uapi.vfio_device_bind_iommufd(argsz=16, iommufd=iommufd)
+        self.k.device_bind_iommufd(cdev, arg)
+        return int(arg.out_devid)
+
+    def attach(self, cdev: int, pt_id: int) -> None:
+        self.k.device_attach_iommufd_pt(cdev, uapi.vfio_device_attach_iommufd_pt(12, 0, pt_id))
+
+    def ready(self) -> tuple[int, int, int]:
+        """iommufd, IOAS id and a bound, attached cdev."""
+        fd, ioas = self.ioas()
+        d = self.cdev()
+        self.bind(d, fd)
+        self.attach(d, ioas)
+        return fd, ioas, d
+
+    def map(
+        self, fd: int, ioas: int, vaddr: int, size: int, iova: int | None = None, flags: int = 6
+    ) -> int:
+        fixed = iuapi.IoasMapFlag.FIXED_IOVA if iova is not None else 0
+        arg = iuapi.iommu_ioas_map(
+            size=ctypes.sizeof(iuapi.iommu_ioas_map),
+            flags=flags | fixed,
+            ioas_id=ioas,
+            user_va=vaddr,
+            length=size,
+            iova=iova or 0,
+        )
+        self.k.ioas_map(fd, arg)
+        return int(arg.iova)
+
+    def unmap(self, fd: int, ioas: int, iova: int, size: int) -> int:
+        arg = iuapi.iommu_ioas_unmap(size=24, ioas_id=ioas, iova=iova, length=size)
+        self.k.ioas_unmap(fd, arg)
+        return int(arg.length)
+
+
+@pytest.fixture
+def fdm() -> Iterator[Fd]:
+    rig = Fd()
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def test_iommufd_cmd_size(fdm: Fd) -> None:
+    fd = fdm.k.open_iommufd()
+    refused(R.IOMMUFD_CMD_SIZE, fdm.k.ioas_alloc, fd, iuapi.iommu_ioas_alloc(size=8))
+
+
+def test_iommufd_flags(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    refused(R.IOMMUFD_FLAGS, fdm.k.ioas_alloc, fd, iuapi.iommu_ioas_alloc(size=12, flags=1))
+    _m, addr = buffer()
+    refused(R.IOMMUFD_FLAGS, fdm.map, fd, ioas, addr, PAGE, 0, flags=6 | 8)
+    assert fdm.machine.leaks() == [f"iommufd fd {fd} is open"]
+
+
+def test_iommufd_no_object(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer()
+    refused(R.IOMMUFD_NO_OBJECT, fdm.map, fd, ioas + 7, addr, PAGE, 0)
+    d = fdm.cdev()
+    fdm.bind(d, fd)
+    refused(R.ATTACH_NOT_IOAS, fdm.attach, d, ioas + 7)
+
+
+def test_iommufd_object_busy(fdm: Fd) -> None:
+    fd, ioas, d = fdm.ready()
+    refused(R.IOMMUFD_OBJECT_BUSY, fdm.k.iommufd_destroy, fd, iuapi.iommu_destroy(8, ioas))
+    fdm.k.device_detach_iommufd_pt(d, uapi.vfio_device_detach_iommufd_pt(8, 0))
+    fdm.k.iommufd_destroy(fd, iuapi.iommu_destroy(8, ioas))
+    refused(R.IOMMUFD_NO_OBJECT, fdm.k.iommufd_destroy, fd, iuapi.iommu_destroy(8, ioas))
+
+
+def test_ioas_ranges_space(fdm: Fd) -> None:
+    fd, ioas, _ = fdm.ready()
+    arg = iuapi.iommu_ioas_iova_ranges(size=ctypes.sizeof(iuapi.iommu_ioas_iova_ranges))
+    arg.ioas_id = ioas
+    refused(R.IOAS_RANGES_SPACE, fdm.k.ioas_iova_ranges, fd, arg)
+    assert arg.num_iovas == len(fdm.machine.iova_ranges)  # the count is written back
+    table = (iuapi.iommu_iova_range * arg.num_iovas)()
+    arg.allowed_iovas = ctypes.addressof(table)
+    fdm.k.ioas_iova_ranges(fd, arg)
+    assert [(r.start, r.last) for r in table] == list(fdm.machine.iova_ranges)
+    assert arg.out_iova_alignment == PAGE
+
+
+def test_ioas_map_no_permission(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer()
+    refused(R.IOAS_MAP_NO_PERMISSION, fdm.map, fd, ioas, addr, PAGE, 0, flags=0)
+
+
+def test_ioas_map_overflow(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer(2)
+    refused(R.IOAS_MAP_OVERFLOW, fdm.map, fd, ioas, addr, 2 * PAGE, (1 << 64) - PAGE)
+
+
+def test_ioas_map_unaligned(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer(2)
+    refused(R.IOAS_MAP_UNALIGNED, fdm.map, fd, ioas, addr, PAGE, 0x100001)
+    refused(R.IOAS_MAP_UNALIGNED, fdm.map, fd, ioas, addr, 100, 0x100000)
+    refused(R.IOAS_MAP_UNALIGNED, fdm.map, fd, ioas, addr, 0, 0x100000)
+
+
+def test_ioas_map_reserved(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer()
+    fdm.map(fd, ioas, addr, PAGE, 0xFEE0_0000)  # nothing attached: every IOVA is allowed
+    fdm.unmap(fd, ioas, 0xFEE0_0000, PAGE)
+    d = fdm.cdev()
+    fdm.bind(d, fd)
+    fdm.attach(d, ioas)  # now the domain reserves the MSI window
+    refused(R.IOAS_MAP_RESERVED, fdm.map, fd, ioas, addr, PAGE, 0xFEE0_0000)
+
+
+def test_ioas_map_overlap(fdm: Fd) -> None:
+    fd, ioas, _ = fdm.ready()
+    _m, addr = buffer(2)
+    fdm.map(fd, ioas, addr, 2 * PAGE, 0x100000)
+    refused(R.IOAS_MAP_OVERLAP, fdm.map, fd, ioas, addr, PAGE, 0x101000)
+    assert fdm.unmap(fd, ioas, 0x100000, 2 * PAGE) == 2 * PAGE
+
+
+def test_ioas_map_no_space() -> None:
+    with Machine(iommufd=True, iova_ranges=((0, 0xFFFF),)) as machine:
+        machine.add_device(Toy(), name=NAME, group=GROUP)
+        k = machine.kernel
+        fd = k.open_iommufd()
+        alloc = iuapi.iommu_ioas_alloc(size=12)
+        k.ioas_alloc(fd, alloc)
+        name = k.device_cdev(NAME)
+        assert name is not None
+        d = k.open_device_cdev(name)
+        k.device_bind_iommufd(d, uapi.vfio_device_bind_iommufd(argsz=16, iommufd=fd))
+        k.device_attach_iommufd_pt(d, uapi.vfio_device_attach_iommufd_pt(12, 0, alloc.out_ioas_id))
+        _m, addr = buffer(32)
+        arg = iuapi.iommu_ioas_map(
+            size=40, flags=6, ioas_id=alloc.out_ioas_id, user_va=addr, length=32 * PAGE
+        )
+        refused(R.IOAS_MAP_NO_SPACE, k.ioas_map, fd, arg)
+
+
+def test_ioas_map_bad_vaddr(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer()
+    protect(addr, PAGE, mmap.PROT_READ)
+    refused(R.IOAS_MAP_BAD_VADDR, fdm.map, fd, ioas, addr, PAGE, 0x100000)  # device writes
+    fdm.map(fd, ioas, addr, PAGE, 0x100000, flags=iuapi.IoasMapFlag.READABLE)
+
+
+def test_ioas_map_memlock() -> None:
+    with Machine(iommufd=True, memlock_limit=PAGE) as machine:
+        k = machine.kernel
+        fd = k.open_iommufd()
+        alloc = iuapi.iommu_ioas_alloc(size=12)
+        k.ioas_alloc(fd, alloc)
+        _m, addr = buffer(2)
+        arg = iuapi.iommu_ioas_map(
+            size=40, flags=7, ioas_id=alloc.out_ioas_id, user_va=addr, length=2 * PAGE, iova=0
+        )
+        refused(R.IOAS_MAP_MEMLOCK, k.ioas_map, fd, arg)
+
+
+def test_ioas_unmap_empty(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    refused(R.IOAS_UNMAP_EMPTY, fdm.unmap, fd, ioas, 0x100000, 0)
+
+
+def test_ioas_unmap_splits(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer(2)
+    fdm.map(fd, ioas, addr, 2 * PAGE, 0x100000)
+    refused(R.IOAS_UNMAP_SPLITS, fdm.unmap, fd, ioas, 0x100000, PAGE)
+    assert fdm.unmap(fd, ioas, 0, (1 << 64) - 1) == 2 * PAGE  # iova 0, U64_MAX: all
+
+
+def test_ioas_unmap_nothing(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    refused(R.IOAS_UNMAP_NOTHING, fdm.unmap, fd, ioas, 0x100000, PAGE)
+
+
+def test_cdev_none(fdm: Fd) -> None:
+    refused(R.CDEV_NONE, fdm.k.open_device_cdev, "vfio9")
+    fdm.machine.set_driver(NAME, None)
+    assert fdm.k.device_cdev(NAME) is None
+
+
+def test_cdev_not_bound(fdm: Fd) -> None:
+    d = fdm.cdev()
+    refused(R.CDEV_NOT_BOUND, fdm.k.device_get_info, d, bytearray(16))
+    refused(R.CDEV_NOT_BOUND, fdm.k.pread, d, 4, CONFIG)
+    refused(R.CDEV_NOT_BOUND, fdm.attach, d, 1)
+    fdm.k.close(d)
+    assert fdm.machine.leaks() == []
+
+
+def test_bind_bad_args(fdm: Fd) -> None:
+    fd = fdm.k.open_iommufd()
+    d = fdm.cdev()
+    arg = uapi.vfio_device_bind_iommufd(argsz=16, flags=1, iommufd=fd)
+    refused(R.BIND_BAD_ARGS, fdm.k.device_bind_iommufd, d, arg)
+    refused(R.BIND_BAD_ARGS, fdm.bind, d, -1)
+
+
+def test_bind_not_iommufd(fdm: Fd) -> None:
+    d = fdm.cdev()
+    refused(R.BIND_NOT_IOMMUFD, fdm.bind, d, fdm.k.eventfd())
+
+
+def test_bind_twice(fdm: Fd) -> None:
+    fd, _, d = fdm.ready()
+    refused(R.BIND_TWICE, fdm.bind, d, fd)
+    other = fdm.cdev()  # a second open is allowed, a second bind is not
+    refused(R.BIND_TWICE, fdm.bind, other, fd)
+
+
+def test_bind_group_open(fdm: Fd) -> None:
+    fd = fdm.k.open_iommufd()
+    d = fdm.cdev()
+    g = fdm.k.open_group(GROUP)
+    refused(R.BIND_GROUP_OPEN, fdm.bind, d, fd)
+    fdm.k.close(g)
+    fdm.bind(d, fd)
+
+
+def test_group_cdev_bound(fdm: Fd) -> None:
+    _fd, _ioas, d = fdm.ready()
+    refused(R.GROUP_CDEV_BOUND, fdm.k.open_group, GROUP)
+    fdm.k.close(d)
+    fdm.k.close(fdm.k.open_group(GROUP))  # the cdev's last close unblocks the group
+
+
+def test_attach_not_ioas(fdm: Fd) -> None:
+    fd = fdm.k.open_iommufd()
+    d = fdm.cdev()
+    fdm.bind(d, fd)
+    refused(R.ATTACH_NOT_IOAS, fdm.attach, d, 99)
+
+
+def test_attach_reserved_overlap(fdm: Fd) -> None:
+    fd, ioas = fdm.ioas()
+    _m, addr = buffer()
+    fdm.map(fd, ioas, addr, PAGE, 0xFEE0_0000)  # fine while nothing is attached
+    d = fdm.cdev()
+    fdm.bind(d, fd)
+    refused(R.ATTACH_RESERVED_OVERLAP, fdm.attach, d, ioas)
+
+
+def test_iommufd_device_dma_goes_through_the_ioas(fdm: Fd) -> None:
+    fd, ioas, d = fdm.ready()
+    m, addr = buffer()
+    m[:4] = b"ping"
+    iova = fdm.map(fd, ioas, addr, PAGE)  # the kernel picks the IOVA
+    assert iova % PAGE == 0
+    ctx = fdm.toy.ctx
+    assert ctx is not None
+    fdm.k.pwrite(d, (0x0106).to_bytes(2, "little"), CONFIG + 4)  # Memory Space, Bus Master
+    assert ctx.dma_read(iova, 4) == b"ping"
+    fdm.unmap(fd, ioas, iova, PAGE)
+    with pytest.raises(IommuFault, match="not mapped in IOAS"):
+        ctx.dma_read(iova, 4)
+    assert fdm.machine.faults.count("iommu") == 1
+
+
+def test_iommufd_close_releases_everything(fdm: Fd) -> None:
+    fd, ioas, d = fdm.ready()
+    _m, addr = buffer()
+    fdm.map(fd, ioas, addr, PAGE, 0x100000)
+    fdm.k.close(fd)  # the bound device still holds the context and its IOAS
+    leaks = fdm.machine.leaks()
+    assert leaks[0] == f"device fd {d} ({NAME}) is open"
+    assert "DMA mapping IOVA 0x100000+0x1000" in leaks[1]
+    fdm.k.close(d)
+    assert fdm.machine.leaks() == []
+    assert fdm.machine.kernel.files.topology.memlock.locked == 0

@@ -37,14 +37,17 @@ from .container import container_ioctl
 from .device import device_ioctl, device_mmap, device_rw
 from .files import (
     Arg,
+    CdevFile,
     ContainerFile,
     DeviceFile,
     EventFile,
     FileTable,
     GroupFile,
+    IommufdFile,
     UserBuffer,
 )
 from .group import group_ioctl
+from .iommufd import cdev_ioctl, iommufd_ioctl
 
 __all__ = ["SimKernel"]
 
@@ -108,6 +111,10 @@ class SimKernel:
             return container_ioctl(self._files, f.container, nr, arg)
         if isinstance(f, GroupFile):
             return group_ioctl(self._files, f, nr, arg)
+        if isinstance(f, CdevFile):
+            return cdev_ioctl(self._files, f, nr, arg)
+        if isinstance(f, IommufdFile):
+            return iommufd_ioctl(self._files, f, nr, arg)
         if isinstance(f, DeviceFile):
             return device_ioctl(self._files, f.device, nr, arg)
         kind = f.kind() if f is not None else "foreign file"
@@ -134,6 +141,8 @@ class SimKernel:
             raise rules.NO_SUCH_GROUP.error(f"/dev/vfio/{group}")
         if g.opened:
             raise rules.GROUP_BUSY.error(f"group {group}")
+        if g.cdev_binds:
+            raise rules.GROUP_CDEV_BOUND.error(f"group {group}")
         fd, ino = self._files.new_fd(f"group:{group}")
         g.opened = True
         g.file_closed = False
@@ -227,19 +236,33 @@ class SimKernel:
     def device_feature(self, device: int, arg: bytearray) -> int:
         return self._ioctl(device, uapi.Ioctl.DEVICE_FEATURE, UserBuffer(arg))
 
-    # --- iommufd (not on the simulated machine) -----------------------------------------
+    # --- iommufd (Machine(iommufd=True)) -------------------------------------------------
 
     @_op
     def iommufd_available(self) -> bool:
-        return False
+        return self._topo.iommufd
 
     @_op
     def open_iommufd(self) -> int:
-        raise rules.NO_IOMMUFD.error("/dev/iommu")
+        if not self._topo.iommufd:
+            raise rules.NO_IOMMUFD.error("/dev/iommu")
+        fd, ino = self._files.new_fd("iommufd")
+        self._files.install(IommufdFile(fd, ino))
+        return fd
 
     @_op
     def open_device_cdev(self, cdev: str) -> int:
-        raise rules.NO_IOMMUFD.error(f"/dev/vfio/devices/{cdev}")
+        if not self._topo.iommufd:
+            raise rules.NO_IOMMUFD.error(f"/dev/vfio/devices/{cdev}")
+        self._files.sweep()
+        device = next(
+            (d for d in self._topo.iter_devices() if self._topo.cdev_name(d) == cdev), None
+        )
+        if device is None:
+            raise rules.CDEV_NONE.error(f"/dev/vfio/devices/{cdev}")
+        fd, ino = self._files.new_fd(f"cdev:{cdev}")
+        self._files.install(CdevFile(fd, ino, device=device))
+        return fd
 
     @_op
     def device_bind_iommufd(self, device: int, arg: uapi.vfio_device_bind_iommufd) -> None:
@@ -284,6 +307,8 @@ class SimKernel:
         if size < 0:
             raise ValueError(f"negative read size {size}")  # as os.pread
         f = self._files.lookup(fd)
+        if isinstance(f, CdevFile) and f.bound is None:
+            raise rules.CDEV_NOT_BOUND.error(f"pread of fd {fd}")
         if isinstance(f, DeviceFile):
             return device_rw(self._files, f.device, offset, size, None)
         if isinstance(f, ContainerFile | GroupFile):
@@ -296,6 +321,8 @@ class SimKernel:
     @_op
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
         f = self._files.lookup(fd)
+        if isinstance(f, CdevFile) and f.bound is None:
+            raise rules.CDEV_NOT_BOUND.error(f"pwrite of fd {fd}")
         if isinstance(f, DeviceFile):
             device_rw(self._files, f.device, offset, len(data), bytes(data))
             return
@@ -309,6 +336,8 @@ class SimKernel:
     def mmap(self, fd: int, length: int, offset: int, *, writable: bool) -> mmap.mmap:
         f = self._files.lookup(fd)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        if isinstance(f, CdevFile) and f.bound is None:
+            raise rules.CDEV_NOT_BOUND.error(f"mmap of fd {fd}")
         if not isinstance(f, DeviceFile):
             if f is not None:
                 raise rules.NO_MMAP.error(f"mmap of {f.kind()} fd {fd}")
@@ -372,8 +401,7 @@ class SimKernel:
 
     @_op
     def device_cdev(self, bdf: str) -> str | None:
-        self._sysfs_device(bdf)
-        return None
+        return self._topo.cdev_name(self._sysfs_device(bdf))
 
 
 def _brief(value: object) -> object:

@@ -22,17 +22,21 @@ from typing import TypeVar
 from attrs import define, field
 
 from .. import rules
+from ..ioas import Ioas
 from ..topology import SimContainer, SimDevice, SimGroup, Topology
 
 __all__ = [
     "Arg",
+    "CdevFile",
     "ContainerFile",
     "DeviceFile",
     "EventFile",
     "File",
     "FileTable",
+    "IommufdFile",
     "UserBuffer",
     "UserMapping",
+    "cdev_unbind",
     "offsetofend",
 ]
 
@@ -122,6 +126,38 @@ class DeviceFile(File):
 
     def kind(self) -> str:
         return "device"
+
+
+@define(eq=False)
+class CdevFile(DeviceFile):
+    """/dev/vfio/devices/vfioN: a device fd that needs BIND_IOMMUFD before use."""
+
+    #: the iommufd it is bound to (None until VFIO_DEVICE_BIND_IOMMUFD)
+    bound: IommufdFile | None = field(default=None, kw_only=True)
+    devid: int = field(default=0, kw_only=True)
+
+    def kind(self) -> str:
+        return "device cdev" if self.bound is not None else "device cdev (not bound)"
+
+
+@define(eq=False)
+class IommufdFile(File):
+    """/dev/iommu: an iommufd context and its objects (IOAS ids)."""
+
+    objects: dict[int, Ioas] = field(factory=dict, kw_only=True)
+    #: devices bound to this context: devid -> cdev file
+    devices: dict[int, CdevFile] = field(factory=dict, kw_only=True)
+    next_devid: int = field(default=1, kw_only=True)
+    #: the user closed the fd; bound devices still hold the context
+    closed: bool = field(default=False, kw_only=True)
+
+    def kind(self) -> str:
+        return "iommufd"
+
+    def drop_objects(self) -> None:
+        for ioas in self.objects.values():
+            ioas.release()
+        self.objects.clear()
 
 
 @define(eq=False)
@@ -224,8 +260,17 @@ class FileTable:
                 group.file_closed = True  # device fds hold the group file
             else:
                 topo.group_release(group)
+        elif isinstance(f, CdevFile):
+            if f.bound is not None:
+                cdev_unbind(topo, f)
         elif isinstance(f, DeviceFile):
             topo.device_close(f.device)
+        elif isinstance(f, IommufdFile):
+            # bound devices hold the context (vfio_df_iommufd_unbind drops the reference);
+            # the IOAS objects go when the last of them does
+            f.closed = True
+            if not f.devices:
+                f.drop_objects()
 
     def shutdown(self) -> None:
         """Machine.close: close every fd the machine handed out."""
@@ -257,6 +302,14 @@ class FileTable:
                 out.append(f"group fd {fd} (group {f.group.number}){state} is open")
             elif isinstance(f, DeviceFile):
                 out.append(f"device fd {fd} ({f.device.name}) is open")
+                held = f.bound if isinstance(f, CdevFile) else None
+                if held is not None and held.closed:  # it keeps the closed iommufd alive
+                    for ioas in held.objects.values():
+                        out.extend(f"DMA mapping {m} in {ioas.label()}" for m in ioas.mappings)
+            elif isinstance(f, IommufdFile):
+                out.append(f"iommufd fd {fd} is open")
+                for ioas in f.objects.values():
+                    out.extend(f"DMA mapping {m} in {ioas.label()}" for m in ioas.mappings)
             else:
                 out.append(f"eventfd {fd} is open")
         out.extend(self.topology.describe_groups())
@@ -264,3 +317,19 @@ class FileTable:
             out.extend(f"{d.name}: {line}" for line in d.irqs.describe())
         out.extend(f"mmap of {u.what} is still mapped" for u in self.live_mmaps())
         return out
+
+
+def cdev_unbind(topo: Topology, f: CdevFile) -> None:
+    """The last close of a bound cdev: detach, close the device, unblock the group."""
+    ctx = f.bound
+    assert ctx is not None
+    device = f.device
+    if device.ioas is not None:
+        device.ioas.devices.remove(device.name)
+        device.ioas = None
+    ctx.devices.pop(f.devid, None)
+    f.bound = None
+    topo.device_close(device)
+    device.group.cdev_binds -= 1
+    if ctx.closed and not ctx.devices:
+        ctx.drop_objects()
