@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from . import _log
-from .sysfs import Roots, normalize_bdf
+from ._util import normalize_bdf
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -44,7 +44,8 @@ SIM_EDU_ADDRESS = "0000:00:04.0"
 class Session:
     """The devices and simulated machines attached in this process, and their exit stack."""
 
-    roots: Roots = field(factory=Roots)
+    #: the kernel `attach(address)` opens real devices on (None: aiovfio's default)
+    kernel: Kernel | None = None
     stack: contextlib.AsyncExitStack = field(factory=contextlib.AsyncExitStack, repr=False)
     devices: list[Any] = field(factory=list)
     machines: list[Any] = field(factory=list)
@@ -55,14 +56,6 @@ class Session:
     def __repr__(self) -> str:
         names = ", ".join(str(getattr(d, "name", d)) for d in self.devices) or "nothing"
         return f"<aiovfio session: {names} attached>"
-
-    def kernel(self) -> Kernel | None:
-        """The real kernel at the session's roots (None: aiovfio's default)."""
-        if self.roots == Roots():
-            return None
-        from .kernel import LinuxKernel
-
-        return LinuxKernel(sysfs=self.roots.sysfs, dev=self.roots.dev)
 
     async def aclose(self) -> None:
         """Close every attached device, newest first; a second call is a no-op."""
@@ -110,7 +103,7 @@ async def attach(target: Any = "sim", *, name: str | None = None) -> Any:
     device `name`, or its first device). The device stays open until the
     session closes.
     """
-    from .device import open_device
+    from . import open_device
 
     kernel: Kernel | None
     if isinstance(target, str) and target == "sim":
@@ -118,7 +111,7 @@ async def attach(target: Any = "sim", *, name: str | None = None) -> Any:
         session._owned.append(target)
     if isinstance(target, str):
         address = normalize_bdf(target if name is None else name)
-        kernel = session.kernel()
+        kernel = session.kernel
     else:
         machine = target
         address = normalize_bdf(name) if name else _first_device_name(machine)
@@ -229,12 +222,11 @@ class _AsyncConsole(code.InteractiveConsole):
         return False
 
 
-def run(*, roots: Roots | None = None) -> int:
+def run(*, backend: str = "asyncio", kernel: Kernel | None = None) -> int:
     """`aiovfio repl`: an asyncio REPL with aiovfio, `attach` and `release` ready."""
     import aiovfio
 
-    if roots is not None:
-        session.roots = roots
+    session.kernel = kernel
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     namespace: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 A regular file tree does not react when `driver_override`, `unbind`, `bind` or
 `drivers_probe` is written, so `FakeKernel.write` plays the kernel's part (as
-`aiovfio.sysfs.Binder.writer`), and `FakeKernel.run` plays `modprobe`.
+`aiovfio.cli.binding.Binder.writer`), and `FakeKernel.run` plays `modprobe`.
 
 The machine laid out is the QEMU guest's: edu (group 4, vfio-pci), nvme
 (group 5, the nvme driver, a namespace block device) and the ICH9 functions
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-import aiovfio.sysfs
-from aiovfio.sysfs import Roots
+import aiovfio.cli.binding
+from aiovfio.cli.sysfs import Roots
 
 #: The real single-write writer; the fake calls it first, then reacts.
-_write_attribute = aiovfio.sysfs.write_attribute
+_write_attribute = aiovfio.cli.binding.write_attribute
 
 EDU = "0000:00:04.0"
 NVME = "0000:00:05.0"
@@ -292,6 +292,17 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     k = guest_like(tmp_path)
     for name in ("sysfs", "dev", "proc", "state"):
         monkeypatch.setenv(f"AIOVFIO_{name.upper()}", str(getattr(k.roots, name)))
-    monkeypatch.setattr(aiovfio.sysfs, "write_attribute", k.write)
-    monkeypatch.setattr(aiovfio.sysfs, "run_command", k.run)
+    monkeypatch.setattr(aiovfio.cli.binding, "write_attribute", k.write)
+    monkeypatch.setattr(aiovfio.cli.binding, "run_command", k.run)
     return k
+
+
+#: A few vendors and devices and the whole class section of the real pci.ids.
+PCI_IDS = Path(__file__).with_name("pci.ids")
+
+
+@pytest.fixture(autouse=True)
+def pci_ids(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Names come from tests/cli/pci.ids, never from whatever the machine has installed."""
+    monkeypatch.setenv("AIOVFIO_PCI_IDS", str(PCI_IDS))
+    return PCI_IDS

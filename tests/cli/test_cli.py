@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import EDU, ICH9_SATA, NVME, FakeKernel
+from conftest import EDU, ICH9_SATA, ICH9_SMBUS, NVME, FakeKernel
 
-import aiovfio.sysfs
+import aiovfio.cli.binding
 from aiovfio.cli import main
 
 
@@ -23,7 +23,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("aiovfio:")]
+    """The one line a failure (`aiovfio: ...`) or usage error (`aiovfio CMD: ...`) prints."""
+    lines = [line for line in err.splitlines() if line.startswith("aiovfio")]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
@@ -38,21 +39,37 @@ def test_ls_shows_edu_and_nvme_with_groups(
     code, out, _ = run(capsys, "ls")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VIABLE"]
+    assert lines[0].split() == [
+        "ADDRESS",
+        "CLASS",
+        "DEVICE",
+        "DRIVER",
+        "GROUP",
+        "VIABLE",
+        "IN",
+        "USE",
+    ]
     edu = next(line for line in lines if line.startswith(EDU))
     nvme = next(line for line in lines if line.startswith(NVME))
-    assert "1234:11e8" in edu
+    assert "Device [1234:11e8]" in edu  # pci.ids does not know QEMU's edu
     assert "Unclassified device [00ff]" in edu
-    assert edu.split()[-3:] == ["vfio-pci", "4", "yes"]
-    assert "1b36:0010" in nvme
-    assert "NVM Express controller [0108]" in nvme
-    assert nvme.split()[-3:] == ["nvme", "5", "no"]
+    assert edu.split()[-4:] == ["vfio-pci", "4", "yes", "-"]
+    assert "Red Hat, Inc. QEMU NVM Express Controller [1b36:0010]" in nvme
+    assert "Non-Volatile memory controller (NVM Express) [0108]" in nvme
+    assert nvme.split()[-4:] == ["nvme", "5", "no", "-"]
 
 
 def test_ls_json_and_filters(fake: FakeKernel, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "ls", "--json")
     assert code == 0
-    rows = {r["address"]: r for r in json.loads(out)}
+    document = json.loads(out)
+    assert document["format"] == 1
+    rows = {r["address"]: r for r in document["functions"]}
+    assert rows[NVME]["vendor_name"] == "Red Hat, Inc."
+    assert rows[NVME]["device_name"] == "QEMU NVM Express Controller"
+    assert rows[ICH9_SATA]["subsystem_name"] == "QEMU Virtual Machine"
+    assert rows[EDU]["vendor_name"] is None
+    assert rows[NVME]["in_use"] == []
     assert rows[EDU]["iommu_group"] == 4
     assert rows[EDU]["viable"] is True
     assert rows[NVME] | {"viable": None} == rows[NVME] | {
@@ -67,9 +84,14 @@ def test_ls_json_and_filters(fake: FakeKernel, capsys: pytest.CaptureFixture[str
     def addresses(*argv: str) -> list[str]:
         code, out, _ = run(capsys, "ls", "--json", *argv)
         assert code == 0
-        return [r["address"] for r in json.loads(out)]
+        return [r["address"] for r in json.loads(out)["functions"]]
 
     assert addresses("--vendor", "1234") == [EDU]
+    assert addresses("--vendor", "red hat") == [NVME]
+    assert addresses("--vendor", "intel", "--device", "smbus") == [ICH9_SMBUS]
+    assert addresses("--device", "nvm express") == [NVME]
+    assert addresses("--device", "2922") == [ICH9_SATA]
+    assert addresses("--class", "non-volatile") == [NVME]
     assert addresses("--vendor", "0x1b36:0010") == [NVME]
     assert addresses("--vendor", "1b36:ffff") == []
     assert addresses("--class", "0108") == [NVME]
@@ -78,10 +100,12 @@ def test_ls_json_and_filters(fake: FakeKernel, capsys: pytest.CaptureFixture[str
     assert addresses("--driver", "none") == ["0000:00:00.0"]
 
 
-def test_ls_bad_vendor_is_one_line(fake: FakeKernel, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "ls", "--vendor", "xyz")
-    assert code == 1
-    assert "not a hex number" in one_error_line(err)
+def test_ls_unknown_vendor_name_is_one_line(
+    fake: FakeKernel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "ls", "--vendor", "xyzzy")
+    assert code == 2
+    assert "no vendor in pci.ids has that in its name" in one_error_line(err)
 
 
 def test_ls_says_when_there_is_no_iommu(
@@ -108,7 +132,7 @@ def test_bind_unbind_round_trip(fake: FakeKernel, capsys: pytest.CaptureFixture[
     assert state["devices"][NVME]["driver"] == "nvme"
 
     code, out, _ = run(capsys, "ls", "--json", "--vendor", "1b36")
-    assert json.loads(out)[0]["viable"] is True
+    assert json.loads(out)["functions"][0]["viable"] is True
 
     code, out, _ = run(capsys, "bind", "0000:00:05.0")
     assert (code, out.strip()) == (0, f"{NVME}: already bound to vfio-pci")
@@ -179,7 +203,7 @@ def test_bind_when_not_root(
     def denied(path: object, value: str) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(aiovfio.sysfs, "write_attribute", denied)
+    monkeypatch.setattr(aiovfio.cli.binding, "write_attribute", denied)
     code, _, err = run(capsys, "bind", NVME)
     assert code == 1
     line = one_error_line(err)
@@ -232,7 +256,7 @@ def test_doctor_on_a_healthy_tree(fake: FakeKernel, capsys: pytest.CaptureFixtur
     assert code == 0, out
     assert "ready for VFIO" in err
     names = [line[7:].split()[0] for line in out.splitlines() if line.startswith("[")]
-    assert names[:6] == ["sysfs", "iommu", "cmdline", "modules", "dev-vfio", "memlock"]
+    assert names[:7] == ["sysfs", "machine", "iommu", "cmdline", "modules", "dev-vfio", "memlock"]
     assert any(line.startswith("[ ok ] group 4") for line in out.splitlines())
     for name in ("iommufd", "noiommu", "hugepages"):
         assert name in names
@@ -302,7 +326,11 @@ def test_doctor_iommufd_and_hugepages(fake: FakeKernel, capsys: pytest.CaptureFi
 def test_info_from_sysfs(fake: FakeKernel, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "info", "05.0")
     assert code == 0
-    assert out.splitlines()[0].startswith(f"{NVME}  1b36:0010  NVM Express controller [0108]")
+    assert out.splitlines()[0].startswith(
+        f"{NVME}  Non-Volatile memory controller (NVM Express) [0108]: "
+        "Red Hat, Inc. QEMU NVM Express Controller [1b36:0010] rev 02"
+    )
+    assert "in use: nvme0n1 on /" not in out
     assert "reset: opening it through VFIO resets it (flr, pm)" in out
     assert "IOMMU group 5: NOT viable" in out
     assert "from sysfs only: it is bound to nvme, not vfio-pci" in out
@@ -311,6 +339,7 @@ def test_info_from_sysfs(fake: FakeKernel, capsys: pytest.CaptureFixture[str]) -
 
     code, out, _ = run(capsys, "info", "--json", "--no-open", EDU)
     data = json.loads(out)
+    assert data["format"] == 1
     assert data["source"] == "sysfs"
     assert data["reset"].startswith("it has no reset method")
     assert data["group"]["members"] == [{"address": EDU, "driver": "vfio-pci"}]
@@ -345,9 +374,10 @@ def test_bad_input_is_one_line(
     fake: FakeKernel, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
 ) -> None:
     code, out, err = run(capsys, *argv)
-    assert code == 1
+    assert code == 2
     assert expected in one_error_line(err)
     assert out == ""
+    assert fake.writes == []
 
 
 def test_no_sysfs_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -360,10 +390,10 @@ def test_no_sysfs_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_verbose_shows_the_traceback(fake: FakeKernel, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "-v", "info", "09.0")
+    code, _, err = run(capsys, "-v", "ls", "--sysfs", "/nonexistent/sys")
     assert code == 1
     assert "Traceback" in err
-    assert err.rstrip().splitlines()[-1].startswith("aiovfio: no PCI device")
+    assert err.rstrip().splitlines()[-1].startswith("aiovfio: no PCI devices in sysfs")
 
 
 def test_verbose_logs_every_sysfs_write(
@@ -391,15 +421,15 @@ def test_main_leaves_structlog_as_it_found_it(
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys)
-    assert code == 1
+    assert code == 2
     assert "usage: aiovfio" in err
 
 
-def test_unknown_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["ls", "--bogus"])
-    assert info.value.code == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+def test_unknown_option_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "ls", "--bogus")
+    assert code == 2
+    assert "unrecognized arguments: --bogus" in one_error_line(err)
+    assert out == ""
 
 
 def test_vm_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,9 +107,9 @@ def test_demo_on_trio(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_without_the_example(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import aiovfio.cli
+    import aiovfio.cli.commands
 
-    monkeypatch.setattr(aiovfio.cli, "_find_example", lambda name: None)
+    monkeypatch.setattr(aiovfio.cli.commands, "_find_example", lambda name: None)
     assert main(["demo"]) == 1
     err = capsys.readouterr().err
     assert err.strip().startswith("aiovfio: the edu demo (examples/edu.py) is not in this")
@@ -117,13 +117,13 @@ def test_demo_without_the_example(
 
 @pytest.mark.anyio
 async def test_info_collects_through_vfio() -> None:
-    from aiovfio import _info
+    from aiovfio.cli import info
     from aiovfio.sim.models import Edu
 
     machine_cls = machine_class()
     with machine_cls() as machine:
         machine.add_device(Edu(), name="0000:00:04.0")
-        data = await _info.collect("0000:00:04.0", machine.kernel)
+        data = await info.collect("0000:00:04.0", machine.kernel)
         assert machine.leaks() == []
     bar0 = next(r for r in data["regions"] if r["name"] == "BAR0")
     assert bar0["size"] == 1 << 20

@@ -19,11 +19,11 @@ import pytest
 from conftest import EDU, NVME, _write_attribute, write_dev_and_proc
 
 import aiovfio
-import aiovfio.sysfs
+import aiovfio.cli.binding
 from aiovfio.cli import main
+from aiovfio.cli.sysfs import Roots
 from aiovfio.sim import Machine
 from aiovfio.sim.models import Edu, Nvme
-from aiovfio.sysfs import Roots
 
 
 class SimSysfsKernel:
@@ -106,8 +106,8 @@ def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimSysfsKer
         write_dev_and_proc(roots)
         for name in ("sysfs", "dev", "proc", "state"):
             monkeypatch.setenv(f"AIOVFIO_{name.upper()}", str(getattr(roots, name)))
-        monkeypatch.setattr(aiovfio.sysfs, "write_attribute", kernel.write)
-        monkeypatch.setattr(aiovfio.sysfs, "run_command", kernel.run)
+        monkeypatch.setattr(aiovfio.cli.binding, "write_attribute", kernel.write)
+        monkeypatch.setattr(aiovfio.cli.binding, "run_command", kernel.run)
         yield kernel
         assert machine.leaks() == []
 
@@ -125,10 +125,10 @@ def test_ls_shows_edu_and_nvme_with_their_groups(
     assert code == 0, err
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(rows) == {EDU, NVME}
-    assert rows[EDU].split()[1] == "1234:11e8"
-    assert rows[EDU].split()[-3:] == ["vfio-pci", "4", "yes"]
-    assert "NVM Express controller [0108]" in rows[NVME]
-    assert rows[NVME].split()[-3:] == ["nvme", "5", "no"]
+    assert "Device [1234:11e8]" in rows[EDU]
+    assert rows[EDU].split()[-4:] == ["vfio-pci", "4", "yes", "-"]
+    assert "(NVM Express) [0108]" in rows[NVME]
+    assert rows[NVME].split()[-4:] == ["nvme", "5", "no", "-"]
 
 
 def test_bind_unbind_round_trip_reaches_the_machine(
@@ -145,7 +145,10 @@ def test_bind_unbind_round_trip_reaches_the_machine(
     assert anyio.run(open_it) == 0x1B36
 
     code, out, _ = run(capsys, "ls", "--json", "--driver", "vfio-pci")
-    assert {r["address"]: r["viable"] for r in json.loads(out)} == {EDU: True, NVME: True}
+    assert {r["address"]: r["viable"] for r in json.loads(out)["functions"]} == {
+        EDU: True,
+        NVME: True,
+    }
 
     code, out, err = run(capsys, "unbind", NVME)
     assert (code, out.strip()) == (0, f"{NVME}: vfio-pci -> nvme"), err

@@ -1,4 +1,5 @@
-"""aiovfio.sysfs: addresses, class names, capability walks, groups, in-use checks, binding."""
+"""aiovfio.cli.sysfs and .binding: addresses, class names, capability walks, groups,
+in-use checks, binding."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ from pathlib import Path
 import pytest
 from conftest import EDU, ICH9_LPC, ICH9_SATA, ICH9_SMBUS, NVME, FakeKernel, _config
 
-from aiovfio.errors import DeviceNotFound, InvalidArgument, SetupError, VfioUnavailable
-from aiovfio.sysfs import (
+from aiovfio.cli.binding import (
     Binder,
     BindError,
     DeviceInUse,
     DriverState,
     PermissionRequired,
-    Roots,
     SavedBinding,
+)
+from aiovfio.cli.sysfs import (
+    Roots,
     Sysfs,
     class_name,
     is_vfio_compatible,
     normalize_bdf,
     walk_capabilities,
 )
+from aiovfio.errors import DeviceNotFound, InvalidArgument, SetupError, VfioUnavailable
 
 
 @pytest.mark.parametrize(
@@ -48,14 +51,19 @@ def test_normalize_bdf_refuses(text: str) -> None:
         normalize_bdf(text)
 
 
-def test_class_names() -> None:
+def test_class_names_come_from_pci_ids() -> None:
     assert class_name(0x00FF00) == "Unclassified device [00ff]"
-    assert class_name(0x010802) == "NVM Express controller [0108]"
-    assert class_name(0x010801) == "Non-Volatile memory controller [0108]"
+    assert class_name(0x010802) == "Non-Volatile memory controller (NVM Express) [0108]"
+    assert class_name(0x0108FF) == "Non-Volatile memory controller [0108]"
     assert class_name(0x020000) == "Ethernet controller [0200]"
-    assert class_name(0x0C0330) == "USB controller (xHCI) [0c03]"
-    assert class_name(0x123456) == "Processing accelerators [1234]"
-    assert class_name(0x777777) == "Unknown class [7777]"
+    assert class_name(0x0C0330) == "USB controller (XHCI) [0c03]"
+    assert class_name(0x120000) == "Processing accelerators [1200]"
+    assert class_name(0x777777) == "Class [7777]"
+
+
+def test_class_names_without_pci_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOVFIO_PCI_IDS", "")
+    assert class_name(0x010802) == "Class [0108]"
 
 
 def test_vfio_compatible_drivers() -> None:

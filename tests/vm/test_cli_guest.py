@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from aiovfio.cli import main
-from aiovfio.sysfs import Binder, Roots, Sysfs
+from aiovfio.cli.binding import Binder
+from aiovfio.cli.sysfs import Roots, Sysfs
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from attrs import define, field, frozen
 
-from ._console import human_size
+from .console import human_size
 from .sysfs import VFIO_DRIVER, Roots, Sysfs
 
-__all__ = ["DEFAULT_MEMLOCK", "Check", "Doctor", "Status"]
+__all__ = ["DEFAULT_MEMLOCK", "Check", "Doctor", "Status", "VirtualMachine", "virtual_machine"]
 
 #: What a small driver pins: queues, a few DMA buffers (override with --memlock).
 DEFAULT_MEMLOCK = 64 << 20
@@ -75,6 +75,7 @@ class Doctor:
         """Every check, in the order a user fixes things."""
         checks: list[Callable[[], Check | list[Check]]] = [
             self.check_sysfs,
+            self.check_machine,
             self.check_iommu,
             self.check_cmdline,
             self.check_modules,
@@ -86,7 +87,7 @@ class Doctor:
             self.check_hugepages,
         ]
         if address is not None:
-            checks.insert(7, lambda: self.check_device(address))
+            checks.insert(8, lambda: self.check_device(address))
         out: list[Check] = []
         for check in checks:
             result = check()
@@ -106,6 +107,12 @@ class Doctor:
             )
         return Check("sysfs", Status.OK, f"{len(self.sysfs.addresses())} PCI functions")
 
+    def check_machine(self) -> Check:
+        vm = virtual_machine(self.roots)
+        if vm is None:
+            return Check("machine", Status.OK, "bare metal (no hypervisor flag, no VM in DMI)")
+        return Check("machine", Status.INFO, f"a virtual machine: {vm.describe()}")
+
     def check_iommu(self) -> Check:
         units = sorted(p.name for p in _entries(self.roots.sysfs / "class" / "iommu"))
         groups = self.sysfs.groups()
@@ -116,14 +123,32 @@ class Doctor:
                 Status.OK,
                 f"{len(units)} IOMMU unit(s){where}, {len(groups)} IOMMU groups",
             )
+        summary = f"no IOMMU groups in {self.sysfs.groups_dir}" + (
+            "" if units else f" and no IOMMU in {self.roots.sysfs / 'class' / 'iommu'}"
+        )
+        vm = virtual_machine(self.roots)
+        if vm is not None:
+            return Check(
+                "iommu",
+                Status.FAIL,
+                f"{summary}: this virtual machine ({vm.name}) has no virtual IOMMU",
+                "give the VM a virtual IOMMU: QEMU `-machine q35,kernel-irqchip=split "
+                "-device intel-iommu,intremap=on,caching-mode=on` (libvirt: "
+                "<iommu model='intel'/>), or a cloud instance type that exposes an IOMMU "
+                "to its guest (a bare-metal one); the host's firmware settings "
+                "do not reach a guest. Meanwhile: the simulated machine (aiovfio.sim, "
+                "`aiovfio demo`, the `vfio_target` pytest fixture) runs drivers with no "
+                "IOMMU, and `aiovfio vm -- CMD` runs CMD on real VFIO in a QEMU guest "
+                "that has one",
+            )
         return Check(
             "iommu",
             Status.FAIL,
-            f"no IOMMU groups in {self.sysfs.groups_dir}"
-            + ("" if units else f" and no IOMMU in {self.roots.sysfs / 'class' / 'iommu'}"),
+            summary,
             "enable VT-d (Intel) or AMD-Vi/IOMMU (AMD) in the firmware, and add intel_iommu=on "
             "iommu=pt (Intel) or amd_iommu=on (AMD) to the kernel command line "
-            "(GRUB_CMDLINE_LINUX in /etc/default/grub, `update-grub`, reboot)",
+            "(GRUB_CMDLINE_LINUX in /etc/default/grub, `update-grub`, reboot); meanwhile "
+            "`aiovfio vm -- CMD` runs CMD on real VFIO in a QEMU guest",
         )
 
     def check_cmdline(self) -> Check:
@@ -145,6 +170,14 @@ class Doctor:
         if self.sysfs.groups():
             return Check(
                 "cmdline", Status.OK, "no IOMMU options (the kernel enables it by default)"
+            )
+        if virtual_machine(self.roots) is not None:
+            return Check(
+                "cmdline",
+                Status.INFO,
+                "no intel_iommu=on or amd_iommu=on on the kernel command line",
+                "once the VM has a virtual IOMMU (see the iommu check), add intel_iommu=on "
+                "to the guest's kernel command line if its groups do not appear",
             )
         return Check(
             "cmdline",
@@ -344,6 +377,68 @@ class Doctor:
             "none reserved (optional: large DMA buffers pin fewer IOMMU entries with them)",
             f"`echo 64 > {first}`",
         )
+
+
+# --- is this a virtual machine? ---------------------------------------------------
+
+#: DMI vendor or product words that name a hypervisor (systemd-detect-virt's list, short).
+_DMI_HYPERVISORS = (
+    ("QEMU", "QEMU"),
+    ("KVM", "KVM"),
+    ("VMware", "VMware"),
+    ("VirtualBox", "VirtualBox"),
+    ("innotek", "VirtualBox"),
+    ("Xen", "Xen"),
+    ("Microsoft Corporation Virtual Machine", "Hyper-V"),
+    ("Amazon EC2", "Amazon EC2"),
+    ("Google Compute Engine", "Google Compute Engine"),
+    ("Parallels", "Parallels"),
+    ("BHYVE", "bhyve"),
+    ("OpenStack", "OpenStack"),
+    ("Bochs", "Bochs"),
+)
+_DMI_FIELDS = ("sys_vendor", "product_name", "board_vendor", "bios_vendor")
+
+
+@frozen
+class VirtualMachine:
+    """What says this machine is virtual: the CPU's hypervisor flag and DMI strings."""
+
+    name: str
+    hypervisor_flag: bool
+    dmi: str | None
+
+    def describe(self) -> str:
+        evidence = [
+            *(["the CPU's hypervisor flag"] if self.hypervisor_flag else []),
+            *([f"DMI {self.dmi!r}"] if self.dmi else []),
+        ]
+        return f"{self.name} ({', '.join(evidence)})"
+
+
+def virtual_machine(roots: Roots) -> VirtualMachine | None:
+    """A `VirtualMachine` when /proc/cpuinfo or DMI (or /sys/hypervisor) says so."""
+    cpuinfo = _read(roots.proc / "cpuinfo") or ""
+    flag = any(
+        line.startswith("flags") and "hypervisor" in line.split() for line in cpuinfo.splitlines()
+    )
+    dmi_dir = roots.sysfs / "class" / "dmi" / "id"
+    strings = [v for v in (_read(dmi_dir / f) for f in _DMI_FIELDS) if v]
+    name = None
+    dmi = None
+    for text in strings:
+        for word, hypervisor in _DMI_HYPERVISORS:
+            if word.lower() in text.lower():
+                name, dmi = hypervisor, text
+                break
+        if name:
+            break
+    if name is None:
+        name = _read(roots.sysfs / "hypervisor" / "type")
+        name = name.capitalize() if name else None
+    if name is None and not flag:
+        return None
+    return VirtualMachine(name or "unknown hypervisor", flag, dmi)
 
 
 # --- helpers ---------------------------------------------------------------------

@@ -6,9 +6,9 @@ from typing import Any
 
 import anyio
 
-from ._uapi import vfio as uapi
-from .errors import InvalidRequest, Unsupported
-from .kernel import Kernel
+from .._uapi import vfio as uapi
+from ..errors import InvalidRequest, Unsupported
+from ..kernel import Kernel
 
 __all__ = ["collect", "from_vfio"]
 
@@ -25,7 +25,7 @@ def _flag_names(flags: Any, enum_type: Any) -> list[str]:
 
 async def collect(address: str, kernel: Kernel | None = None) -> dict[str, Any]:
     """Open the device, read its regions, IRQs and capabilities, and close it."""
-    from .device import open_device
+    from .. import open_device
 
     async with open_device(address, kernel=kernel) as dev:
         info = dev.info

@@ -1,10 +1,29 @@
-"""Plain-text output for the command line: aligned tables and sizes."""
+"""Plain-text output for the command line: aligned tables, sizes, one-line errors."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
-__all__ = ["human_size", "table"]
+from ..errors import VfioError
+
+__all__ = ["human_size", "one_line", "table"]
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong and what to do, on one line."""
+    if isinstance(exc, VfioError) or not isinstance(exc, OSError):
+        text = str(exc)
+    else:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            text += "; run it as root (sudo), or see `aiovfio doctor`"
+        elif exc.errno == errno.EBUSY:
+            text += "; another process holds it"
+        elif exc.errno == errno.ENOENT:
+            text += "; see `aiovfio doctor`"
+    return " ".join(text.split())
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, indent: str = "") -> str:
