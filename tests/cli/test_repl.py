@@ -85,7 +85,7 @@ def test_repl_runs_awaits_and_releases_at_exit() -> None:
     assert "<aiovfio session: 0000:00:04.0 attached>" in proc.stdout
     assert "ZeroDivisionError" in proc.stderr
     assert "still here" in proc.stdout
-    assert "releasing attached devices" in proc.stderr
+    assert "released 0 held, 1 device(s), newest first" in proc.stderr
     assert "leak" not in proc.stderr
 
 
