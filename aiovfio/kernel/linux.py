@@ -93,6 +93,16 @@ def _ioctl_int(what: str, fd: int, request: int, value: int | None = None) -> in
     return rc
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 class LinuxKernel:
     """Real syscalls. `sysfs` and `dev` roots are configurable for tests."""
 
@@ -127,6 +137,9 @@ class LinuxKernel:
 
     def open_group(self, group: int) -> int:
         return self._open(self.dev / "vfio" / str(int(group)))
+
+    def open_noiommu_group(self, group: int) -> int:
+        return self._open(self.dev / "vfio" / f"noiommu-{int(group)}")
 
     def close(self, fd: int) -> None:
         _log.debug("kernel.close", fd=fd)
@@ -276,6 +289,34 @@ class LinuxKernel:
     def eventfd_read(self, fd: int) -> int:
         return os.eventfd_read(fd)
 
+    # --- memory for DMA without an IOMMU -----------------------------------------
+
+    def mlock(self, address: int, size: int) -> None:
+        if _libc().mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mlock {address:#x}+{size:#x}: {os.strerror(err)}")
+
+    def munlock(self, address: int, size: int) -> None:
+        if _libc().munlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"munlock {address:#x}+{size:#x}: {os.strerror(err)}")
+
+    def physical_pages(self, address: int, size: int) -> tuple[int, ...]:
+        page = mmap.PAGESIZE
+        first, last = address // page, (address + size - 1) // page
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), 8 * (last - first + 1), 8 * first)
+        out = []
+        for i in range(last - first + 1):
+            entry = int.from_bytes(data[8 * i : 8 * i + 8], "little")
+            present, pfn = entry >> 63 & 1, entry & ((1 << 55) - 1)
+            if present and not pfn:
+                raise PermissionError(
+                    1, "/proc/self/pagemap hides frame numbers: reading them needs CAP_SYS_ADMIN"
+                )
+            out.append(pfn * page if present else 0)
+        return tuple(out)
+
     # --- sysfs -----------------------------------------------------------------
 
     def _pci(self, bdf: str) -> Path:
@@ -326,6 +367,13 @@ class LinuxKernel:
             class_code=hexval("class"),
             revision=hexval("revision"),
         )
+
+    def noiommu_group(self, group: int) -> bool:
+        name = self.sysfs / "kernel" / "iommu_groups" / str(int(group)) / "name"
+        try:
+            return name.read_text().strip() == "vfio-noiommu"
+        except OSError:
+            return False
 
     def device_cdev(self, bdf: str) -> str | None:
         base = self._pci(bdf) / "vfio-dev"

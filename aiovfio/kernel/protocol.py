@@ -66,6 +66,10 @@ class Kernel(Protocol):
         """Open `/dev/vfio/<group>`."""
         ...
 
+    def open_noiommu_group(self, group: int) -> int:
+        """Open `/dev/vfio/noiommu-<group>` (VFIO's unsafe no-IOMMU mode)."""
+        ...
+
     def close(self, fd: int) -> None:
         """Close any fd this kernel handed out (container, group, device, eventfd)."""
         ...
@@ -197,4 +201,25 @@ class Kernel(Protocol):
 
     def device_cdev(self, bdf: str) -> str | None:
         """The name of the device's VFIO cdev (`vfio-dev/vfioN`), None without one."""
+        ...
+
+    def noiommu_group(self, group: int) -> bool:
+        """Whether IOMMU group `group` is VFIO's fake noiommu group (name "vfio-noiommu")."""
+        ...
+
+    # --- memory for DMA without an IOMMU ---------------------------------------
+    def mlock(self, address: int, size: int) -> None:
+        """mlock(2): keep the pages resident (their physical address stays put)."""
+        ...
+
+    def munlock(self, address: int, size: int) -> None:
+        """munlock(2)."""
+        ...
+
+    def physical_pages(self, address: int, size: int) -> tuple[int, ...]:
+        """The physical address of each page of the range (/proc/self/pagemap).
+
+        0 for a page that is not present. Needs CAP_SYS_ADMIN (PermissionError
+        otherwise: the kernel hides frame numbers from other users).
+        """
         ...

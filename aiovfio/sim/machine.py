@@ -115,7 +115,12 @@ class Machine:
     (/dev/vfio/devices/vfioN, numbered as devices bind to VFIO), as a kernel
     built with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV: IOAS objects, the
     cdev's bind/attach and its exclusion of the group path
-    (`aiovfio.sim.ioas`, `aiovfio.sim.kernel.iommufd`).
+    (`aiovfio.sim.ioas`, `aiovfio.sim.kernel.iommufd`). `noiommu` is a
+    machine without an IOMMU in VFIO's unsafe noiommu mode: every group is
+    /dev/vfio/noiommu-N, a container takes only VFIO_NOIOMMU_IOMMU (no
+    mappings), devices have no cdev, and device DMA reaches the "physical"
+    addresses `physical_pages` hands out (from `phys_base` on, contiguous per
+    call) of pages that are mlocked; anything else is a fault.
     """
 
     def __init__(
@@ -129,6 +134,8 @@ class Machine:
         io_width: int | None = None,
         linux: str = NEWEST_KERNEL,
         iommufd: bool = False,
+        noiommu: bool = False,
+        phys_base: int = 0x0100_0000,
     ) -> None:
         personality = Personality.of(linux)
         if io_width is None:
@@ -171,8 +178,11 @@ class Machine:
                 default_memlock_limit() if memlock_limit is None else memlock_limit
             ),
             iommufd=bool(iommufd),
+            noiommu=bool(noiommu),
+            phys_base=int(phys_base),
         )
         self.iommufd = bool(iommufd)
+        self.noiommu = bool(noiommu)
         self._lock = self._topo.lock
         self._clock = Clock(clock, self._lock)
         self._mmio32 = _MMIO_32
@@ -452,6 +462,10 @@ class Machine:
                 return IommuFault(iova, size, write, reason)
 
             container = device.group.container
+            if self._topo.noiommu:
+                if not device.config.bus_master:
+                    raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
+                return self._dma_physical(device, iova, size, data, fault)
             iommu: Type1Iommu | Ioas | None = device.ioas  # attached through its cdev
             if iommu is None and container is not None:
                 iommu = container.iommu
@@ -481,6 +495,34 @@ class Machine:
                     self._gone(device, vaddr, n)
                 pos += n
             return b""
+
+    def _dma_physical(
+        self,
+        device: SimDevice,
+        address: int,
+        size: int,
+        data: bytes | None,
+        fault: Callable[[str], IommuFault],
+    ) -> bytes:
+        """noiommu: the device reaches "physical" pages handed out by physical_pages."""
+        page = self.page_size
+        parts = []
+        pos, end = address, address + size
+        while pos < end:
+            virt = self._topo.phys_pages.get(pos // page)
+            if virt is None:
+                raise fault(f"physical address {pos:#x} is no page this process asked for")
+            if virt not in self._topo.locked_pages:
+                raise fault(f"physical address {pos:#x}: its page is not mlocked, it may move")
+            n = min(end, (pos // page + 1) * page) - pos
+            vaddr = virt * page + pos % page
+            if data is None:
+                chunk = self._topo.memory.read(vaddr, n)
+                parts.append(chunk if chunk is not None else bytes(n))
+            else:
+                self._topo.memory.write(vaddr, data[pos - address : pos - address + n])
+            pos += n
+        return b"".join(parts)
 
     def _gone(self, device: SimDevice, vaddr: int, size: int) -> None:
         self.faults.add(

@@ -467,6 +467,16 @@ IOAS_UNMAP_NOTHING = Rule(
     "ioas_unmap_nothing", ENOENT,
     "nothing is mapped in the unmap range",
     "iommufd/io_pagetable.c: iopt_unmap_iova_range")
+NOIOMMU_NO_MAPPINGS = Rule(
+    "noiommu_no_mappings", ENOTTY,
+    "a noiommu container has no IOMMU: no GET_INFO, MAP_DMA or UNMAP_DMA (DMA uses "
+    "physical addresses)",
+    "vfio_main.c: vfio_noiommu_ioctl")
+NOIOMMU_GROUP_NODE = Rule(
+    "noiommu_group_node", ENOENT,
+    "a noiommu group's node is /dev/vfio/noiommu-<group>, an IOMMU group's is "
+    "/dev/vfio/<group>",
+    "group.c: vfio_group_alloc (dev_set_name \"noiommu-%d\" for VFIO_NO_IOMMU)")
 CDEV_NONE = Rule(
     "cdev_none", ENOENT,
     "no /dev/vfio/devices/<cdev> node: the device is not bound to a VFIO driver, or it is "

@@ -76,6 +76,8 @@ class SimContainer:
     iommu: Type1Iommu | None = None
     #: the fd, None once the user closed it (groups keep the container alive)
     fd: int | None = None
+    #: VFIO_SET_IOMMU(VFIO_NOIOMMU_IOMMU) was done: no IOMMU, no mappings
+    noiommu: bool = False
 
     def label(self) -> str:
         return f"container fd {self.fd}" if self.fd is not None else f"container #{self.number}"
@@ -174,10 +176,20 @@ class Topology:
         io_width: int,
         memlock: MemlockAccount,
         iommufd: bool = False,
+        noiommu: bool = False,
+        phys_base: int = 0x0100_0000,
     ) -> None:
         self.lock = threading.RLock()
         #: /dev/iommu and the VFIO device cdevs exist (CONFIG_IOMMUFD, VFIO_DEVICE_CDEV)
         self.iommufd = iommufd
+        #: no IOMMU: every group is VFIO's fake noiommu group (/dev/vfio/noiommu-N)
+        self.noiommu = noiommu
+        #: noiommu DMA: "physical" page -> process page, handed out by physical_pages
+        self.phys_pages: dict[int, int] = {}
+        self._virt_to_phys: dict[int, int] = {}
+        self._phys_next = phys_base
+        #: pages mlocked through the Kernel (noiommu DMA needs them pinned)
+        self.locked_pages: set[int] = set()
         self._cdevs = 0
         self._ioas_ids = 0
         self.personality = personality
@@ -214,8 +226,11 @@ class Topology:
             ) from None
 
     def cdev_name(self, device: SimDevice) -> str | None:
-        """`vfioN` of the device's cdev: numbered on first bind to VFIO, None without one."""
-        if not self.iommufd or not device.vfio:
+        """`vfioN` of the device's cdev: numbered on first bind to VFIO, None without one.
+
+        A noiommu device has none (vfio_device_add: no cdev for noiommu devices).
+        """
+        if not self.iommufd or not device.vfio or self.noiommu:
             return None
         if device.cdev is None:
             device.cdev = self._cdevs
@@ -232,6 +247,24 @@ class Topology:
             memlock=self.memlock,
             memory=self.memory,
         )
+
+    def physical(self, address: int, size: int, page: int) -> tuple[int, ...]:
+        """Physical addresses of the pages of a range: given out contiguously, kept per page."""
+        first, last = address // page, (address + size - 1) // page
+        fresh = [p for p in range(first, last + 1) if p not in self._virt_to_phys]
+        for p in fresh:
+            self._virt_to_phys[p] = self._phys_next // page
+            self.phys_pages[self._phys_next // page] = p
+            self._phys_next += page
+        return tuple(self._virt_to_phys[p] * page for p in range(first, last + 1))
+
+    def forget_physical(self, address: int, size: int, page: int) -> None:
+        """munlock: the pages may move now; their physical addresses mean nothing."""
+        for p in range(address // page, (address + size - 1) // page + 1):
+            self.locked_pages.discard(p)
+            phys = self._virt_to_phys.pop(p, None)
+            if phys is not None:
+                self.phys_pages.pop(phys, None)
 
     def new_group_number(self, first: int) -> int:
         number = first
@@ -274,6 +307,8 @@ class Topology:
         assert container is not None
         container.groups.remove(group)
         group.container = None
+        if not container.groups:
+            container.noiommu = False
         if not container.groups and container.iommu is not None:
             container.iommu.release()
             container.iommu = None
@@ -328,7 +363,9 @@ class Topology:
         self.containers.clear()
 
     def describe_groups(self) -> Iterable[str]:
-        """Group-level leaks: half-closed groups and container attachments."""
+        """Group-level leaks: half-closed groups, container attachments, mlocked pages."""
+        if self.locked_pages:
+            yield f"{len(self.locked_pages)} page(s) still mlocked for noiommu DMA"
         for group in self.iter_groups():
             if group.file_closed:
                 yield f"group {group.number}: its fd was closed but open device fds still hold it"

@@ -1050,3 +1050,66 @@ def test_iommufd_close_releases_everything(fdm: Fd) -> None:
     fdm.k.close(d)
     assert fdm.machine.leaks() == []
     assert fdm.machine.kernel.files.topology.memlock.locked == 0
+
+
+# --- noiommu (Machine(noiommu=True)) ------------------------------------------------------
+
+
+@pytest.fixture
+def noiommu() -> Iterator[Rig]:
+    machine = Machine(noiommu=True, iommufd=True)
+    toy = Toy()
+    machine.add_device(toy, name=NAME, group=GROUP)
+    try:
+        yield Rig(machine, toy)
+    finally:
+        machine.close()
+
+
+def _noiommu_device(rig: Rig) -> tuple[int, int, int]:
+    c = rig.k.open_container()
+    assert rig.k.check_extension(c, uapi.Extension.NOIOMMU_IOMMU) == 1
+    g = rig.k.open_noiommu_group(GROUP)
+    rig.k.group_set_container(g, c)
+    rig.k.set_iommu(c, uapi.Extension.NOIOMMU_IOMMU)
+    return c, g, rig.k.group_get_device_fd(g, NAME)
+
+
+def test_noiommu_no_mappings(noiommu: Rig) -> None:
+    c, _, _ = _noiommu_device(noiommu)
+    _m, addr = buffer()
+    refused(R.NOIOMMU_NO_MAPPINGS, noiommu.map, c, addr, 0x100000, PAGE)
+    refused(R.NOIOMMU_NO_MAPPINGS, noiommu.k.iommu_get_info, c, bytearray(24))
+
+
+def test_noiommu_group_node(noiommu: Rig, rig: Rig) -> None:
+    assert noiommu.k.noiommu_group(GROUP) and not rig.k.noiommu_group(GROUP)
+    refused(R.NOIOMMU_GROUP_NODE, noiommu.k.open_group, GROUP)
+    refused(R.NOIOMMU_GROUP_NODE, rig.k.open_noiommu_group, GROUP)
+    assert noiommu.k.device_cdev(NAME) is None  # noiommu devices have no cdev
+    c = noiommu.k.open_container()
+    g = noiommu.k.open_noiommu_group(GROUP)
+    noiommu.k.group_set_container(g, c)
+    refused(R.SET_IOMMU_UNSUPPORTED, noiommu.k.set_iommu, c, uapi.Extension.TYPE1v2_IOMMU)
+
+
+def test_noiommu_dma_reaches_mlocked_physical_pages(noiommu: Rig) -> None:
+    _, _, d = _noiommu_device(noiommu)
+    noiommu.bus_master(d)
+    m, addr = buffer(2)
+    m[PAGE : PAGE + 4] = b"phys"
+    phys = noiommu.k.physical_pages(addr, 2 * PAGE)
+    assert phys[1] == phys[0] + PAGE  # contiguous per call, as the sim hands them out
+    ctx = noiommu.toy.ctx
+    assert ctx is not None
+    with pytest.raises(IommuFault, match="not mlocked"):
+        ctx.dma_read(phys[1], 4)
+    noiommu.k.mlock(addr, 2 * PAGE)
+    assert "2 page(s) still mlocked for noiommu DMA" in noiommu.machine.leaks()
+    assert ctx.dma_read(phys[1], 4) == b"phys"
+    ctx.dma_write(phys[0], b"back")
+    assert m[:4] == b"back"
+    noiommu.k.munlock(addr, 2 * PAGE)
+    with pytest.raises(IommuFault, match="no page this process asked for"):
+        ctx.dma_read(phys[0], 4)
+    assert noiommu.machine.faults.count("iommu") == 2

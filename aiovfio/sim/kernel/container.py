@@ -42,6 +42,8 @@ def container_ioctl(files: FileTable, c: SimContainer, nr: int, arg: Arg) -> int
     if nr == uapi.Ioctl.SET_IOMMU:
         return set_iommu(files, c, int_arg(arg))
     iommu = c.iommu
+    if c.noiommu:
+        raise rules.NOIOMMU_NO_MAPPINGS.error(f"ioctl {nr:#x} on {c.label()}")
     if iommu is None:
         raise rules.CONTAINER_NO_IOMMU.error(f"ioctl {nr:#x} on {c.label()}")
     if nr == uapi.Ioctl.IOMMU_GET_INFO:
@@ -63,6 +65,8 @@ def check_extension(files: FileTable, c: SimContainer, ext: int) -> int:
     """
     p = files.topology.personality
     iommu = c.iommu
+    if ext == Extension.NOIOMMU_IOMMU:  # vfio_noiommu_ops, registered in noiommu mode
+        return 1 if files.topology.noiommu else 0
     if ext in (Extension.TYPE1_IOMMU, Extension.TYPE1v2_IOMMU, Extension.UNMAP_ALL):
         return 1
     if ext == Extension.TYPE1_NESTING_IOMMU:
@@ -77,8 +81,14 @@ def check_extension(files: FileTable, c: SimContainer, ext: int) -> int:
 def set_iommu(files: FileTable, c: SimContainer, iommu_type: int) -> int:
     if not c.groups:
         raise rules.SET_IOMMU_WITHOUT_GROUP.error(c.label())
-    if c.iommu is not None:
+    if c.iommu is not None or c.noiommu:
         raise rules.SET_IOMMU_TWICE.error(c.label())
+    noiommu_groups = files.topology.noiommu
+    if iommu_type == Extension.NOIOMMU_IOMMU and noiommu_groups:
+        c.noiommu = True
+        return 0
+    if noiommu_groups:  # a noiommu group has no IOMMU behind it for type1 to drive
+        raise rules.SET_IOMMU_UNSUPPORTED.error(f"type {iommu_type} for noiommu groups")
     if iommu_type not in (Extension.TYPE1_IOMMU, Extension.TYPE1v2_IOMMU):
         raise rules.SET_IOMMU_UNSUPPORTED.error(f"type {iommu_type}")
     c.iommu = files.topology.new_iommu(v2=iommu_type == Extension.TYPE1v2_IOMMU)

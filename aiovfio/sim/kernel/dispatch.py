@@ -32,6 +32,7 @@ from ..._uapi import vfio as uapi
 from ..._uapi.iommufd import IommufdIoctl
 from ...kernel.protocol import PciIds
 from .. import rules
+from ..iommu import ProcessMemory
 from ..topology import SimDevice, Topology
 from .container import container_ioctl
 from .device import device_ioctl, device_mmap, device_rw
@@ -135,6 +136,17 @@ class SimKernel:
 
     @_op
     def open_group(self, group: int) -> int:
+        if self._topo.noiommu:
+            raise rules.NOIOMMU_GROUP_NODE.error(f"/dev/vfio/{group}")
+        return self._open_group(group)
+
+    @_op
+    def open_noiommu_group(self, group: int) -> int:
+        if not self._topo.noiommu:
+            raise rules.NOIOMMU_GROUP_NODE.error(f"/dev/vfio/noiommu-{group}")
+        return self._open_group(group)
+
+    def _open_group(self, group: int) -> int:
         self._files.sweep()
         g = self._topo.groups.get(int(group))
         if g is None or not g.exists:
@@ -402,6 +414,30 @@ class SimKernel:
     @_op
     def device_cdev(self, bdf: str) -> str | None:
         return self._topo.cdev_name(self._sysfs_device(bdf))
+
+    @_op
+    def noiommu_group(self, group: int) -> bool:
+        return self._topo.noiommu and int(group) in self._topo.groups
+
+    # --- memory for DMA without an IOMMU ---------------------------------------------------
+
+    @_op
+    def mlock(self, address: int, size: int) -> None:
+        page = mmap.PAGESIZE
+        self._topo.locked_pages.update(range(address // page, (address + size - 1) // page + 1))
+
+    @_op
+    def munlock(self, address: int, size: int) -> None:
+        self._topo.forget_physical(address, size, mmap.PAGESIZE)
+
+    @_op
+    def physical_pages(self, address: int, size: int) -> tuple[int, ...]:
+        page = mmap.PAGESIZE
+        start = address // page * page
+        length = (address + size - 1) // page * page + page - start
+        if ProcessMemory.check_access(start, length, write=False) is not None:
+            return tuple(0 for _ in range(length // page))
+        return self._topo.physical(start, length, page)
 
 
 def _brief(value: object) -> object:

@@ -108,7 +108,7 @@ def get_device_fd(files: FileTable, f: GroupFile, buf: UserBuffer) -> int:
             f"{name!r} in group {group.number} (its VFIO devices: {have})"
         )
     container = group.container
-    if container is None or container.iommu is None:
+    if container is None or (container.iommu is None and not container.noiommu):
         why = "no container" if container is None else f"{container.label()} has no IOMMU"
         raise rules.DEVICE_FD_NO_IOMMU.error(f"group {group.number}: {why}")
     fd, ino = files.new_fd(f"device:{device.name}")
