@@ -1,0 +1,285 @@
+"""Block I/O on one namespace: read, write, the zero-copy pair, flush.
+
+`read` and `write` take and return plain bytes, bounced through the
+controller's DMA pool. `read_into` and `write_from` move data straight
+between the device and a `DmaBuffer` (or a slice of its `view`): the
+buffer's IOVA must be dword aligned (NVMe's rule for PRP1) and its length a
+whole number of blocks; anything else is refused, not bounced. Transfers
+longer than the controller's MDTS are split into commands of at most MDTS,
+issued one after another on one queue.
+
+Every range is checked against the namespace before anything is submitted
+(`TransferOutOfRange`); `command()` sends a raw I/O command unchecked, to
+see what the controller itself answers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+from attrs import define
+
+from .. import errors
+from ..dma import DmaBuffer
+from .errors import NvmeStatusError, TransferOutOfRange
+from .spec import IdentifyNamespace, IoOpcode
+
+if TYPE_CHECKING:
+    from .controller import Controller
+
+__all__ = ["DmaTarget", "Namespace"]
+
+#: What `read_into` / `write_from` take: a DmaBuffer, or a slice of its `view`.
+DmaTarget = DmaBuffer | memoryview
+
+_U32 = 0xFFFF_FFFF
+_NAMES: dict[int, str] = {IoOpcode.READ: "Read", IoOpcode.WRITE: "Write", IoOpcode.FLUSH: "Flush"}
+
+
+@define(eq=False, repr=False)
+class Namespace:
+    """Namespace `nsid` of a controller: `block_size` bytes per LBA, `blocks` LBAs."""
+
+    controller: Controller
+    nsid: int
+    info: IdentifyNamespace
+
+    def __repr__(self) -> str:
+        return (
+            f"<nvme.Namespace {self.nsid} of {self.controller.device.name}: "
+            f"{self.blocks} x {self.block_size} B>"
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.info.block_size
+
+    @property
+    def blocks(self) -> int:
+        return self.info.nsze
+
+    @property
+    def size(self) -> int:
+        """Bytes in the namespace."""
+        return self.blocks * self.block_size
+
+    # --- checks -----------------------------------------------------------------------
+
+    def _check_range(self, lba: object, count: object) -> None:
+        if not isinstance(lba, int) or isinstance(lba, bool) or lba < 0:
+            raise errors.InvalidArgument(f"lba must be an int >= 0, not {lba!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise TransferOutOfRange(f"a transfer moves at least one block, not {count!r}")
+        if lba + count > self.blocks:
+            raise TransferOutOfRange(
+                f"blocks {lba}..{lba + count - 1} reach past the end of namespace {self.nsid} "
+                f"({self.blocks} blocks of {self.block_size} B: the last LBA is {self.blocks - 1})"
+            )
+
+    def _blocks_of(self, nbytes: int, what: str) -> int:
+        count, rest = divmod(nbytes, self.block_size)
+        if rest or not count:
+            raise errors.InvalidArgument(
+                f"{what} is {nbytes} bytes: give a whole number of {self.block_size}-byte blocks"
+            )
+        return count
+
+    def _resolve(self, buffer: object, *, device_writes: bool) -> tuple[int, int]:
+        """(IOVA, length) of a DmaBuffer or of a slice of one's view."""
+        if isinstance(buffer, DmaBuffer):
+            if device_writes and buffer.readonly:
+                raise errors.InvalidArgument(
+                    f"{buffer!r} is mapped read-only for the device; a read needs a writable one"
+                )
+            iova, nbytes = buffer.iova, buffer.size
+        elif isinstance(buffer, memoryview):
+            iova, nbytes = self._resolve_view(buffer, device_writes=device_writes)
+        else:
+            raise errors.InvalidArgument(
+                f"cannot DMA to or from a {type(buffer).__name__}: pass a DmaBuffer "
+                f"(`device.dma_buffer(n)`) or a slice of its `.view`, or use read()/write(), "
+                f"which copy"
+            )
+        if iova & 3:
+            raise errors.AlignmentError(
+                f"the buffer's IOVA {iova:#x} is not dword aligned (NVMe PRP1 rule): slice the "
+                f"DmaBuffer at a multiple of 4, or use read()/write(), which copy"
+            )
+        return iova, nbytes
+
+    def _resolve_view(self, view: memoryview, *, device_writes: bool) -> tuple[int, int]:
+        if not view.c_contiguous or view.readonly:
+            raise errors.InvalidArgument(
+                "a memoryview for DMA must be a writable, contiguous slice of a DmaBuffer's view"
+            )
+        nbytes = view.nbytes
+        if not nbytes:
+            raise errors.InvalidArgument("the buffer is empty")
+        anchor = (ctypes.c_char * nbytes).from_buffer(view)
+        address = ctypes.addressof(anchor)
+        del anchor
+        for mapping in self.controller.device.container.mappings:
+            start = mapping.vaddr
+            if start <= address and address + nbytes <= start + mapping.size:
+                if device_writes and mapping.readonly:
+                    raise errors.InvalidArgument(
+                        "the buffer is mapped read-only for the device; a read needs a writable one"
+                    )
+                return mapping.iova + (address - start), nbytes
+        raise errors.InvalidArgument(
+            "the memoryview is not DMA-able: it is not inside any DMA mapping of the "
+            f"controller's container; allocate it with `device.dma_buffer({nbytes})`"
+        )
+
+    # --- I/O --------------------------------------------------------------------------
+
+    async def read(self, lba: int, count: int) -> bytes:
+        """`count` blocks from `lba`, copied out of the DMA pool."""
+        self._check_range(lba, count)
+        ctrl = self.controller
+        ctrl._check_usable()
+        pool = ctrl._pool
+        assert pool is not None
+        bs = self.block_size
+        step = ctrl.max_transfer // bs
+        if count <= step:
+            nbytes = count * bs
+            offset = pool.try_alloc(nbytes)
+            if offset is None:
+                offset = await pool.alloc(nbytes)
+            try:
+                await self._io(IoOpcode.READ, lba, count, pool.iova + offset, nbytes)
+                return bytes(pool.view[offset : offset + nbytes])
+            finally:
+                pool.free(offset, nbytes)
+        out = bytearray(count * bs)
+        done = 0
+        while done < count:
+            n = min(step, count - done)
+            nbytes = n * bs
+            offset = await pool.alloc(nbytes)
+            try:
+                await self._io(IoOpcode.READ, lba + done, n, pool.iova + offset, nbytes)
+                out[done * bs : done * bs + nbytes] = pool.view[offset : offset + nbytes]
+            finally:
+                pool.free(offset, nbytes)
+            done += n
+        return bytes(out)
+
+    async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` (a whole number of blocks) at `lba`, copied into the DMA pool."""
+        src = memoryview(data).cast("B")
+        count = self._blocks_of(src.nbytes, "the data")
+        self._check_range(lba, count)
+        ctrl = self.controller
+        ctrl._check_usable()
+        pool = ctrl._pool
+        assert pool is not None
+        bs = self.block_size
+        step = ctrl.max_transfer // bs
+        done = 0
+        while done < count:
+            n = min(step, count - done)
+            nbytes = n * bs
+            offset = pool.try_alloc(nbytes)
+            if offset is None:
+                offset = await pool.alloc(nbytes)
+            try:
+                pool.view[offset : offset + nbytes] = src[done * bs : done * bs + nbytes]
+                await self._io(IoOpcode.WRITE, lba + done, n, pool.iova + offset, nbytes)
+            finally:
+                pool.free(offset, nbytes)
+            done += n
+
+    async def read_into(self, lba: int, buffer: DmaTarget) -> None:
+        """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
+        iova, nbytes = self._resolve(buffer, device_writes=True)
+        await self._direct(IoOpcode.READ, lba, iova, nbytes)
+
+    async def write_from(self, lba: int, buffer: DmaTarget) -> None:
+        """Write `buffer` (a DmaBuffer or a slice of its view) at `lba`, no copy."""
+        iova, nbytes = self._resolve(buffer, device_writes=False)
+        await self._direct(IoOpcode.WRITE, lba, iova, nbytes)
+
+    async def _direct(self, opcode: int, lba: int, iova: int, nbytes: int) -> None:
+        count = self._blocks_of(nbytes, "the buffer")
+        self._check_range(lba, count)
+        ctrl = self.controller
+        ctrl._check_usable()
+        max_transfer = ctrl.max_transfer
+        if nbytes <= max_transfer:
+            await self._io(opcode, lba, count, iova, nbytes)
+            return
+        bs = self.block_size
+        step = max_transfer // bs
+        done = 0
+        while done < count:
+            n = min(step, count - done)
+            await self._io(opcode, lba + done, n, iova + done * bs, n * bs)
+            done += n
+
+    async def flush(self) -> None:
+        """Make written data durable (NVM Flush)."""
+        ctrl = self.controller
+        ctrl._check_usable()
+        q = ctrl.pick_queue()
+        cid = q.try_take()
+        if cid is None:
+            cid = await q.take()
+        value: int = await q.run(cid, IoOpcode.FLUSH, self.nsid, 0, 0, 0, 0, 0)
+        if value >> 32:
+            raise NvmeStatusError(value >> 32, f"Flush of namespace {self.nsid}")
+
+    async def command(
+        self,
+        opcode: int,
+        *,
+        buffer: DmaTarget | None = None,
+        cdw10: int = 0,
+        cdw11: int = 0,
+        cdw12: int = 0,
+        cdw13: int = 0,
+    ) -> int:
+        """Send a raw I/O command to this namespace, unchecked; return its DW0.
+
+        The transfer (if any) is `buffer`; for Read and Write, the device
+        decides what is valid. An error status raises NvmeStatusError.
+        """
+        ctrl = self.controller
+        ctrl._check_usable()
+        iova = nbytes = 0
+        if buffer is not None:
+            iova, nbytes = self._resolve(buffer, device_writes=True)
+            if nbytes > ctrl.max_transfer:
+                raise errors.InvalidArgument(
+                    f"a raw command moves at most MDTS = {ctrl.max_transfer} bytes, not {nbytes}"
+                )
+        q = ctrl.pick_queue()
+        cid = q.try_take()
+        if cid is None:
+            cid = await q.take()
+        prp1, prp2 = q.prp(cid, iova, nbytes) if nbytes else (0, 0)
+        value: int = await q.run(cid, opcode, self.nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
+        if value >> 32:
+            raise NvmeStatusError(
+                value >> 32, f"I/O command {opcode:#04x} on namespace {self.nsid}"
+            )
+        return value & _U32
+
+    async def _io(self, opcode: int, lba: int, count: int, iova: int, nbytes: int) -> None:
+        """One Read or Write of at most MDTS: the hot path."""
+        q = self.controller.pick_queue()
+        cid = q.try_take()
+        if cid is None:
+            cid = await q.take()
+        prp1, prp2 = q.prp(cid, iova, nbytes)
+        value: int = await q.run(
+            cid, opcode, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1
+        )
+        if value >> 32:
+            raise NvmeStatusError(
+                value >> 32,
+                f"{_NAMES.get(opcode, hex(opcode))} of {count} block(s) at LBA {lba} "
+                f"on namespace {self.nsid}",
+            )

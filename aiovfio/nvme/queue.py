@@ -1,0 +1,403 @@
+"""One NVMe queue pair: the submission and completion rings, their CIDs and waiters.
+
+A command takes a free CID (or waits for one), is written into the SQ and
+the tail doorbell rung; its task then sleeps until the queue's reaper, woken
+by the CQ's interrupt (or polling), finds the completion by its phase tag,
+wakes the task with the status and hands the CID to the next waiter.
+
+The waits use each backend's own primitives (an asyncio Future; trio's
+`wait_task_rescheduled`): this is the hot path, measured per I/O.
+
+Cancelling a task whose command is in flight does not abandon the command:
+the device still owns the buffer, so the task waits (shielded) for the
+completion, which the controller's watchdog bounds with its command
+timeout, and is cancelled after. A controller failure wakes every waiter
+with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from attrs import define, field
+
+from .prp import build_prp
+from .spec import SQE, SQE_SIZE
+
+__all__ = ["QueuePair", "running_trio"]
+
+_U16 = 0xFFFF
+
+
+def running_trio() -> bool:
+    """Whether the current task runs on trio (else asyncio, or uvloop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
+@define(eq=False, repr=False)
+class QueuePair:
+    """Submission queue `qid` and its completion queue `qid`, `size` entries each.
+
+    At most `size - 1` commands are in flight, so neither ring can overflow
+    (SQ full is tail + 1 == head; the CQ has as many entries).
+    """
+
+    qid: int
+    size: int
+    sq: memoryview  # size * 64 bytes, the device reads it
+    cq: memoryview  # size * 16 bytes as 32-bit words, the device writes it
+    sq_doorbell: int
+    cq_doorbell: int
+    write32: Callable[[int, int], None]
+    page: int
+    #: PRP list pages: `prp_pages` pages per CID at `prp_iova`
+    prp_view: memoryview | None
+    prp_iova: int
+    prp_pages: int
+    trio: bool
+    #: poll for completions instead of sleeping on the interrupt
+    polled: bool = False
+    #: the SQ exists on the controller (shutdown deletes it)
+    sq_created: bool = False
+    inflight: int = field(default=0, init=False)
+    failure: BaseException | None = field(default=None, init=False)
+    submitted: int = field(default=0, init=False)
+    _tail: int = field(default=0, init=False)
+    _head: int = field(default=0, init=False)
+    _phase: int = field(default=1, init=False)
+    _free: list[int] = field(init=False)
+    _waiters: list[Any] = field(init=False)
+    _started: list[float] = field(init=False)
+    _slot_waiters: deque[Any] = field(factory=deque, init=False)
+    _idle: Any = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    #: the command coroutine for this backend
+    run: Callable[..., Any] = field(init=False)
+    wake: Callable[[Any, int], None] = field(init=False)
+    _current_task: Callable[[], Any] = field(init=False)
+    _wait_rescheduled: Callable[..., Any] = field(init=False)
+    _checkpoint_if_cancelled: Callable[[], Any] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        depth = self.size - 1
+        self._free = list(range(depth - 1, -1, -1))
+        self._waiters = [None] * depth
+        self._started = [0.0] * depth
+        if self.trio:
+            import outcome
+            import trio
+
+            reschedule, value_of = trio.lowlevel.reschedule, outcome.Value
+
+            def wake(task: Any, value: int) -> None:
+                reschedule(task, value_of(value))
+
+            self._current_task = trio.lowlevel.current_task
+            self._wait_rescheduled = trio.lowlevel.wait_task_rescheduled
+            self._checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+            self.run = self._run_trio
+            self.wake = wake
+        else:
+            self._loop = asyncio.get_running_loop()
+            self.run = self._run_asyncio
+            self.wake = _wake_asyncio
+
+    def __repr__(self) -> str:
+        return (
+            f"<QueuePair {self.qid} size={self.size} inflight={self.inflight} "
+            f"free={len(self._free)}>"
+        )
+
+    @property
+    def depth(self) -> int:
+        """Commands that may be in flight at once."""
+        return self.size - 1
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    # --- CIDs ----------------------------------------------------------------------
+
+    def try_take(self) -> int | None:
+        """A free CID, or None when every one is in flight."""
+        free = self._free
+        return free.pop() if free else None
+
+    async def take(self) -> int:
+        """A free CID, waiting for one when every one is in flight."""
+        free = self._free
+        if free:
+            return free.pop()
+        if self.failure is not None:
+            raise self.failure
+        if self.trio:
+            return await self._take_trio()
+        return await self._take_asyncio()
+
+    async def _take_asyncio(self) -> int:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._slot_waiters.append(fut)
+        try:
+            cid: int = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())  # handed over just as we were cancelled
+            raise
+        return cid
+
+    async def _take_trio(self) -> int:
+        import trio
+
+        task = trio.lowlevel.current_task()
+        self._slot_waiters.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._slot_waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        cid: int = await trio.lowlevel.wait_task_rescheduled(abort)
+        return cid
+
+    def release(self, cid: int) -> None:
+        """Give a CID back: to the first task waiting for one, else to the free list."""
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if self.trio:
+                self.wake(waiter, cid)
+                return
+            if not waiter.done():
+                waiter.set_result(cid)
+                return
+        self._free.append(cid)
+
+    def prp(self, cid: int, iova: int, length: int) -> tuple[int, int]:
+        """PRP1/PRP2 for a transfer by command `cid` (its own PRP list pages)."""
+        page = self.page
+        first = page - (iova & (page - 1))
+        if length <= first:
+            return iova, 0
+        if length - first <= page:
+            return iova, iova + first
+        assert self.prp_view is not None
+        span = self.prp_pages * page
+        offset = cid * span
+        return build_prp(
+            iova,
+            length,
+            self.page,
+            self.prp_view[offset : offset + span],
+            self.prp_iova + offset,
+        )
+
+    # --- submission -------------------------------------------------------------------
+
+    def submit(
+        self,
+        cid: int,
+        opcode: int,
+        nsid: int,
+        prp1: int,
+        prp2: int,
+        cdw10: int,
+        cdw11: int,
+        cdw12: int,
+        cdw13: int = 0,
+        cdw14: int = 0,
+        cdw15: int = 0,
+    ) -> None:
+        """Write the entry at the tail and ring the doorbell (the waiter is set already)."""
+        tail = self._tail
+        SQE.pack_into(
+            self.sq,
+            tail * SQE_SIZE,
+            opcode,
+            0,
+            cid,
+            nsid,
+            0,
+            prp1,
+            prp2,
+            cdw10,
+            cdw11,
+            cdw12,
+            cdw13,
+            cdw14,
+            cdw15,
+        )
+        tail += 1
+        if tail == self.size:
+            tail = 0
+        self._tail = tail
+        self._started[cid] = time.monotonic()
+        self.inflight += 1
+        self.submitted += 1
+        self.write32(self.sq_doorbell, tail)
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            self.wake(idle, 0)
+
+    async def _run_asyncio(self, cid: int, *entry: int) -> int:
+        """Submit with `cid` and wait: the completion's status << 32 | DW0."""
+        if self.failure is not None:
+            self.release(cid)
+            raise self.failure
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._waiters[cid] = fut
+        self.submit(cid, *entry)
+        try:
+            value: int = await fut
+        except asyncio.CancelledError:
+            await self._settle_asyncio(cid, fut)
+            raise
+        return value
+
+    async def _settle_asyncio(self, cid: int, fut: asyncio.Future[int]) -> None:
+        """A cancelled task waits for its command to complete (the device owns its buffer)."""
+        assert self._loop is not None
+        with anyio.CancelScope(shield=True):  # anyio's cancellation waits
+            while self._waiters[cid] is fut:
+                fut = self._loop.create_future()
+                self._waiters[cid] = fut
+                try:
+                    await fut
+                except asyncio.CancelledError:  # asyncio's own Task.cancel: wait on
+                    continue
+                except BaseException:  # the controller failed: the command is gone
+                    return
+
+    async def _run_trio(self, cid: int, *entry: int) -> int:
+        if self.failure is not None:
+            self.release(cid)
+            raise self.failure
+        try:  # a cancelled task starts nothing new (the wait below cannot be cancelled)
+            await self._checkpoint_if_cancelled()
+        except BaseException:
+            self.release(cid)
+            raise
+        self._waiters[cid] = self._current_task()
+        self.submit(cid, *entry)
+        # Abort.FAILED: a cancelled task stays until the completion (or the
+        # controller's failure) arrives; trio delivers the cancel after that.
+        value: int = await self._wait_rescheduled(_abort_failed)
+        return value
+
+    # --- completion -------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Consume every new completion (phase tag), wake its task; return how many."""
+        cq = self.cq
+        head = self._head
+        phase = self._phase
+        size = self.size
+        waiters = self._waiters
+        wake = self.wake
+        n = 0
+        while True:
+            w3 = cq[head * 4 + 3]
+            if (w3 >> 16) & 1 != phase:
+                break
+            value = (w3 >> 17) << 32 | cq[head * 4]
+            cid = w3 & _U16
+            head += 1
+            if head == size:
+                head = 0
+                phase ^= 1
+            n += 1
+            if cid >= len(waiters):
+                continue  # not a CID we used: a controller bug; the watchdog sees the rest
+            waiter = waiters[cid]
+            if waiter is None:
+                continue  # failed and released already
+            waiters[cid] = None
+            self.inflight -= 1
+            wake(waiter, value)
+            self.release(cid)
+        if n:
+            self._head = head
+            self._phase = phase
+            self.write32(self.cq_doorbell, head)
+        return n
+
+    def oldest(self) -> float | None:
+        """When the longest-waiting command in flight was submitted (None: none)."""
+        started = self._started
+        times = [started[cid] for cid, w in enumerate(self._waiters) if w is not None]
+        return min(times) if times else None
+
+    def fail(self, exc: BaseException) -> None:
+        """The controller died: wake every waiter with `exc`; later commands raise it."""
+        self.failure = exc
+        for cid, waiter in enumerate(self._waiters):
+            if waiter is not None:
+                self._waiters[cid] = None
+                _throw(waiter, exc, trio=self.trio)
+                self._free.append(cid)
+        self.inflight = 0
+        slots, self._slot_waiters = self._slot_waiters, deque()
+        for waiter in slots:
+            _throw(waiter, exc, trio=self.trio)
+        idle, self._idle = self._idle, None
+        if idle is not None:  # the reaper: it carries on (there is nothing to reap)
+            self.wake(idle, 0)
+
+    # --- the reaper ---------------------------------------------------------------------
+
+    async def wait_work(self) -> None:
+        """Polled mode: sleep until a command is submitted."""
+        if self.inflight:
+            return
+        if self.trio:
+            import trio
+
+            task = trio.lowlevel.current_task()
+            self._idle = task
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._idle = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            assert self._loop is not None
+            fut = self._loop.create_future()
+            self._idle = fut
+            try:
+                await fut
+            finally:
+                if self._idle is fut:
+                    self._idle = None
+
+
+def _abort_failed(_: object) -> Any:
+    import trio
+
+    return trio.lowlevel.Abort.FAILED
+
+
+def _wake_asyncio(fut: asyncio.Future[int], value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _throw(waiter: Any, exc: BaseException, *, trio: bool) -> None:
+    if trio:
+        import outcome
+        import trio as trio_
+
+        trio_.lowlevel.reschedule(waiter, outcome.Error(exc))
+    elif not waiter.done():
+        waiter.set_exception(exc)
