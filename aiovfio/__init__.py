@@ -3,14 +3,17 @@
 This module only re-exports; each name lives in a module named after its job.
 """
 
+from . import errors
+from ._open import ReleasePolicy as ReleasePolicy
+from ._open import open_device as open_device
 from ._version import __version__ as __version__
 from .container import Container as Container
 from .container import IommuInfo as IommuInfo
 from .device import Device as Device
 from .device import DeviceInfo as DeviceInfo
-from .device import open_device as open_device
 from .dma import DmaBuffer as DmaBuffer
 from .dma import DmaMapping as DmaMapping
+from .dma import DmaSpace as DmaSpace
 from .errors import AlignmentError as AlignmentError
 from .errors import AlreadyExists as AlreadyExists
 from .errors import ApiVersionMismatch as ApiVersionMismatch
@@ -20,22 +23,23 @@ from .errors import CapabilityChainError as CapabilityChainError
 from .errors import ClosedResourceError as ClosedResourceError
 from .errors import DeviceFault as DeviceFault
 from .errors import DeviceNotFound as DeviceNotFound
+from .errors import DeviceReleaseRequested as DeviceReleaseRequested
 from .errors import DmaSpaceExhausted as DmaSpaceExhausted
 from .errors import GroupNotViable as GroupNotViable
 from .errors import InvalidArgument as InvalidArgument
 from .errors import InvalidRequest as InvalidRequest
 from .errors import IommuTypeUnsupported as IommuTypeUnsupported
+from .errors import KernelBusy as KernelBusy
 from .errors import KernelError as KernelError
 from .errors import NoSpace as NoSpace
 from .errors import NoSuchEntity as NoSuchEntity
+from .errors import NotOffered as NotOffered
 from .errors import NotSupportedByKernel as NotSupportedByKernel
 from .errors import Offender as Offender
 from .errors import OutOfMemory as OutOfMemory
 from .errors import PermissionDenied as PermissionDenied
 from .errors import RegionAccessError as RegionAccessError
-from .errors import ResourceBusy as ResourceBusy
 from .errors import SetupError as SetupError
-from .errors import Unsupported as Unsupported
 from .errors import UsageError as UsageError
 from .errors import VfioError as VfioError
 from .errors import VfioUnavailable as VfioUnavailable
@@ -65,8 +69,10 @@ __all__ = [
     "DeviceFault",
     "DeviceInfo",
     "DeviceNotFound",
+    "DeviceReleaseRequested",
     "DmaBuffer",
     "DmaMapping",
+    "DmaSpace",
     "DmaSpaceExhausted",
     "Group",
     "GroupNotViable",
@@ -79,10 +85,12 @@ __all__ = [
     "IrqInfo",
     "IrqKind",
     "Kernel",
+    "KernelBusy",
     "KernelError",
     "LinuxKernel",
     "NoSpace",
     "NoSuchEntity",
+    "NotOffered",
     "NotSupportedByKernel",
     "Offender",
     "OutOfMemory",
@@ -91,9 +99,8 @@ __all__ = [
     "Region",
     "RegionAccessError",
     "RegionInfo",
-    "ResourceBusy",
+    "ReleasePolicy",
     "SetupError",
-    "Unsupported",
     "UsageError",
     "VfioError",
     "VfioUnavailable",
@@ -112,3 +119,8 @@ def _fix_module_names() -> None:
 
 _fix_module_names()
 del _fix_module_names
+
+
+def __getattr__(name: str) -> object:
+    """The renamed errors' old names (`Unsupported`, `ResourceBusy`), with a DeprecationWarning."""
+    return getattr(errors, name)

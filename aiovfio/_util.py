@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 import anyio
 
 from . import errors
+from .kernel.protocol import Kernel
 from .kernel.viability import keeps_group_viable
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "normalize_bdf",
     "keeps_group_viable",
     "aclose_all",
+    "check_int",
+    "check_kernel",
     "PAGE_SIZE",
 ]
 
@@ -92,3 +95,29 @@ async def aclose_all(resources: Iterable[_AsyncClosable]) -> None:
                 first = exc
     if first is not None:
         raise first
+
+
+def check_int(
+    what: str, value: object, *, minimum: int | None = None, below: int | None = None
+) -> int:
+    """`value` as an int in [minimum, below); bool is not an int here. Else InvalidArgument."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+        or (below is not None and value >= below)
+    ):
+        lo = "" if minimum is None else f" >= {minimum}"
+        hi = "" if below is None else f" below {below:#x}"
+        joint = " and" if lo and hi else ""
+        raise errors.InvalidArgument(f"{what} is an int{lo}{joint}{hi}, not {value!r}")
+    return value
+
+
+def check_kernel(kernel: object) -> None:
+    """Refuse anything that is not a Kernel (a string, a number) before using it."""
+    if not isinstance(kernel, Kernel):
+        raise errors.InvalidArgument(
+            f"kernel= takes a Kernel (aiovfio.LinuxKernel(), aiovfio.sim.Machine().kernel), "
+            f"not {kernel!r}; leave it out for the real kernel"
+        )

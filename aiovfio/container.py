@@ -1,8 +1,9 @@
 """The IOMMU container (legacy VFIO type1 interface).
 
-A container owns `/dev/vfio/vfio`, the IOMMU it gets when its first group
-joins, and the DMA mappings made through it. It is an async context manager;
-its groups and mappings are context managers nested inside it.
+A container owns `/dev/vfio/vfio` and, while at least one group is attached,
+a type1 DMA space (`dma.Type1Space`): VFIO_SET_IOMMU creates it when the
+first group joins; the last group leaving retires it (unmapping what is
+left). Groups get a `Type1Attachment`, never the container itself.
 """
 
 from __future__ import annotations
@@ -11,55 +12,120 @@ import ctypes
 from typing import TYPE_CHECKING
 
 import anyio
-from attrs import define, field, frozen
+from attrs import define, field
 
 from . import _log, errors
 from ._resource import FdResource
 from ._uapi import caps
 from ._uapi import vfio as uapi
-from ._util import PAGE_SIZE, aclose_all, kcall, kcall_thread
-from .dma import DmaBuffer, DmaMapping, IovaAllocator, buffer_address
+from ._util import PAGE_SIZE, check_int, check_kernel, kcall
+from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space
+from .group import Group
 from .kernel import Kernel, default_kernel
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from .group import Group
-
-__all__ = ["Container", "IommuInfo"]
-
-_HUGE_PAGE = 2 * 1024 * 1024
-
-
-@frozen
-class IommuInfo:
-    """What VFIO_IOMMU_GET_INFO says about the container's IOMMU."""
-
-    #: bitmap of supported IOMMU page sizes
-    page_sizes: int
-    #: inclusive (start, end) IOVA ranges the device may use
-    iova_ranges: tuple[tuple[int, int], ...]
-    #: how many more mappings the kernel allows, None when it does not say
-    dma_avail: int | None
-
-    @property
-    def min_page_size(self) -> int:
-        """The smallest IOMMU page size: the alignment every mapping needs."""
-        return self.page_sizes & -self.page_sizes if self.page_sizes else PAGE_SIZE
-
-    def __repr__(self) -> str:
-        ranges = ", ".join(f"{s:#x}-{e:#x}" for s, e in self.iova_ranges)
-        return (
-            f"IommuInfo(page_sizes={self.page_sizes:#x}, iova_ranges=[{ranges}], "
-            f"dma_avail={self.dma_avail})"
-        )
+__all__ = ["Container", "IommuInfo", "Type1Attachment"]
 
 
 def _kernel_or_default(kernel: Kernel | None) -> Kernel:
-    return kernel if kernel is not None else default_kernel()
+    if kernel is None:
+        return default_kernel()
+    check_kernel(kernel)
+    return kernel
 
 
-@define(eq=False, repr=False, kw_only=True)
+@define(eq=False, repr=False, slots=False)
+class Type1Attachment:
+    """What a group is handed to join (and leave) its container's address space.
+
+    The first group to join sets the IOMMU, which creates the DMA space; the
+    last to leave retires it before it unsets the container, so every
+    mapping is unmapped while the IOMMU still exists.
+    """
+
+    kernel: Kernel
+    container_fd: int
+    label: str
+    _groups: list[int] = field(factory=list, init=False)  # group fds, in joining order
+    space: DmaSpace | None = field(default=None, init=False)
+
+    def join(self, group_fd: int, group_label: str) -> DmaSpace:
+        """GROUP_SET_CONTAINER, then VFIO_SET_IOMMU when it is the first group."""
+        k = self.kernel
+        kcall(
+            "VFIO_GROUP_SET_CONTAINER",
+            group_label,
+            k.group_set_container,
+            group_fd,
+            self.container_fd,
+        )
+        if self.space is None:
+            try:
+                kcall(
+                    "VFIO_SET_IOMMU",
+                    f"{self.label} with {group_label}",
+                    k.set_iommu,
+                    self.container_fd,
+                    uapi.Extension.TYPE1v2_IOMMU,
+                )
+                info = self._query_info()
+            except BaseException:
+                kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
+                raise
+            self.space = Type1Space(
+                kernel=k, info=info, name=self.label, container_fd=self.container_fd
+            )
+        self._groups.append(group_fd)
+        return self.space
+
+    async def leave(self, group_fd: int, group_label: str) -> None:
+        """Retire the space when this is the last group, then GROUP_UNSET_CONTAINER."""
+        k = self.kernel
+        if group_fd in self._groups:
+            self._groups.remove(group_fd)
+        try:
+            if not self._groups and self.space is not None:
+                space, self.space = self.space, None
+                await space.aclose()
+        finally:
+            kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
+
+    @property
+    def group_count(self) -> int:
+        return len(self._groups)
+
+    def _query_info(self) -> IommuInfo:
+        head = ctypes.sizeof(uapi.vfio_iommu_type1_info)
+        buf = bytearray(head)
+        info = uapi.vfio_iommu_type1_info.from_buffer(buf)
+        info.argsz = head
+        del info
+        op = "VFIO_IOMMU_GET_INFO"
+        fd = self.container_fd
+        kcall(op, self.label, self.kernel.iommu_get_info, fd, buf)
+        need = uapi.vfio_iommu_type1_info.from_buffer_copy(buf).argsz
+        if need > head:
+            buf = bytearray(need)
+            info = uapi.vfio_iommu_type1_info.from_buffer(buf)
+            info.argsz = need
+            del info
+            kcall(op, self.label, self.kernel.iommu_get_info, fd, buf)
+        info_c = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
+        ranges: tuple[tuple[int, int], ...] = ((0, (1 << 64) - 1),)
+        avail: int | None = None
+        if info_c.flags & uapi.IommuInfoFlag.CAPS and info_c.cap_offset:
+            for cap in caps.walk(buf, info_c.cap_offset, start=head):
+                if cap.id == uapi.IommuInfoCap.IOVA_RANGE:
+                    ranges = tuple(caps.iova_ranges(cap))
+                elif cap.id == uapi.IommuInfoCap.DMA_AVAIL:
+                    avail = caps.dma_avail(cap)
+        sizes = info_c.iova_pgsizes if info_c.flags & uapi.IommuInfoFlag.PGSIZES else PAGE_SIZE
+        return IommuInfo(page_sizes=sizes, iova_ranges=ranges, dma_avail=avail)
+
+
+@define(eq=False, repr=False, slots=False, kw_only=True)
 class Container(FdResource):
     """An IOMMU container: `async with aiovfio.Container() as c:`.
 
@@ -69,22 +135,17 @@ class Container(FdResource):
     """
 
     kernel: Kernel = field(factory=default_kernel, converter=_kernel_or_default)
-    _groups: list[Group] = field(factory=list, init=False)
-    _mappings: list[DmaMapping] = field(factory=list, init=False)
-    _info: IommuInfo | None = field(default=None, init=False)
-    _allocator: IovaAllocator | None = field(default=None, init=False)
-    _dma_avail: int | None = field(default=None, init=False)
+    _attachment: Type1Attachment | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
-        if self._closed:
+        if self.closed:
             return "<Container closed>"
         if self._fd < 0:
             return "<Container not open>"
-        groups = ",".join(str(g.number) for g in self._groups) or "none"
-        return (
-            f"<Container fd={self._fd} kernel={self.kernel.name} groups={groups} "
-            f"mappings={len(self._mappings)}>"
-        )
+        groups = ",".join(str(g.number) for g in self.groups) or "none"
+        space = self.dma_space_or_none
+        n = space.mapping_count if space is not None else 0
+        return f"<Container fd={self._fd} kernel={self.kernel.name} groups={groups} mappings={n}>"
 
     @property
     def label(self) -> str:
@@ -92,35 +153,49 @@ class Container(FdResource):
 
     @property
     def groups(self) -> tuple[Group, ...]:
-        return tuple(self._groups)
+        return self._children.of_type(Group)
 
     @property
-    def mappings(self) -> tuple[DmaMapping, ...]:
-        return tuple(self._mappings)
+    def dma_space_or_none(self) -> DmaSpace | None:
+        a = self._attachment
+        return a.space if a is not None else None
+
+    @property
+    def dma_space(self) -> DmaSpace:
+        """The type1 address space (exists while a group is attached)."""
+        self._check_open()
+        space = self.dma_space_or_none
+        if space is None:
+            raise errors.UsageError(
+                "the container has no IOMMU yet: attach a group first (`container.group(n)`)"
+            )
+        return space
+
+    @property
+    def mappings(self) -> tuple[DmaMapping | DmaBuffer, ...]:
+        space = self.dma_space_or_none
+        if space is None:
+            return ()
+        return tuple(c for c in space._children if isinstance(c, (DmaMapping, DmaBuffer)))
 
     @property
     def iommu_info(self) -> IommuInfo:
         """Page sizes, IOVA ranges and the DMA entries left (after a group joined)."""
-        self._check_open()
-        if self._info is None:
-            raise errors.UsageError(
-                "the container has no IOMMU yet: attach a group first (`container.group(n)`)"
-            )
-        return _replace_avail(self._info, self._dma_avail)
+        return self.dma_space.iommu_info
 
     # --- lifetime ----------------------------------------------------------------
 
     async def __aenter__(self) -> Container:
-        self._enter_once()
-        await anyio.lowlevel.checkpoint()
-        k = self.kernel
-        if not k.vfio_available():
-            raise errors.VfioUnavailable(
-                "/dev/vfio/vfio is missing: load the vfio-pci module (`modprobe vfio-pci`) "
-                "and check the IOMMU is on (`aiovfio doctor`)"
-            )
-        self._fd = kcall("open", "/dev/vfio/vfio", k.open_container)
+        self._begin_open()
         try:
+            await anyio.lowlevel.checkpoint()
+            k = self.kernel
+            if not k.vfio_available():
+                raise errors.VfioUnavailable(
+                    "/dev/vfio/vfio is missing: load the vfio-pci module (`modprobe vfio-pci`) "
+                    "and check the IOMMU is on (`aiovfio doctor`)"
+                )
+            self._fd = kcall("open", "/dev/vfio/vfio", k.open_container)
             version = kcall("VFIO_GET_API_VERSION", self.label, k.get_api_version, self._fd)
             if version != uapi.VFIO_API_VERSION:
                 raise errors.ApiVersionMismatch(
@@ -140,97 +215,52 @@ class Container(FdResource):
                     "(intel_iommu=on or amd_iommu=on) and load vfio_iommu_type1"
                 )
         except BaseException:
-            self._close_fd()
+            self._abort_open()
             raise
-        _log.debug("container.open", fd=self._fd, kernel=k.name)
+        self._attachment = Type1Attachment(self.kernel, self._fd, self.label)
+        self._opened()
+        _log.debug("container.open", fd=self._fd, kernel=self.kernel.name)
         return self
 
-    async def aclose(self) -> None:
-        """Unmap what is still mapped, release groups, close; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                # A mapping whose unmap fails is dropped by the kernel when the
-                # last group leaves (the IOMMU goes with it), so go on regardless.
-                await aclose_all([*reversed(self._mappings), *reversed(self._groups)])
-            finally:
-                self._close_fd()
+    def _abort_open(self) -> None:
+        self._state = self._state.CLOSING
+        try:
+            self._close_fd()
+        finally:
+            self._finish_close()
+
+    async def _shutdown(self) -> None:
+        """Groups newest first (the last one retires the DMA space), then the fd."""
+        try:
+            await self._children.aclose_all()
+            a = self._attachment
+            if a is not None and a.space is not None:  # no group left, yet a space: retire it
+                space, a.space = a.space, None
+                await space.aclose()
+        finally:
+            self._close_fd()
 
     def _close_fd(self) -> None:
-        fd, self._fd = self._fd, -1
+        fd = self._take_fd()
         if fd >= 0:
             kcall("close", f"container (fd {fd})", self.kernel.close, fd)
             _log.debug("container.close", fd=fd)
+
+    def _release_on_gc(self) -> None:
+        fd = self._take_fd()
+        if fd >= 0:
+            self.kernel.close(fd)
 
     # --- groups ------------------------------------------------------------------
 
     def group(self, number: int) -> Group:
         """Attach IOMMU group `number` (an async context manager yielding the Group)."""
-        from .group import Group
-
         self._check_open()
-        if not isinstance(number, int) or number < 0:
-            raise errors.InvalidArgument(f"an IOMMU group number is an int >= 0, not {number!r}")
-        return Group(self, number)
-
-    def _attached(self, group: Group) -> None:
-        """Called by a group that has just joined: set the IOMMU on the first one."""
-        k = self.kernel
-        if not self._groups:
-            kcall(
-                "VFIO_SET_IOMMU",
-                f"{self.label} with group {group.number}",
-                k.set_iommu,
-                self._fd,
-                uapi.Extension.TYPE1v2_IOMMU,
-            )
-            self._groups.append(group)
-            self._info = self._query_info()
-            self._dma_avail = self._info.dma_avail
-            self._allocator = IovaAllocator(self._info.iova_ranges, self._info.min_page_size)
-        else:
-            self._groups.append(group)
-
-    def _detached(self, group: Group) -> None:
-        """Called by a group that has left; the last one takes the IOMMU with it.
-
-        A group whose VFIO_SET_IOMMU failed was never added: nothing to remove.
-        """
-        if group in self._groups:
-            self._groups.remove(group)
-        if not self._groups:
-            self._info = None
-            self._allocator = None
-            self._dma_avail = None
-
-    def _query_info(self) -> IommuInfo:
-        head = ctypes.sizeof(uapi.vfio_iommu_type1_info)
-        buf = bytearray(head)
-        info = uapi.vfio_iommu_type1_info.from_buffer(buf)
-        info.argsz = head
-        del info
-        op = "VFIO_IOMMU_GET_INFO"
-        kcall(op, self.label, self.kernel.iommu_get_info, self._fd, buf)
-        need = uapi.vfio_iommu_type1_info.from_buffer_copy(buf).argsz
-        if need > head:
-            buf = bytearray(need)
-            info = uapi.vfio_iommu_type1_info.from_buffer(buf)
-            info.argsz = need
-            del info
-            kcall(op, self.label, self.kernel.iommu_get_info, self._fd, buf)
-        info_c = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
-        ranges: tuple[tuple[int, int], ...] = ((0, (1 << 64) - 1),)
-        avail: int | None = None
-        if info_c.flags & uapi.IommuInfoFlag.CAPS and info_c.cap_offset:
-            for cap in caps.walk(buf, info_c.cap_offset, start=head):
-                if cap.id == uapi.IommuInfoCap.IOVA_RANGE:
-                    ranges = tuple(caps.iova_ranges(cap))
-                elif cap.id == uapi.IommuInfoCap.DMA_AVAIL:
-                    avail = caps.dma_avail(cap)
-        sizes = info_c.iova_pgsizes if info_c.flags & uapi.IommuInfoFlag.PGSIZES else PAGE_SIZE
-        return IommuInfo(page_sizes=sizes, iova_ranges=ranges, dma_avail=avail)
+        check_int("an IOMMU group number", number, minimum=0)
+        assert self._attachment is not None
+        return Group(
+            kernel=self.kernel, number=number, attachment=self._attachment, owner=self._children
+        )
 
     # --- DMA ---------------------------------------------------------------------
 
@@ -247,23 +277,7 @@ class Container(FdResource):
         `iova` None lets the container choose one below `dma_mask`;
         `readonly=True` forbids device writes.
         """
-        self._check_open()
-        page = self._page_size()
-        address, length = buffer_address(buffer)
-        if address % page:
-            raise errors.AlignmentError(
-                f"buffer at {address:#x} is not aligned to the IOMMU page size {page:#x}: "
-                f"allocate it with mmap, or use `dma_buffer(size)`"
-            )
-        if length % page:
-            raise errors.AlignmentError(
-                f"buffer size {length:#x} is not a multiple of the IOMMU page size {page:#x}"
-            )
-        _check_iova_args(iova, dma_mask)
-        pin = memoryview(buffer)
-        return DmaMapping(
-            self, address, length, bool(readonly), requested_iova=iova, dma_mask=dma_mask, pin=pin
-        )
+        return self.dma_space.map_dma(buffer, iova=iova, readonly=readonly, dma_mask=dma_mask)
 
     def dma_buffer(
         self,
@@ -275,112 +289,8 @@ class Container(FdResource):
     ) -> DmaBuffer:
         """Allocate zeroed memory and map it (an async context manager yielding a DmaBuffer).
 
-        `size` is rounded up to the page size (2 MiB with `hugepages`).
+        `size` is rounded up to the IOMMU page size (2 MiB with `hugepages`).
         """
-        self._check_open()
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise errors.InvalidArgument(f"a DMA buffer size is an int > 0, not {size!r}")
-        if size > 1 << 46:
-            raise errors.InvalidArgument(f"a DMA buffer of {size:#x} bytes is beyond any IOMMU")
-        _check_iova_args(None, dma_mask)
-        unit = _HUGE_PAGE if hugepages else max(self._page_size(), PAGE_SIZE)
-        rounded = (size + unit - 1) // unit * unit
-        return DmaBuffer(
-            self, rounded, readonly=bool(readonly), dma_mask=dma_mask, hugepages=bool(hugepages)
+        return self.dma_space.dma_buffer(
+            size, dma_mask=dma_mask, readonly=readonly, hugepages=hugepages
         )
-
-    def _page_size(self) -> int:
-        return self._info.min_page_size if self._info is not None else PAGE_SIZE
-
-    async def _map(self, mapping: DmaMapping) -> int:
-        """Reserve an IOVA, check the entry budget, pin and map in a worker thread."""
-        await anyio.lowlevel.checkpoint()
-        self._check_open()
-        if self._allocator is None:
-            raise errors.UsageError(
-                "the container has no IOMMU yet: attach a group before mapping DMA"
-            )
-        if self._dma_avail is not None and self._dma_avail <= 0:
-            limit = len(self._mappings)
-            raise errors.DmaSpaceExhausted(
-                f"{self.label} has no DMA entries left: {limit} mappings are live and the "
-                f"kernel allows no more (0 left); unmap some, or raise "
-                f"vfio_iommu_type1.dma_entry_limit"
-            )
-        alloc = self._allocator
-        if mapping.requested_iova is None:
-            iova = alloc.allocate(mapping.size, limit=mapping.dma_mask)
-        else:
-            iova = mapping.requested_iova
-            alloc.reserve(iova, mapping.size, limit=mapping.dma_mask)
-        arg = uapi.vfio_iommu_type1_dma_map(
-            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map),
-            flags=uapi.DmaMapFlag.READ | (0 if mapping.readonly else uapi.DmaMapFlag.WRITE),
-            vaddr=mapping.vaddr,
-            iova=iova,
-            size=mapping.size,
-        )
-        try:
-            await kcall_thread(
-                "VFIO_IOMMU_MAP_DMA",
-                f"{self.label} at IOVA {iova:#x} size {mapping.size:#x}",
-                self.kernel.map_dma,
-                self._fd,
-                arg,
-            )
-        except BaseException:
-            alloc.release(iova, mapping.size)
-            raise
-        self._mappings.append(mapping)
-        if self._dma_avail is not None:
-            self._dma_avail -= 1
-        _log.debug("dma.map", iova=hex(iova), size=mapping.size, readonly=mapping.readonly)
-        return iova
-
-    async def _unmap(self, mapping: DmaMapping, iova: int) -> None:
-        """Unmap in a worker thread (the caller shields it) and check the size.
-
-        When the kernel refuses, the mapping stays on the books so that
-        closing the container tries again (and closing the fd drops it anyway).
-        """
-        if mapping not in self._mappings:
-            return
-        if self._fd < 0 or self._allocator is None:
-            self._mappings.remove(mapping)  # the IOMMU went first: the kernel dropped it
-            return
-        arg = uapi.vfio_iommu_type1_dma_unmap(
-            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap),
-            flags=0,
-            iova=iova,
-            size=mapping.size,
-        )
-        target = f"{self.label} at IOVA {iova:#x} size {mapping.size:#x}"
-        await kcall_thread("VFIO_IOMMU_UNMAP_DMA", target, self.kernel.unmap_dma, self._fd, arg)
-        self._mappings.remove(mapping)
-        self._allocator.release(iova, mapping.size)
-        if self._dma_avail is not None:
-            self._dma_avail += 1
-        _log.debug("dma.unmap", iova=hex(iova), size=mapping.size)
-        if arg.size != mapping.size:
-            raise errors.KernelError(
-                5,
-                f"VFIO_IOMMU_UNMAP_DMA on {target} unmapped {arg.size:#x} bytes, "
-                f"not {mapping.size:#x}",
-                operation="VFIO_IOMMU_UNMAP_DMA",
-                target=target,
-            )
-
-
-def _check_iova_args(iova: int | None, dma_mask: int | None) -> None:
-    if iova is not None and (not isinstance(iova, int) or iova < 0 or iova >= 1 << 64):
-        raise errors.InvalidArgument(f"an IOVA is an int in [0, 2**64), not {iova!r}")
-    if dma_mask is not None and (
-        not isinstance(dma_mask, int) or dma_mask <= 0 or dma_mask >= 1 << 64
-    ):
-        raise errors.InvalidArgument(f"a DMA mask is an int in (0, 2**64), not {dma_mask!r}")
-
-
-def _replace_avail(info: IommuInfo, avail: int | None) -> IommuInfo:
-    if avail == info.dma_avail:
-        return info
-    return IommuInfo(page_sizes=info.page_sizes, iova_ranges=info.iova_ranges, dma_avail=avail)

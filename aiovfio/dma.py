@@ -1,33 +1,90 @@
-"""DMA: page-aligned buffers, IOMMU mappings as scoped resources, IOVA allocation.
+"""DMA: the DMA space (one IOMMU address space), its mappings, and DMA memory.
 
-A `DmaMapping` is owned by the async context manager that made it and is
-unmapped on every exit path (also on cancellation: the unmap runs in a
-shielded worker thread). A `DmaBuffer` is memory aiovfio allocated *and*
-mapped; leaving its context unmaps it, then frees the memory.
+`DmaSpace` is one IOMMU address space. It owns its IOVA allocator, its entry
+budget, its live mappings, the map and unmap calls, and its own lifetime:
+when it retires (the type1 container's last group leaves, an IOAS is
+destroyed) it unmaps what is still mapped and ends every `DmaMapping` and
+`DmaBuffer` made in it, so none can ever be unmapped in a later address
+space. Two implementations: `Type1Space` here (the legacy container's) and
+iommufd's IOAS (`aiovfio.iommufd`). The public objects (`DmaMapping`,
+`DmaBuffer`) only see the `DmaSpace` interface.
+
+A `DmaMapping` maps memory the caller owns; a `DmaBuffer` is memory aiovfio
+allocates (aligned to the space's smallest IOMMU page) *and* maps. Both are
+unmapped on every exit path, also on cancellation (the unmap runs in a
+shielded worker thread).
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import ctypes
+import errno
+import gc
 import mmap
-from collections.abc import Iterable
-from types import TracebackType
+import os
+import resource
+import warnings
 from typing import TYPE_CHECKING
 
 import anyio
-from attrs import define, field
+from attrs import define, field, frozen
 
 from . import _log, errors
+from ._iova import IovaAllocator
+from ._resource import Resource, State
+from ._uapi import vfio as uapi
+from ._util import PAGE_SIZE, check_int, kcall_thread
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from .container import Container
+    from .kernel import Kernel
 
-__all__ = ["DmaMapping", "DmaBuffer", "IovaAllocator", "allocate_memory", "buffer_address"]
+__all__ = [
+    "DmaBuffer",
+    "DmaMapping",
+    "DmaSpace",
+    "IommuInfo",
+    "IovaAllocator",
+    "Type1Space",
+    "allocate_memory",
+    "buffer_address",
+    "check_iova_args",
+    "populate_write",
+]
 
 _MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
 _HUGE_PAGE = 2 * 1024 * 1024
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+@frozen
+class IommuInfo:
+    """What the IOMMU says about an address space (VFIO_IOMMU_GET_INFO, or the IOAS)."""
+
+    #: bitmap of supported IOMMU page sizes
+    page_sizes: int
+    #: inclusive (start, end) IOVA ranges the device may use
+    iova_ranges: tuple[tuple[int, int], ...]
+    #: how many more mappings the kernel allows, None when it does not say
+    dma_avail: int | None
+
+    @property
+    def min_page_size(self) -> int:
+        """The smallest IOMMU page size: the alignment every mapping needs."""
+        return self.page_sizes & -self.page_sizes if self.page_sizes else PAGE_SIZE
+
+    def __repr__(self) -> str:
+        ranges = ", ".join(f"{s:#x}-{e:#x}" for s, e in self.iova_ranges)
+        return (
+            f"IommuInfo(page_sizes={self.page_sizes:#x}, iova_ranges=[{ranges}], "
+            f"dma_avail={self.dma_avail})"
+        )
+
+
+# --- memory ---------------------------------------------------------------------------------
 
 
 def buffer_address(buffer: Buffer) -> tuple[int, int]:
@@ -37,6 +94,11 @@ def buffer_address(buffer: Buffer) -> tuple[int, int]:
     except TypeError:
         raise errors.InvalidArgument(
             f"cannot map a {type(buffer).__name__}: pass a buffer (mmap, bytearray, DmaBuffer.view)"
+        ) from None
+    except ValueError as exc:  # a released memoryview, a closed mmap
+        raise errors.UsageError(
+            f"cannot map a {type(buffer).__name__} that was released or closed ({exc}): "
+            f"pass live memory"
         ) from None
     with view:
         if view.readonly:
@@ -71,183 +133,419 @@ def allocate_memory(size: int, *, hugepages: bool = False) -> mmap.mmap:
     return mem
 
 
-@define(eq=False)
-class IovaAllocator:
-    """First-fit IOVA allocation within the IOMMU's ranges and a device's DMA mask.
+_libc: ctypes.CDLL | None = None
 
-    Only bookkeeping: it never talks to the kernel. Ranges are inclusive
-    (start, end) pairs as the kernel reports them.
+
+def populate_write(view: memoryview, page: int = PAGE_SIZE) -> None:
+    """Write-fault every page of `view` (keeping its bytes) so none is the shared zero page.
+
+    Linux 6.1 pins the shared zero page for a read-only long-term pin of an
+    untouched anonymous page: the device then reads zeros whatever the CPU
+    writes later. MADV_POPULATE_WRITE (Linux >= 5.14) faults each page in
+    writable without changing it; elsewhere each page is touched by hand.
+    """
+    global _libc
+    address, length = ctypes.addressof((ctypes.c_char * view.nbytes).from_buffer(view)), view.nbytes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if (
+        address % PAGE_SIZE == 0
+        and _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_POPULATE_WRITE)
+        == 0
+    ):
+        return
+    raw = view.cast("B")
+    for offset in range(0, length, page):
+        raw[offset] = raw[offset]  # a write fault that keeps the byte
+    raw.release()
+
+
+def _holders(obj: object, mine: tuple[object, ...]) -> str:
+    """The types of what still references `obj` (for the exported-view warning)."""
+    names = sorted(
+        {
+            f"{type(r).__module__}.{type(r).__qualname__}".removeprefix("builtins.")
+            for r in gc.get_referrers(obj)
+            if r not in mine
+            and not isinstance(r, (dict, list, tuple))
+            and type(r).__name__ not in ("frame", "cell", "function")
+        }
+    )
+    return ", ".join(names) or "an exported buffer (a slice, a numpy array, a PickleBuffer)"
+
+
+# --- the DMA space --------------------------------------------------------------------------
+
+
+@define(eq=False, repr=False, slots=False, kw_only=True)
+class DmaSpace(Resource, abc.ABC):
+    """One IOMMU address space: IOVA allocator, entry budget, live mappings, map and unmap.
+
+    Subclasses say how the kernel maps (`_kernel_map`, `_kernel_unmap`); the
+    rest (allocation, budget, bookkeeping, retirement) is shared, so every
+    implementation obeys the same rules. Created open; `aclose()` retires it.
     """
 
-    ranges: tuple[tuple[int, int], ...]
-    page_size: int
-    #: the lowest IOVA handed out when none is asked for (keeps 0 free: many
-    #: devices read address 0 as "no buffer")
-    floor: int = 0x10000
-    _used: list[tuple[int, int]] = field(factory=list, repr=False)  # sorted (start, end_excl)
+    kernel: Kernel
+    info: IommuInfo
+    #: "container (fd 5)", "IOAS 2 of iommufd 7", for messages
+    name: str
+    _allocator: IovaAllocator = field(init=False)
+    _dma_avail: int | None = field(init=False)
+    _pinned: int = field(default=0, init=False)
 
-    def allocate(self, size: int, *, limit: int | None = None, align: int | None = None) -> int:
-        """Reserve `size` bytes below `limit` (inclusive, a DMA mask); return the IOVA."""
-        align = max(align or self.page_size, self.page_size)
-        for start, end in self.ranges:
-            lo = max(start, self.floor)
-            hi = end if limit is None else min(end, limit)
-            cand = _round_up(lo, align)
-            for used_start, used_end in self._used:
-                if used_end <= cand:
-                    continue
-                if used_start >= cand + size:
-                    break
-                cand = _round_up(used_end, align)
-            if cand + size - 1 <= hi:
-                self._insert(cand, size)
-                return cand
-        where = f"below {limit:#x}" if limit is not None else "in the IOMMU's IOVA ranges"
-        raise errors.DmaSpaceExhausted(
-            f"no free IOVA range of {size:#x} bytes {where}; unmap something, "
-            f"or raise the device's DMA mask"
-        )
+    def __attrs_post_init__(self) -> None:
+        self._allocator = IovaAllocator(self.info.iova_ranges, self.page_size)
+        self._dma_avail = self.info.dma_avail
+        self._open_now()
 
-    def reserve(self, iova: int, size: int, *, limit: int | None = None) -> None:
-        """Claim a caller-chosen IOVA range, refusing overlaps and out-of-range IOVAs."""
-        last = iova + size - 1
-        if iova % self.page_size:
-            raise errors.AlignmentError(
-                f"IOVA {iova:#x} is not aligned to the IOMMU page size {self.page_size:#x}"
-            )
-        if limit is not None and last > limit:
-            raise errors.InvalidArgument(
-                f"IOVA range {iova:#x}-{last:#x} exceeds the DMA mask {limit:#x}"
-            )
-        if not any(start <= iova and last <= end for start, end in self.ranges):
-            shown = ", ".join(f"{s:#x}-{e:#x}" for s, e in self.ranges)
-            raise errors.InvalidArgument(
-                f"IOVA range {iova:#x}-{last:#x} is outside the IOMMU's IOVA ranges ({shown})"
-            )
-        for used_start, used_end in self._used:
-            if used_start < iova + size and iova < used_end:
-                raise errors.InvalidArgument(
-                    f"IOVA range {iova:#x}-{last:#x} overlaps the mapping at "
-                    f"{used_start:#x}-{used_end - 1:#x}; pick another IOVA or let aiovfio choose"
-                )
-        self._insert(iova, size)
-
-    def release(self, iova: int, size: int) -> None:
-        """Give back a range handed out by `allocate` or `reserve`."""
-        self._used.remove((iova, iova + size))
-
-    def _insert(self, iova: int, size: int) -> None:
-        self._used.append((iova, iova + size))
-        self._used.sort()
+    def __repr__(self) -> str:
+        state = "retired" if self.closed else f"mappings={len(self._children)}"
+        return f"<{type(self).__name__} {self.name} page={self.page_size:#x} {state}>"
 
     @property
-    def used(self) -> Iterable[tuple[int, int]]:
-        return tuple(self._used)
+    def label(self) -> str:
+        return f"the DMA space of {self.name}"
+
+    @property
+    def page_size(self) -> int:
+        """The smallest IOMMU page: every mapping's address and size are multiples of it."""
+        return max(self.info.min_page_size, PAGE_SIZE)
+
+    @property
+    def mapping_count(self) -> int:
+        """How many mappings are live in it."""
+        return len(self._allocator)
+
+    @property
+    def dma_avail(self) -> int | None:
+        """How many more mappings the kernel allows, None when it does not say."""
+        return self._dma_avail
+
+    @property
+    def iommu_info(self) -> IommuInfo:
+        """The IOMMU's description, with the entries left now."""
+        self._check_open()
+        info = self.info
+        if self._dma_avail == info.dma_avail:
+            return info
+        return IommuInfo(
+            page_sizes=info.page_sizes, iova_ranges=info.iova_ranges, dma_avail=self._dma_avail
+        )
+
+    # --- the public objects made here ------------------------------------------------
+
+    def map_dma(
+        self,
+        buffer: Buffer,
+        *,
+        iova: int | None = None,
+        readonly: bool = False,
+        dma_mask: int | None = None,
+    ) -> DmaMapping:
+        """Map a page-aligned writable buffer (an async context manager yielding the mapping)."""
+        self._check_open()
+        page = self.page_size
+        address, length = buffer_address(buffer)
+        if address % page:
+            raise errors.AlignmentError(
+                f"buffer at {address:#x} is not aligned to the IOMMU page size {page:#x}: "
+                f"allocate it with mmap, or use `dma_buffer(size)`"
+            )
+        if length % page:
+            raise errors.AlignmentError(
+                f"buffer size {length:#x} is not a multiple of the IOMMU page size {page:#x}"
+            )
+        check_iova_args(iova, dma_mask)
+        pin = memoryview(buffer)
+        return DmaMapping(
+            self,
+            address,
+            length,
+            bool(readonly),
+            requested_iova=iova,
+            dma_mask=dma_mask,
+            pin=pin,
+            owner=self._children,
+        )
+
+    def dma_buffer(
+        self,
+        size: int,
+        *,
+        dma_mask: int | None = None,
+        readonly: bool = False,
+        hugepages: bool = False,
+    ) -> DmaBuffer:
+        """Allocate zeroed memory and map it (an async context manager yielding a DmaBuffer).
+
+        `size` is rounded up to the IOMMU page (2 MiB with `hugepages`); the
+        memory is aligned to it.
+        """
+        self._check_open()
+        check_int("a DMA buffer size", size, minimum=1)
+        if size > 1 << 46:
+            raise errors.InvalidArgument(f"a DMA buffer of {size:#x} bytes is beyond any IOMMU")
+        check_iova_args(None, dma_mask)
+        readonly, hugepages = bool(readonly), bool(hugepages)
+        unit = max(_HUGE_PAGE, self.page_size) if hugepages else self.page_size
+        rounded = (size + unit - 1) // unit * unit
+        return DmaBuffer(
+            self,
+            rounded,
+            readonly=readonly,
+            dma_mask=dma_mask,
+            hugepages=hugepages,
+            align=unit,
+            owner=self._children,
+        )
+
+    # --- map and unmap -----------------------------------------------------------------
+
+    async def map(self, mapping: DmaMapping) -> int:
+        """Reserve an IOVA, spend an entry, pin and map in a worker thread; return the IOVA."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        if self._dma_avail is not None and self._dma_avail <= 0:
+            raise errors.DmaSpaceExhausted(
+                f"{self.name} has no DMA entries left: {self.mapping_count} mappings are live "
+                f"and the kernel allows no more (0 left); unmap some, or raise "
+                f"vfio_iommu_type1.dma_entry_limit"
+            )
+        alloc = self._allocator
+        if mapping.requested_iova is None:
+            iova = alloc.allocate(mapping.size, limit=mapping.dma_mask)
+        else:
+            iova = mapping.requested_iova
+            alloc.reserve(iova, mapping.size, limit=mapping.dma_mask)
+        target = f"{self.name} at IOVA {iova:#x} size {mapping.size:#x}"
+        try:
+            await kcall_thread(
+                self.map_operation,
+                target,
+                self._kernel_map,
+                mapping.vaddr,
+                iova,
+                mapping.size,
+                mapping.readonly,
+            )
+        except errors.OutOfMemory as exc:
+            alloc.release(iova, mapping.size)
+            raise self._enomem(exc, mapping.size) from exc
+        except BaseException:
+            alloc.release(iova, mapping.size)
+            raise
+        if self._dma_avail is not None:
+            self._dma_avail -= 1
+        self._pinned += mapping.size
+        _log.debug("dma.map", iova=hex(iova), size=mapping.size, readonly=mapping.readonly)
+        return iova
+
+    async def unmap(self, iova: int, size: int) -> None:
+        """Unmap in a worker thread (the caller shields it); retry once when the kernel fails.
+
+        After a second failure the range stays allocated here (never handed
+        out again in this space) and the error propagates; the kernel drops
+        the mapping with the address space.
+        """
+        target = f"{self.name} at IOVA {iova:#x} size {size:#x}"
+        try:
+            done = await kcall_thread(self.unmap_operation, target, self._kernel_unmap, iova, size)
+        except errors.KernelError as first:
+            _log.debug("dma.unmap_retry", iova=hex(iova), size=size, error=str(first))
+            done = await kcall_thread(self.unmap_operation, target, self._kernel_unmap, iova, size)
+        self._allocator.release(iova, size)
+        if self._dma_avail is not None:
+            self._dma_avail += 1
+        self._pinned -= size
+        _log.debug("dma.unmap", iova=hex(iova), size=size)
+        if done != size:
+            raise errors.KernelError(
+                errno.EIO,
+                f"{self.unmap_operation} on {target} unmapped {done:#x} bytes, not {size:#x}",
+                operation=self.unmap_operation,
+                target=target,
+            )
+
+    def _enomem(self, exc: errors.OutOfMemory, size: int) -> errors.OutOfMemory:
+        """ENOMEM from a map: say whether RLIMIT_MEMLOCK or memory itself ran out."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        pinned = self._pinned
+        if soft != resource.RLIM_INFINITY and pinned + size > soft:
+            hint = (
+                f"RLIMIT_MEMLOCK is hit: {pinned:#x} bytes are pinned in {self.name} and "
+                f"{size:#x} more would pass the limit of {soft:#x}; raise it (`ulimit -l`, "
+                f"LimitMEMLOCK=) or map less"
+            )
+        else:
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft:#x}"
+            hint = (
+                f"RLIMIT_MEMLOCK ({limit}) is not the cause ({pinned:#x} bytes pinned here): "
+                f"the kernel could not pin or allocate memory; free memory or map less"
+            )
+        return errors.OutOfMemory(
+            errno.ENOMEM,
+            f"{exc.operation} on {exc.target} failed: {os.strerror(errno.ENOMEM)}; {hint}",
+            operation=exc.operation,
+            target=exc.target,
+        )
+
+    # --- the kernel side (what an implementation provides) -----------------------------
+
+    #: the operation's name in errors and logs
+    map_operation = "map"
+    unmap_operation = "unmap"
+
+    @abc.abstractmethod
+    def _kernel_map(self, vaddr: int, iova: int, size: int, readonly: bool) -> None:
+        """Map [vaddr, vaddr+size) at `iova` (runs in a worker thread)."""
+
+    @abc.abstractmethod
+    def _kernel_unmap(self, iova: int, size: int) -> int:
+        """Unmap [iova, iova+size) (a worker thread); return the size the kernel unmapped."""
+
+    # --- retirement ---------------------------------------------------------------------
+
+    async def _release(self) -> None:
+        """Every mapping was ended by `_shutdown` (children first): nothing more to give back."""
+        _log.debug("dma.space_retired", space=self.name)
 
 
-def _round_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
+@define(eq=False, repr=False, slots=False, kw_only=True)
+class Type1Space(DmaSpace):
+    """The legacy container's address space (VFIO type1 IOMMU): made by VFIO_SET_IOMMU."""
+
+    container_fd: int
+    map_operation = "VFIO_IOMMU_MAP_DMA"
+    unmap_operation = "VFIO_IOMMU_UNMAP_DMA"
+
+    def _kernel_map(self, vaddr: int, iova: int, size: int, readonly: bool) -> None:
+        arg = uapi.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map),
+            flags=uapi.DmaMapFlag.READ | (0 if readonly else uapi.DmaMapFlag.WRITE),
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        self.kernel.map_dma(self.container_fd, arg)
+
+    def _kernel_unmap(self, iova: int, size: int) -> int:
+        arg = uapi.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), flags=0, iova=iova, size=size
+        )
+        self.kernel.unmap_dma(self.container_fd, arg)
+        return int(arg.size)
 
 
-@define(eq=False, repr=False)
-class DmaMapping:
-    """A range of process memory mapped into a container's IOMMU.
+def check_iova_args(iova: int | None, dma_mask: int | None) -> None:
+    if iova is not None:
+        check_int("an IOVA", iova, minimum=0, below=1 << 64)
+    if dma_mask is not None:
+        check_int("a DMA mask", dma_mask, minimum=1, below=1 << 64)
 
-    Made by `Container.map_dma(...)`; the IOMMU translation exists from
-    `__aenter__` until the context exits (or `aclose()`), on every exit path.
+
+# --- mappings and buffers ---------------------------------------------------------------------
+
+
+@define(eq=False, repr=False, slots=False)
+class DmaMapping(Resource):
+    """A range of process memory mapped into a DMA space.
+
+    Made by `map_dma(...)` (on a container or a device); the IOMMU translation
+    exists from `__aenter__` until the context exits (or `aclose()`), on every
+    exit path, or until its DMA space retires, whichever comes first.
     """
 
-    container: Container
+    space: DmaSpace
     vaddr: int
     size: int
     readonly: bool
-    #: the IOVA asked for, None to let the container's allocator choose
+    #: the IOVA asked for, None to let the space's allocator choose
     requested_iova: int | None = None
     #: the highest IOVA the device can reach (its DMA mask), None for any
     dma_mask: int | None = None
     #: keeps the caller's buffer exported (un-resizable, un-closable) while mapped
     _pin: memoryview | None = field(default=None, alias="pin")
     _iova: int | None = field(default=None, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
-        if self._closed:
+        if self.closed:
             state = "closed"
         elif self._iova is None:
             state = "not mapped yet"
         else:
             state = "mapped"
-        where = f"iova={self._iova:#x} " if self._iova is not None else ""
+        where = f"iova={self._iova:#x} " if self._iova is not None and not self.closed else ""
         return f"<DmaMapping {where}size={self.size:#x} {mode} {state}>"
+
+    @property
+    def label(self) -> str:
+        where = f" at IOVA {self._iova:#x}" if self._iova is not None else ""
+        return f"the DMA mapping{where} of {self.size:#x} bytes"
 
     @property
     def iova(self) -> int:
         """The IO virtual address the device uses for the first byte."""
-        if self._iova is None:
-            raise errors.UsageError("the mapping is not made yet: use it as `async with`")
+        self._check_open()
+        assert self._iova is not None
         return self._iova
 
     @property
     def mapped(self) -> bool:
-        return self._iova is not None and not self._closed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        return self._state == State.OPEN
 
     async def __aenter__(self) -> DmaMapping:
-        if self._closed:
-            raise errors.ClosedResourceError(f"{self!r} was closed; map the buffer again")
+        self._begin_open()
         try:
-            self._iova = await self.container._map(self)
+            if self.readonly and self._pin is not None:
+                populate_write(self._pin, self.space.page_size)
+            self._iova = await self.space.map(self)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.aclose()
+            self._state = State.CLOSING
+            self._finish_close()
+            self._release_pin()
             raise
+        self._opened()
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Unmap (in a shielded worker thread) and forget; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
+    async def _release(self) -> None:
         try:
-            if self._iova is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.container._unmap(self, self._iova)
+            iova, self._iova = self._iova, None
+            if iova is not None:
+                await self.space.unmap(iova, self.size)
         finally:
-            if self._pin is not None:
-                self._pin.release()
-                self._pin = None
+            self._release_pin()
+
+    def _release_pin(self) -> None:
+        pin, self._pin = self._pin, None
+        if pin is not None:
+            pin.release()
 
 
-@define(eq=False, repr=False)
-class DmaBuffer:
+@define(eq=False, repr=False, slots=False)
+class DmaBuffer(Resource):
     """Memory allocated for DMA and mapped at `iova`; `view` is a writable memoryview.
 
-    Made by `Container.dma_buffer(...)` or `Device.dma_buffer(...)`. Entering
-    allocates and maps; leaving unmaps, then frees the memory. Drop any slices
-    of `view` before leaving, or the memory is freed only when they go.
+    Made by `dma_buffer(...)` (on a container or a device). Entering
+    allocates (aligned to the IOMMU page) and maps; leaving unmaps, then frees
+    the memory. A view exported past the block (a slice, numpy, a
+    PickleBuffer) never keeps the mapping: the memory is unmapped at once and
+    freed when the last export goes, with a ResourceWarning naming the holder.
     """
 
-    container: Container
+    space: DmaSpace
     size: int
     readonly: bool = False
     dma_mask: int | None = None
     hugepages: bool = False
+    align: int = PAGE_SIZE
     _mem: mmap.mmap | None = field(default=None, init=False)
     _mapping: DmaMapping | None = field(default=None, init=False)
     _view: memoryview | None = field(default=None, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __repr__(self) -> str:
-        if self._closed:
+        if self.closed:
             state = "closed"
         elif self._mapping is not None and self._mapping.mapped:
             state = f"iova={self._mapping.iova:#x}"
@@ -256,9 +554,13 @@ class DmaBuffer:
         return f"<DmaBuffer size={self.size:#x} {state}>"
 
     @property
+    def label(self) -> str:
+        return f"the DMA buffer of {self.size:#x} bytes"
+
+    @property
     def mapping(self) -> DmaMapping:
-        if self._mapping is None:
-            raise errors.UsageError("the buffer is not allocated yet: use it as `async with`")
+        self._check_open()
+        assert self._mapping is not None
         return self._mapping
 
     @property
@@ -269,43 +571,41 @@ class DmaBuffer:
     @property
     def view(self) -> memoryview:
         """The buffer's bytes, writable, as the device sees them at `iova`."""
-        if self._view is None:
-            if self._closed:
-                raise errors.ClosedResourceError("the DMA buffer was released; allocate a new one")
-            raise errors.UsageError("the buffer is not allocated yet: use it as `async with`")
+        self._check_open()
+        assert self._view is not None
         return self._view
 
     async def __aenter__(self) -> DmaBuffer:
-        if self._closed:
-            raise errors.ClosedResourceError("the DMA buffer was released; allocate a new one")
-        await anyio.lowlevel.checkpoint()
+        self._begin_open()
         try:
-            self._mem = allocate_memory(self.size, hugepages=self.hugepages)
-            address, _ = buffer_address(self._mem)
+            await anyio.lowlevel.checkpoint()
+            extra = self.align - PAGE_SIZE if self.align > PAGE_SIZE and not self.hugepages else 0
+            self._mem = allocate_memory(self.size + extra, hugepages=self.hugepages)
+            whole = memoryview(self._mem)
+            base, _ = buffer_address(whole)
+            skip = -base % self.align if extra else 0
+            self._view = whole[skip : skip + self.size]
+            whole.release()
+            address = base + skip
+            if self.readonly:
+                populate_write(self._view, self.space.page_size)
             self._mapping = DmaMapping(
-                self.container, address, self.size, self.readonly, dma_mask=self.dma_mask
+                self.space, address, self.size, self.readonly, dma_mask=self.dma_mask
             )
             await self._mapping.__aenter__()
         except BaseException:
+            self._state = State.CLOSING
             with anyio.CancelScope(shield=True):
-                await self.aclose()
+                try:
+                    await self._release()
+                finally:
+                    self._finish_close()
             raise
-        self._view = memoryview(self._mem)
+        self._opened()
         return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Unmap, then free the memory; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+    async def _release(self) -> None:
+        """Unmap first; then free the memory, or leave that to the last export."""
         try:
             if self._mapping is not None:
                 await self._mapping.aclose()
@@ -313,13 +613,29 @@ class DmaBuffer:
             self._free()
 
     def _free(self) -> None:
+        view, self._view = self._view, None
         mem, self._mem = self._mem, None
-        if mem is None or mem.closed:
+        if mem is None:
             return
+        held: object = view
         try:
+            if view is not None:
+                view.release()
+            held = mem
             mem.close()
         except BufferError:
-            # The caller still holds a slice of `view`: the memory is freed
-            # by the garbage collector once that goes. The IOMMU mapping is
-            # already gone, so the device cannot reach it.
-            _log.logger.warning("dma.buffer_still_referenced", size=self.size)
+            holders = _holders(held, (self, mem, view))
+            warnings.warn(
+                f"{self.label} is unmapped, but its memory is still exported to {holders}; "
+                f"it is freed when that is released (drop views of `view` before leaving "
+                f"the block)",
+                ResourceWarning,
+                stacklevel=4,
+            )
+
+    def _release_on_gc(self) -> None:
+        # the mapping (a child of the space) is ended by the space; the memory goes with us
+        self._view = None
+        with contextlib.suppress(BufferError):
+            if self._mem is not None:
+                self._mem.close()

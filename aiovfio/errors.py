@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import warnings
 
 import anyio
 from attrs import frozen
@@ -30,12 +31,12 @@ __all__ = [
     "ClosedResourceError",
     "BusyResourceError",
     "DeviceNotFound",
-    "Unsupported",
+    "NotOffered",
     "DmaSpaceExhausted",
     "CapabilityChainError",
     "KernelError",
     "PermissionDenied",
-    "ResourceBusy",
+    "KernelBusy",
     "AlreadyExists",
     "NoSpace",
     "OutOfMemory",
@@ -50,6 +51,7 @@ __all__ = [
     "GroupNotViable",
     "Offender",
     "DeviceFault",
+    "DeviceReleaseRequested",
     "from_oserror",
 ]
 
@@ -96,8 +98,11 @@ class DeviceNotFound(UsageError, LookupError):
     """No PCI device, IOMMU group or region by that name or number."""
 
 
-class Unsupported(UsageError):
-    """The device does not offer what was asked (an IRQ kind, a reset, a BAR)."""
+class NotOffered(UsageError):
+    """The device does not offer what was asked (an IRQ kind, a reset, a BAR): misuse.
+
+    (Formerly `Unsupported`; the kernel refusing a feature is `NotSupportedByKernel`.)
+    """
 
 
 class DmaSpaceExhausted(UsageError):
@@ -140,8 +145,11 @@ class PermissionDenied(KernelError, PermissionError):
     """EPERM / EACCES."""
 
 
-class ResourceBusy(KernelError):
-    """EBUSY: the group or device is held by someone else."""
+class KernelBusy(KernelError):
+    """EBUSY from the kernel: the group or device is held by another opener.
+
+    (Formerly `ResourceBusy`; a task misusing one of our objects is `BusyResourceError`.)
+    """
 
 
 class AlreadyExists(KernelError):
@@ -175,7 +183,7 @@ class NotSupportedByKernel(KernelError):
 _BY_ERRNO: dict[int, type[KernelError]] = {
     _errno.EPERM: PermissionDenied,
     _errno.EACCES: PermissionDenied,
-    _errno.EBUSY: ResourceBusy,
+    _errno.EBUSY: KernelBusy,
     _errno.EEXIST: AlreadyExists,
     _errno.ENOSPC: NoSpace,
     _errno.ENOMEM: OutOfMemory,
@@ -192,7 +200,8 @@ _BY_ERRNO: dict[int, type[KernelError]] = {
 _HINTS: dict[int, str] = {
     _errno.EPERM: "run as root or give your user access to /dev/vfio (see `aiovfio doctor`)",
     _errno.EACCES: "run as root or give your user access to /dev/vfio (see `aiovfio doctor`)",
-    _errno.EBUSY: "another process or object holds it; close that first",
+    _errno.EBUSY: "someone else holds it (another process, or an object of this one); "
+    "close that first",
     _errno.ENOMEM: "raise RLIMIT_MEMLOCK (`ulimit -l`) or map less",
     _errno.ENOSPC: "unmap something first, or raise vfio_iommu_type1.dma_entry_limit",
 }
@@ -276,3 +285,28 @@ class GroupNotViable(SetupError):
 
 class DeviceFault(VfioError):
     """The device did something it should not (an IOMMU fault, a bad status)."""
+
+
+class DeviceReleaseRequested(VfioError):
+    """The kernel asked for the device back (unbind, hot-unplug: VFIO's REQ interrupt).
+
+    `open_device` cancelled the block and released the device so that the
+    unbind can complete; open it again once it is bound to vfio-pci.
+    """
+
+
+#: old names, kept for one release (each warns when used)
+_DEPRECATED = {"Unsupported": "NotOffered", "ResourceBusy": "KernelBusy"}
+
+
+def __getattr__(name: str) -> type[VfioError]:
+    new = _DEPRECATED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"aiovfio.{name} is renamed {new} (it is removed in the next release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    cls: type[VfioError] = globals()[new]
+    return cls

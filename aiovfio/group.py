@@ -1,32 +1,42 @@
-"""An IOMMU group: the unit VFIO isolates, opened through a container."""
+"""An IOMMU group: the unit VFIO isolates, attached to an address space while open."""
 
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from attrs import define, field
 
 from . import _log, errors
-from ._resource import FdResource
+from ._resource import FdResource, State, live_resources
 from ._uapi import vfio as uapi
-from ._util import aclose_all, kcall, keeps_group_viable, normalize_bdf
+from ._util import kcall, keeps_group_viable, normalize_bdf
+from .device import Device
 
 if TYPE_CHECKING:
-    from .container import Container
-    from .device import Device
+    from .dma import DmaSpace
+    from .kernel import Kernel
 
-__all__ = ["Group", "offenders"]
+__all__ = ["Attachment", "Group", "offenders"]
 
 
-def offenders(container: Container, number: int) -> tuple[errors.Offender, ...]:
+class Attachment(Protocol):
+    """How a group joins an address space (the type1 container's `Type1Attachment`)."""
+
+    label: str
+
+    def join(self, group_fd: int, group_label: str) -> DmaSpace: ...
+
+    async def leave(self, group_fd: int, group_label: str) -> None: ...
+
+
+def offenders(kernel: Kernel, number: int) -> tuple[errors.Offender, ...]:
     """The members of group `number` bound to a driver that makes it unviable."""
-    k = container.kernel
     found = []
     try:
-        for name in k.group_devices(number):
-            drv = k.driver(name)
+        for name in kernel.group_devices(number):
+            drv = kernel.driver(name)
             if not keeps_group_viable(drv):
                 found.append(errors.Offender(name, drv))
     except OSError:
@@ -34,22 +44,22 @@ def offenders(container: Container, number: int) -> tuple[errors.Offender, ...]:
     return tuple(found)
 
 
-@define(eq=False, repr=False)
+@define(eq=False, repr=False, slots=False, kw_only=True)
 class Group(FdResource):
-    """IOMMU group `number`, attached to `container` while its context is open."""
+    """IOMMU group `number`, attached to its container while its context is open."""
 
-    container: Container
+    kernel: Kernel
     number: int
-    _attached: bool = field(default=False, init=False)
-    _devices: list[Device] = field(factory=list, init=False)
+    _attachment: Attachment = field(alias="attachment")
+    _space: DmaSpace | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
-        if self._closed:
+        if self.closed:
             state = "closed"
         elif self._fd < 0:
             state = "not open"
         else:
-            names = ",".join(d.name for d in self._devices) or "no devices open"
+            names = ",".join(d.name for d in self.devices) or "no devices open"
             state = f"fd={self._fd} {names}"
         return f"<Group {self.number} {state}>"
 
@@ -60,12 +70,19 @@ class Group(FdResource):
     @property
     def devices(self) -> tuple[Device, ...]:
         """The devices opened through this group and not closed yet."""
-        return tuple(self._devices)
+        return self._children.of_type(Device)
+
+    @property
+    def dma_space(self) -> DmaSpace:
+        """The address space the group is attached to."""
+        self._check_open()
+        assert self._space is not None
+        return self._space
 
     @property
     def device_names(self) -> tuple[str, ...]:
         """The PCI addresses of every member of the group (from sysfs)."""
-        return kcall("sysfs", self.label, self.container.kernel.group_devices, self.number)
+        return kcall("sysfs", self.label, self.kernel.group_devices, self.number)
 
     @property
     def viable(self) -> bool:
@@ -75,38 +92,32 @@ class Group(FdResource):
     def _status(self) -> int:
         self._check_open()
         arg = uapi.vfio_group_status(argsz=8, flags=0)
-        kcall(
-            "VFIO_GROUP_GET_STATUS",
-            self.label,
-            self.container.kernel.group_get_status,
-            self._fd,
-            arg,
-        )
+        kcall("VFIO_GROUP_GET_STATUS", self.label, self.kernel.group_get_status, self._fd, arg)
         return int(arg.flags)
 
     # --- lifetime ----------------------------------------------------------------
 
     async def __aenter__(self) -> Group:
-        self._enter_once()
-        await anyio.lowlevel.checkpoint()
-        c = self.container
-        c._check_open()
-        k = c.kernel
+        self._begin_open()
         try:
-            self._fd = k.open_group(self.number)
-        except OSError as exc:
-            raise self._open_error(exc) from exc
-        try:
+            await anyio.lowlevel.checkpoint()
+            try:
+                self._fd = self.kernel.open_group(self.number)
+            except OSError as exc:
+                raise self._open_error(exc) from exc
             flags = self._status()
             if not flags & uapi.GroupFlag.VIABLE:
-                raise errors.GroupNotViable(self.number, offenders(c, self.number))
-            kcall("VFIO_GROUP_SET_CONTAINER", self.label, k.group_set_container, self._fd, c.fd)
-            self._attached = True
-            c._attached(self)
+                raise errors.GroupNotViable(self.number, offenders(self.kernel, self.number))
+            self._space = self._attachment.join(self._fd, self.label)
         except BaseException:
+            self._state = State.CLOSING
             with anyio.CancelScope(shield=True):
-                await self.aclose()
+                try:
+                    await self._release()
+                finally:
+                    self._finish_close()
             raise
+        self._opened()
         _log.debug("group.open", group=self.number, fd=self._fd)
         return self
 
@@ -121,51 +132,65 @@ class Group(FdResource):
                 f"(`aiovfio bind BDF`) or check the number with `aiovfio ls`",
             )
         if exc.errno == errno.EBUSY:
-            return errors.from_oserror(
-                exc,
-                "open",
-                path,
-                hint=f"group {self.number} is already open, in this or another process; "
-                f"close that first (one opener at a time)",
-            )
+            holder = self._holder_here()
+            if holder is not None:
+                hint = (
+                    f"group {self.number} is already open in this process, as {holder!r}; "
+                    f"use that one, or leave its `async with` first (one opener at a time)"
+                )
+            else:
+                hint = (
+                    f"group {self.number} is already open in another process (one opener at "
+                    f"a time); "
+                    f"find it with `fuser -v {path}` and close it"
+                )
+            return errors.from_oserror(exc, "open", path, hint=hint)
         return errors.from_oserror(exc, "open", path)
 
-    async def aclose(self) -> None:
-        """Close its devices, leave the container, close; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await aclose_all(reversed(self._devices))
-            finally:
-                self._release()
+    def _holder_here(self) -> Group | None:
+        for r in live_resources():
+            if isinstance(r, Group) and r is not self and r.number == self.number and r._fd >= 0:
+                return r
+        return None
 
-    def _release(self) -> None:
-        k = self.container.kernel
+    async def _release(self) -> None:
+        """Leave the address space (the last group retires it), then close the fd."""
         fd = self._fd
         try:
-            if self._attached:
-                self._attached = False
-                try:
-                    kcall("VFIO_GROUP_UNSET_CONTAINER", self.label, k.group_unset_container, fd)
-                finally:
-                    self.container._detached(self)
+            if self._space is not None:
+                self._space = None
+                await self._attachment.leave(fd, self.label)
         finally:
-            self._fd = -1
+            fd = self._take_fd()
             if fd >= 0:
-                kcall("close", self.label, k.close, fd)
+                kcall("close", self.label, self.kernel.close, fd)
                 _log.debug("group.close", group=self.number, fd=fd)
+
+    def _release_on_gc(self) -> None:
+        fd = self._take_fd()
+        if fd >= 0:
+            self.kernel.close(fd)
 
     # --- devices -----------------------------------------------------------------
 
-    def open_device(self, name: str) -> Device:
+    def open_device(self, name: str, *, dma_mask: int | None = None) -> Device:
         """Open a member of the group by PCI address (an async context manager)."""
-        from .device import Device
-
         self._check_open()
-        return Device(self, normalize_bdf(name))
+        assert self._space is not None
+        return Device(
+            kernel=self.kernel,
+            name=normalize_bdf(name),
+            group_fd=self._fd,
+            group_label=self.label,
+            group_number=self.number,
+            members=self._member_names,
+            dma_space=self._space,
+            dma_mask=dma_mask,
+            owner=self._children,
+        )
 
-    def _device_closed(self, device: Device) -> None:
-        if device in self._devices:
-            self._devices.remove(device)
+    def _member_names(self) -> tuple[str, ...]:
+        try:
+            return self.device_names
+        except errors.VfioError:
+            return ()

@@ -13,10 +13,10 @@ persistent `add_reader` per eventfd that resolves a waiting future; on trio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import enum
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,11 +24,11 @@ import anyio.abc
 from attrs import define, field, frozen
 
 from . import _log, errors
+from ._resource import Resource, State
 from ._uapi import vfio as uapi
 from ._util import kcall
 
 if TYPE_CHECKING:
-    from .device import Device
     from .kernel import Kernel
 
 __all__ = ["IrqKind", "IrqInfo", "InterruptStream", "InterruptSet", "set_irqs_buffer"]
@@ -91,21 +91,36 @@ def set_irqs_buffer(
     return bytearray(hdr) + bytearray(data)
 
 
-@define(eq=False, repr=False)
-class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
+_MODES = (IrqKind.INTX, IrqKind.MSI, IrqKind.MSIX)
+
+
+def _irq_set_call(
+    kernel: Kernel, device_fd: int, label: str, index: int, action: int, start: int, count: int
+) -> None:
+    """SET_IRQS with DATA_NONE: trigger, unmask or (count 0) disable."""
+    buf = set_irqs_buffer(index, uapi.IrqSetFlag.DATA_NONE | action, start, None, count=count)
+    kcall("VFIO_DEVICE_SET_IRQS", label, kernel.device_set_irqs, device_fd, buf)
+
+
+@define(eq=False, repr=False, slots=False)
+class InterruptStream(Resource, anyio.abc.ObjectReceiveStream[int]):
     """One interrupt vector: `await stream.receive()` returns the coalesced count.
 
     Closed by its `InterruptSet`; `receive` then raises ClosedResourceError.
-    Two tasks receiving at once is BusyResourceError.
+    Two tasks receiving at once is BusyResourceError. `receive` always
+    checkpoints: a cancelled scope cancels it even with a count pending.
     """
 
-    _set: InterruptSet = field(alias="owner")
+    kind: str
     vector: int
     _fd: int = field(alias="fd")
     _kernel: Kernel = field(alias="kernel")
+    #: the device fd and IRQ index, for unmask and trigger (the set keeps the fd open)
+    _device_fd: int = field(alias="device_fd")
+    _index: int = field(alias="index")
+    device_name: str = ""
     _pending: int = field(default=0, init=False)
     _receiving: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
     # asyncio: the loop our persistent reader is registered with, and the waiter
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     _waiter: asyncio.Future[None] | None = field(default=None, init=False)
@@ -117,33 +132,52 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
 
     def __attrs_post_init__(self) -> None:
         self._read = self._kernel.eventfd_read
+        self._open_now()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._fd}"
+        state = "closed" if self.closed else f"fd={self._fd}"
         return (
-            f"<InterruptStream {self._set.info.kind}[{self.vector}] of {self._set.device.name} "
+            f"<InterruptStream {self.kind}[{self.vector}] of {self.device_name} "
             f"{state} received={self.received}>"
         )
 
     @property
-    def fd(self) -> int:
-        return self._fd
+    def label(self) -> str:
+        return f"{self.kind}[{self.vector}] of device {self.device_name}"
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def fd(self) -> int:
+        """The eventfd the kernel signals."""
+        self._check_open()
+        return self._fd
 
     def unmask(self) -> None:
         """Unmask the line (INTx is masked by VFIO after each interrupt)."""
-        if self._closed:
+        if self.closed:
             raise errors.ClosedResourceError(f"{self!r} is closed")
-        self._set._unmask(self.vector)
+        _irq_set_call(
+            self._kernel,
+            self._device_fd,
+            f"device {self.device_name} {self.kind} interrupts (unmask)",
+            self._index,
+            uapi.IrqSetFlag.ACTION_UNMASK,
+            self.vector,
+            1,
+        )
 
     def trigger(self) -> None:
         """Fire the vector from software (VFIO_IRQ_SET_DATA_NONE | ACTION_TRIGGER)."""
-        if self._closed:
+        if self.closed:
             raise errors.ClosedResourceError(f"{self!r} is closed")
-        self._set._trigger(self.vector)
+        _irq_set_call(
+            self._kernel,
+            self._device_fd,
+            f"device {self.device_name} {self.kind} interrupts (trigger)",
+            self._index,
+            uapi.IrqSetFlag.ACTION_TRIGGER,
+            self.vector,
+            1,
+        )
 
     def _drain(self) -> int:
         """Read the eventfd's count; 0 when nothing is pending."""
@@ -173,16 +207,23 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
     # --- trio path ---------------------------------------------------------------
 
     async def _receive_trio(self) -> int:
+        """trio's channel pattern: check for cancellation, take without blocking and make a
+        cancel-shielded checkpoint, or wait for readiness."""
         import trio
 
+        await trio.lowlevel.checkpoint_if_cancelled()
+        n = self._drain()
+        if n:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return n
         while True:
-            n = self._drain()
-            if n:
-                return n
             try:
                 await trio.lowlevel.wait_readable(self._fd)
             except trio.ClosedResourceError:
                 raise errors.ClosedResourceError(f"{self!r} was closed while waiting") from None
+            n = self._drain()
+            if n:
+                return n
 
     # --- ObjectReceiveStream --------------------------------------------------------
 
@@ -207,18 +248,20 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
 
     def _take(self) -> int:
         """Hand over the pending count (the reader woke us, or close did)."""
-        if self._closed or self._failure is not None:
+        if self._state != State.OPEN or self._failure is not None:
             raise self._refusal(waiting=True)
         n, self._pending = self._pending, 0
         self.received += n
         return n
 
     async def _receive_slow(self) -> int:
-        if self._receiving or self._closed or self._failure is not None:
+        if self._receiving or self._state != State.OPEN or self._failure is not None:
+            await anyio.lowlevel.checkpoint_if_cancelled()
             raise self._refusal()
         if self._pending:
             await anyio.lowlevel.checkpoint()
             return self._take()
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._receiving = True
         try:
             if not self._trio:
@@ -237,160 +280,161 @@ class InterruptStream(anyio.abc.ObjectReceiveStream[int]):
             self._receiving = False
         return await self.receive()
 
+    async def wait_signal(self) -> int:
+        """`receive()`, except that on trio it waits for readiness before its first read.
+
+        So a watcher that may wait forever (open_device's REQ watch) makes no
+        kernel call until the vector fires.
+        """
+        if self._trio is None and self._loop is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._trio = True
+        if self._trio and self._state == State.OPEN and not self._receiving:
+            import trio
+
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:
+                raise errors.ClosedResourceError(f"{self!r} was closed while waiting") from None
+        return await self.receive()
+
     def _refusal(self, *, waiting: bool = False) -> errors.VfioError:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             return failure
-        if self._closed:
+        if self.closed:
             when = "was closed while waiting" if waiting else "is closed"
             return errors.ClosedResourceError(f"{self!r} {when}")
         return errors.BusyResourceError(f"another task is already receiving from {self!r}")
 
-    async def aclose(self) -> None:
-        """Close the stream (its InterruptSet disables the vector first)."""
-        self._close()
-        await anyio.lowlevel.checkpoint_if_cancelled()
+    async def _release(self) -> None:
+        self._close_fd()
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release_on_gc(self) -> None:
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
         loop, self._loop = self._loop, None
         if loop is not None and not loop.is_closed():
             loop.remove_reader(fd)
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(None)  # the waiter sees _closed and raises
+            w.set_result(None)  # the waiter sees the state and raises
         if self._trio:
             import trio
 
-            trio.lowlevel.notify_closing(fd)
+            with contextlib.suppress(RuntimeError):  # no trio run (collected outside it)
+                trio.lowlevel.notify_closing(fd)
         kcall("close", f"eventfd {fd}", self._kernel.close, fd)
 
 
-@define(eq=False, repr=False)
-class InterruptSet:
+@define(eq=False, repr=False, slots=False, kw_only=True)
+class InterruptSet(Resource):
     """`async with device.interrupts("msix", 4) as vectors:` — the enabled vectors.
 
-    Entering creates the eventfds and enables the vectors; leaving disables
-    them, then closes the eventfds, on every exit path.
+    Entering checks VFIO's one-mode rule against the sets already entered on
+    the device, creates the eventfds and enables the vectors; leaving
+    disables them, then closes the eventfds, on every exit path (also when
+    the device closes first: it closes its sets before its fd).
     """
 
-    device: Device
+    kernel: Kernel
+    device_fd: int
+    device_name: str
     info: IrqInfo
     count: int
-    _streams: list[InterruptStream] = field(factory=list, init=False)
-    _enabled: bool = field(default=False, init=False)
-    _entered: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
+    #: who entered it, when it is not the driver (e.g. open_device's REQ watch)
+    held_by: str | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("enabled" if self._enabled else "not enabled")
-        return f"<InterruptSet {self.info.kind} x{self.count} of {self.device.name} {state}>"
+        state = "closed" if self.closed else ("enabled" if self.is_open else "not enabled")
+        return f"<InterruptSet {self.info.kind} x{self.count} of {self.device_name} {state}>"
 
     @property
     def streams(self) -> tuple[InterruptStream, ...]:
-        return tuple(self._streams)
+        return self._children.of_type(InterruptStream)
 
     @property
     def label(self) -> str:
-        return f"device {self.device.name} {self.info.kind} interrupts"
+        return f"device {self.device_name} {self.info.kind} interrupts"
+
+    def _check_mode(self) -> None:
+        if self._owner is None:
+            return
+        index = self.info.index
+        for other in self._owner.of_type(InterruptSet):
+            if other is self or not other.is_open:
+                continue
+            o = other.info.index
+            if o == index or (index in _MODES and o in _MODES):
+                who = f" by {other.held_by}" if other.held_by else ""
+                raise errors.BusyResourceError(
+                    f"{self.label}: {other!r} is entered{who}; leave that `async with` first "
+                    f"(VFIO allows one of intx, msi, msix at a time, and one set per index)"
+                )
 
     async def __aenter__(self) -> tuple[InterruptStream, ...]:
-        if self._entered:
-            raise errors.UsageError("an InterruptSet can be entered only once")
-        self._entered = True
-        await anyio.lowlevel.checkpoint()
-        dev = self.device
-        k = dev.kernel
+        self._begin_open()
+        k = self.kernel
         try:
+            await anyio.lowlevel.checkpoint()
+            self._check_mode()
+            streams = []
             for vector in range(self.count):
                 fd = kcall("eventfd", self.label, k.eventfd)
-                self._streams.append(InterruptStream(self, vector, fd, k))
+                stream = InterruptStream(
+                    self.info.kind,
+                    vector,
+                    fd,
+                    k,
+                    self.device_fd,
+                    self.info.index,
+                    self.device_name,
+                    owner=self._children,
+                )
+                streams.append(stream)
             buf = set_irqs_buffer(
                 self.info.index,
                 uapi.IrqSetFlag.DATA_EVENTFD | uapi.IrqSetFlag.ACTION_TRIGGER,
                 0,
-                [s.fd for s in self._streams],
+                [s._fd for s in streams],
             )
-            kcall("VFIO_DEVICE_SET_IRQS", self.label, k.device_set_irqs, dev.fd, buf)
-            self._enabled = True
+            kcall("VFIO_DEVICE_SET_IRQS", self.label, k.device_set_irqs, self.device_fd, buf)
         except BaseException:
-            self._release()
+            self._state = State.CLOSING
+            try:
+                await self._close_streams()
+            finally:
+                self._finish_close()
             raise
-        dev._interrupts_opened(self)
-        _log.debug("irq.enable", device=dev.name, kind=self.info.kind, count=self.count)
-        return tuple(self._streams)
+        self._opened()
+        _log.debug("irq.enable", device=self.device_name, kind=self.info.kind, count=self.count)
+        return tuple(streams)
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Disable the vectors, then close their eventfds; a second call does nothing."""
-        self._release()
-        await anyio.lowlevel.checkpoint_if_cancelled()
-
-    def _release(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        dev = self.device
+    async def _shutdown(self) -> None:
+        """Disable the vectors first, then close their eventfds (even when disabling failed)."""
         try:
-            if self._enabled:
-                self._enabled = False
-                buf = set_irqs_buffer(
-                    self.info.index,
-                    uapi.IrqSetFlag.DATA_NONE | uapi.IrqSetFlag.ACTION_TRIGGER,
-                    0,
-                    None,
-                )
-                kcall("VFIO_DEVICE_SET_IRQS", self.label, dev.kernel.device_set_irqs, dev.fd, buf)
-                _log.debug("irq.disable", device=dev.name, kind=self.info.kind)
+            _irq_set_call(
+                self.kernel,
+                self.device_fd,
+                self.label,
+                self.info.index,
+                uapi.IrqSetFlag.ACTION_TRIGGER,
+                0,
+                0,
+            )
+            _log.debug("irq.disable", device=self.device_name, kind=self.info.kind)
         finally:
-            streams, self._streams = self._streams, []
-            first: BaseException | None = None
-            for stream in streams:  # close every eventfd, even after one close failed
-                try:
-                    stream._close()
-                except BaseException as exc:  # noqa: PERF203 - cleanup, not a hot loop
-                    first = first or exc
-            dev._interrupts_closed(self)
-            if first is not None:
-                raise first
+            await self._close_streams()
 
-    def _unmask(self, vector: int) -> None:
-        dev = self.device
-        buf = set_irqs_buffer(
-            self.info.index,
-            uapi.IrqSetFlag.DATA_NONE | uapi.IrqSetFlag.ACTION_UNMASK,
-            vector,
-            None,
-            count=1,
-        )
-        kcall(
-            "VFIO_DEVICE_SET_IRQS",
-            f"{self.label} (unmask)",
-            dev.kernel.device_set_irqs,
-            dev.fd,
-            buf,
-        )
+    async def _close_streams(self) -> None:
+        await self._children.aclose_all()
 
-    def _trigger(self, vector: int) -> None:
-        dev = self.device
-        buf = set_irqs_buffer(
-            self.info.index,
-            uapi.IrqSetFlag.DATA_NONE | uapi.IrqSetFlag.ACTION_TRIGGER,
-            vector,
-            None,
-            count=1,
-        )
-        kcall(
-            "VFIO_DEVICE_SET_IRQS",
-            f"{self.label} (trigger)",
-            dev.kernel.device_set_irqs,
-            dev.fd,
-            buf,
-        )
+    def _release_on_gc(self) -> None:
+        for stream in self._children:
+            stream._release_on_gc()

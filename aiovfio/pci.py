@@ -54,6 +54,8 @@ class PciCapability:
 class ConfigSpace(Region):
     """The device's PCI configuration space (VFIO region 7)."""
 
+    mmap_allowed = False
+
     def __repr__(self) -> str:
         if self.closed:
             return f"<ConfigSpace {self.label} closed>"
@@ -82,7 +84,11 @@ class ConfigSpace(Region):
 
     @command.setter
     def command(self, value: int) -> None:
-        self.write16(Cfg.COMMAND, int(value))
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.InvalidArgument(
+                f"the command register of {self.label} takes an int (Command flags), not {value!r}"
+            )
+        self.write16(Cfg.COMMAND, value)
 
     def enable(self, *, bus_master: bool = True) -> None:
         """Set Memory Space (and Bus Master, for DMA and MSI): do this before MMIO."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from attrs import define, field, frozen
 
 from . import _log, errors
+from ._resource import Resource
 from ._uapi import caps
 from ._uapi import vfio as uapi
 from ._util import kcall
@@ -106,6 +107,10 @@ def query_region_info(kernel: Kernel, fd: int, index: int, target: str) -> Regio
     )
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @define(eq=False, repr=False)
 class _Area:
     """One mmap'd part of a region, with typed views for each width."""
@@ -125,19 +130,20 @@ class _Area:
             _log.logger.warning("region.mmap_still_referenced", start=hex(self.start))
 
 
-@define(eq=False, repr=False)
-class Region:
+@define(eq=False, repr=False, slots=False)
+class Region(Resource):
     """One region of an open device: `device.bar(0)`, `device.config`.
 
     `read8`..`read64` and `write8`..`write64` access exactly that width at a
-    naturally aligned offset; `read` and `write` move bulk bytes.
+    naturally aligned offset; `read` and `write` move bulk bytes. Created open
+    by its device (which keeps its fd open until its regions are closed).
     """
 
     info: RegionInfo
     _kernel: Kernel = field(alias="kernel")
     _fd: int = field(alias="fd")
     #: "device 0000:00:04.0 BAR0", for messages
-    label: str
+    _label: str = field(alias="label")
     _areas: list[_Area] = field(factory=list, init=False)
     # MappedRegion's fast path: when one area covers the whole region, its typed views.
     _v8: memoryview[int] | None = field(default=None, init=False)
@@ -151,6 +157,8 @@ class Region:
     _w64: memoryview[int] | None = field(default=None, init=False)
     _base: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
+    #: config space is always pread/pwrite, whatever the flags say
+    mmap_allowed = True
 
     def __attrs_post_init__(self) -> None:
         self._base = self.info.offset
@@ -162,6 +170,10 @@ class Region:
         return f"<Region {self.label} size={self.info.size:#x} {state}>"
 
     # --- description ---------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return self._label
 
     @property
     def index(self) -> int:
@@ -184,14 +196,16 @@ class Region:
         """Whether accesses go through an mmap (whole region) rather than the kernel."""
         return self._v32 is not None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     # --- set-up and tear-down ----------------------------------------------------------
 
+    def open(self) -> None:
+        """Register with the device and mmap what the region offers (done by `Device.bar`)."""
+        self._open_now()
+        if self.mmap_allowed:
+            self.map()
+
     def map(self) -> None:
-        """mmap every area the region offers (done by `Device.bar`)."""
+        """mmap every area the region offers."""
         if not self.info.mappable:
             return
         writable = self.info.writable
@@ -224,10 +238,23 @@ class Region:
                     self._v64,
                 )
 
+    async def _release(self) -> None:
+        self._unmap_all()
+
+    def _release_on_gc(self) -> None:
+        self._unmap_all()
+
     def close(self) -> None:
-        """Unmap; later accesses raise ClosedResourceError. A second call does nothing."""
-        if self._closed:
+        """Unmap now; later accesses raise ClosedResourceError. A second call does nothing."""
+        if self.closed:
             return
+        self._state = self._state.CLOSING
+        try:
+            self._unmap_all()
+        finally:
+            self._finish_close()
+
+    def _unmap_all(self) -> None:
         self._closed = True
         self._v8 = self._v16 = self._v32 = self._v64 = None
         self._w8 = self._w16 = self._w32 = self._w64 = None
@@ -240,7 +267,7 @@ class Region:
     def _bad(self, offset: object, width: int, what: str) -> errors.VfioError:
         if self._closed:
             return errors.ClosedResourceError(f"{self.label} is closed (its device was closed)")
-        if not isinstance(offset, int):
+        if not isinstance(offset, int) or isinstance(offset, bool):
             return errors.InvalidArgument(
                 f"{what} on {self.label}: offset {offset!r} is not an int"
             )
@@ -290,9 +317,11 @@ class Region:
     def _store(self, offset: int, width: int, value: int) -> None:
         if not self.info.writable:
             raise self._bad(offset, width, f"write{width * 8}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad_value(value, width, offset)
         try:
             data = value.to_bytes(width, "little")
-        except (OverflowError, AttributeError, TypeError):
+        except OverflowError:
             raise self._bad_value(value, width, offset) from None
         for area in self._areas:
             if area.start <= offset and offset + width <= area.end:
@@ -332,6 +361,8 @@ class Region:
     def _checked_load(self, offset: int, width: int, what: str) -> int:
         if not (
             isinstance(offset, int)
+            and offset is not True
+            and offset is not False
             and 0 <= offset <= self.info.size - width
             and not offset % width
             and not self._closed
@@ -342,6 +373,8 @@ class Region:
     def _checked_store(self, offset: int, width: int, value: int, what: str) -> None:
         if not (
             isinstance(offset, int)
+            and offset is not True
+            and offset is not False
             and 0 <= offset <= self.info.size - width
             and not offset % width
             and not self._closed
@@ -374,6 +407,10 @@ class Region:
             raise errors.InvalidArgument(
                 f"write on {self.label}: data must be bytes-like, not {type(data).__name__}"
             ) from None
+        except ValueError as exc:  # a released memoryview, a closed mmap
+            raise errors.UsageError(
+                f"write on {self.label}: the data buffer was released or closed ({exc})"
+            ) from None
         self._check_span(offset, len(payload), "write")
         if not self.info.writable:
             raise errors.RegionAccessError(f"{self.label} is not writable")
@@ -391,7 +428,7 @@ class Region:
     def _check_span(self, offset: int, length: int, what: str) -> None:
         if self._closed:
             raise errors.ClosedResourceError(f"{self.label} is closed (its device was closed)")
-        if not isinstance(offset, int) or not isinstance(length, int):
+        if not (_is_int(offset) and _is_int(length)):
             raise errors.InvalidArgument(f"{what} on {self.label}: offset and length must be ints")
         if length < 0 or offset < 0 or offset + length > self.info.size:
             raise errors.RegionAccessError(
@@ -412,7 +449,7 @@ class MappedRegion(Region):
 
     def read8(self, offset: int) -> int:
         try:
-            if offset >= 0:
+            if offset >= 0 and offset is not True and offset is not False:
                 return self._v8[offset]  # type: ignore[index]
         except (IndexError, ValueError, TypeError):
             pass
@@ -420,7 +457,7 @@ class MappedRegion(Region):
 
     def read16(self, offset: int) -> int:
         try:
-            if not offset & 1 and offset >= 0:
+            if not offset & 1 and offset >= 0 and offset is not False:
                 return self._v16[offset >> 1]  # type: ignore[index]
         except (IndexError, ValueError, TypeError):
             pass
@@ -428,7 +465,7 @@ class MappedRegion(Region):
 
     def read32(self, offset: int) -> int:
         try:
-            if not offset & 3 and offset >= 0:
+            if not offset & 3 and offset >= 0 and offset is not False:
                 return self._v32[offset >> 2]  # type: ignore[index]
         except (IndexError, ValueError, TypeError):
             pass
@@ -436,7 +473,7 @@ class MappedRegion(Region):
 
     def read64(self, offset: int) -> int:
         try:
-            if not offset & 7 and offset >= 0:
+            if not offset & 7 and offset >= 0 and offset is not False:
                 return self._v64[offset >> 3]  # type: ignore[index]
         except (IndexError, ValueError, TypeError):
             pass
@@ -444,7 +481,13 @@ class MappedRegion(Region):
 
     def write8(self, offset: int, value: int) -> None:
         try:
-            if offset >= 0:
+            if (
+                offset >= 0
+                and offset is not True
+                and offset is not False
+                and value is not True
+                and value is not False
+            ):
                 self._w8[offset] = value  # type: ignore[index]
                 return
         except (IndexError, ValueError, TypeError):
@@ -453,7 +496,13 @@ class MappedRegion(Region):
 
     def write16(self, offset: int, value: int) -> None:
         try:
-            if not offset & 1 and offset >= 0:
+            if (
+                not offset & 1
+                and offset >= 0
+                and offset is not False
+                and value is not True
+                and value is not False
+            ):
                 self._w16[offset >> 1] = value  # type: ignore[index]
                 return
         except (IndexError, ValueError, TypeError):
@@ -462,7 +511,13 @@ class MappedRegion(Region):
 
     def write32(self, offset: int, value: int) -> None:
         try:
-            if not offset & 3 and offset >= 0:
+            if (
+                not offset & 3
+                and offset >= 0
+                and offset is not False
+                and value is not True
+                and value is not False
+            ):
                 self._w32[offset >> 2] = value  # type: ignore[index]
                 return
         except (IndexError, ValueError, TypeError):
@@ -471,7 +526,13 @@ class MappedRegion(Region):
 
     def write64(self, offset: int, value: int) -> None:
         try:
-            if not offset & 7 and offset >= 0:
+            if (
+                not offset & 7
+                and offset >= 0
+                and offset is not False
+                and value is not True
+                and value is not False
+            ):
                 self._w64[offset >> 3] = value  # type: ignore[index]
                 return
         except (IndexError, ValueError, TypeError):

@@ -131,7 +131,10 @@ async def attach(target: Any = "sim", *, name: str | None = None) -> Any:
         kernel = machine.kernel
         if machine not in session.machines:
             session.machines.append(machine)
-    device = await session.stack.enter_async_context(open_device(address, kernel=kernel))
+    # Each REPL statement is its own task: no task may watch REQ across them.
+    device = await session.stack.enter_async_context(
+        open_device(address, kernel=kernel, on_release_request="ignore")
+    )
     session.devices.append(device)
     _close_at_exit_once()
     return device

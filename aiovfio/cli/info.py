@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 
 from .._uapi import vfio as uapi
-from ..errors import InvalidRequest, Unsupported
+from ..errors import InvalidRequest, NotOffered
 from ..kernel import Kernel
 
 __all__ = ["collect", "from_vfio"]
@@ -48,7 +48,7 @@ async def collect(address: str, kernel: Kernel | None = None) -> dict[str, Any]:
         for index in range(info.num_irqs):
             try:
                 irq = dev.irq_info(index)
-            except (InvalidRequest, Unsupported):
+            except (InvalidRequest, NotOffered):
                 continue  # vfio-pci refuses ERR on conventional PCI, REQ without support
             irqs.append(
                 {

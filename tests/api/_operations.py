@@ -442,7 +442,7 @@ async def op_reset_unsupported(t: Target) -> None:
     async with _open(t) as dev:
         try:
             await dev.reset()
-        except aiovfio.Unsupported:
+        except aiovfio.NotOffered:
             pass
         else:
             raise AssertionError("edu offers no reset, yet reset() returned")

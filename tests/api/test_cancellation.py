@@ -224,7 +224,9 @@ async def test_interrupt_as_the_device_fd_closes_still_closes_it(anyio_backend: 
     def interrupt_in_close(n: int, yielded: object, coro: Coroutine[Any, Any, Any]) -> Any:
         nonlocal hit
         chain = await_chain(coro)
-        closing = any(c.co_name == "aclose" and c.co_filename.endswith("device.py") for c in chain)
+        closing = any(
+            c.co_name == "_close_fd" and c.co_filename.endswith("device.py") for c in chain
+        )
         in_thread_call = any(c.co_name == "kcall_thread" for c in chain)
         if not hit and closing and in_thread_call and is_pure_checkpoint(yielded, coro):
             hit = True

@@ -119,15 +119,15 @@ async def test_dma_entry_budget_is_tracked_locally() -> None:
     with Machine(dma_entry_limit=3) as machine:
         machine.add_device(Edu(), name="0000:00:04.0")
         async with aiovfio.open_device("0000:00:04.0", kernel=machine.kernel) as dev:
-            assert dev.container.iommu_info.dma_avail == 3
+            assert dev.iommu_info.dma_avail == 3
             async with dev.dma_buffer(4096), dev.dma_buffer(4096), dev.dma_buffer(4096):
-                assert dev.container.iommu_info.dma_avail == 0
+                assert dev.iommu_info.dma_avail == 0
                 calls = machine.kernel_calls["map_dma"]
                 with pytest.raises(aiovfio.DmaSpaceExhausted, match="0 left"):
                     async with dev.dma_buffer(4096):
                         pass
                 assert machine.kernel_calls["map_dma"] == calls  # refused before the kernel
-            assert dev.container.iommu_info.dma_avail == 3
+            assert dev.iommu_info.dma_avail == 3
         assert machine.leaks() == []
 
 
@@ -166,7 +166,7 @@ async def test_cancel_in_the_middle_of_a_map_leaves_no_stale_mapping(
                 tg.start_soon(map_and_hold)
                 await anyio.wait_all_tasks_blocked()  # the map is in its worker thread
                 tg.cancel_scope.cancel()
-            assert dev.container.mappings == ()
+            assert dev.dma_space.mapping_count == 0
             # No stale mapping: the same IOVA maps again at once.
             async with dev.map_dma(mem, iova=iova) as again:
                 assert again.iova == iova
