@@ -233,6 +233,19 @@ class DmaSpace(Resource, abc.ABC):
             page_sizes=info.page_sizes, iova_ranges=info.iova_ranges, dma_avail=self._dma_avail
         )
 
+    def translate(self, address: int, length: int) -> tuple[int, bool] | None:
+        """(IOVA, readonly) of process memory [address, address+length) if one live
+        mapping of this space holds all of it, else None. O(live mappings)."""
+        for child in self._children:
+            mapping = child._mapping if isinstance(child, DmaBuffer) else child
+            if not isinstance(mapping, DmaMapping) or not mapping.mapped:
+                continue
+            start = mapping.vaddr
+            if start <= address and address + length <= start + mapping.size:
+                assert mapping._iova is not None
+                return mapping._iova + (address - start), mapping.readonly
+        return None
+
     # --- the public objects made here ------------------------------------------------
 
     def map_dma(

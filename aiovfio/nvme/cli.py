@@ -22,7 +22,8 @@ from typing import Any, TextIO
 import anyio
 
 from .. import errors
-from ..device import Device, open_device
+from .._open import open_device
+from ..device import Device
 from ..kernel import Kernel
 from .controller import Controller, open_controller
 from .perf import PATTERNS, PerfResult, parse_size, run_workload

@@ -239,12 +239,12 @@ class Controller:
         self.version = self._reg32(Reg.VS)
         cap = self.cap
         if cap.mpsmin != 0:
-            raise errors.Unsupported(
+            raise errors.NotOffered(
                 f"controller {dev.name} needs pages of at least {4096 << cap.mpsmin} bytes "
                 f"(CAP.MPSMIN {cap.mpsmin}); aiovfio.nvme drives 4 KiB pages"
             )
         if not cap.css & 1:
-            raise errors.Unsupported(
+            raise errors.NotOffered(
                 f"controller {dev.name} does not offer the NVM command set (CAP.CSS {cap.css:#x})"
             )
         if self.queue_depth == 0:  # the default: as deep as allowed, up to 64

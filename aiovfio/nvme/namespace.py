@@ -119,14 +119,14 @@ class Namespace:
         anchor = (ctypes.c_char * nbytes).from_buffer(view)
         address = ctypes.addressof(anchor)
         del anchor
-        for mapping in self.controller.device.container.mappings:
-            start = mapping.vaddr
-            if start <= address and address + nbytes <= start + mapping.size:
-                if device_writes and mapping.readonly:
-                    raise errors.InvalidArgument(
-                        "the buffer is mapped read-only for the device; a read needs a writable one"
-                    )
-                return mapping.iova + (address - start), nbytes
+        found = self.controller.device.dma_space.translate(address, nbytes)
+        if found is not None:
+            iova, readonly = found
+            if device_writes and readonly:
+                raise errors.InvalidArgument(
+                    "the buffer is mapped read-only for the device; a read needs a writable one"
+                )
+            return iova, nbytes
         raise errors.InvalidArgument(
             "the memoryview is not DMA-able: it is not inside any DMA mapping of the "
             f"controller's container; allocate it with `device.dma_buffer({nbytes})`"
