@@ -2,7 +2,7 @@
 
     aiovfio vm [--kernel 6.1|6.12|6.12-iommufd] [--iommu intel|none] [--edu N]
                [--nvme N] [--timeout S] [--mem SIZE] [--smp N] [--rw DIR]...
-               [--append ARGS] [--keep] [-v] -- CMD...
+               [--nvme-null] [--append ARGS] [--keep] [-v] -- CMD...
     aiovfio vm --on SETUP [options] -- CMD...
     aiovfio vm --setup [--kernel K | --on SETUP]...
 
@@ -57,6 +57,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+import attrs
 import structlog
 from attrs import frozen
 
@@ -101,6 +102,8 @@ EXIT_GUEST_DIED = 99
 #: Bad usage or a host that is not set up.
 EXIT_USAGE = 2
 
+#: Bytes in each emulated nvme namespace.
+NVME_DISK_SIZE = 1 << 30
 #: Boots tried when a guest dies before its stage starts (a TCG boot flake).
 BOOT_ATTEMPTS = 2
 #: Seconds the host waits beyond the command's timeout (boot, bind, power-off).
@@ -215,6 +218,8 @@ class GuestDevice:
     kind: str  # "edu" or "nvme"
     index: int
     slot: int
+    #: nvme: a raw image backing the namespace (keeps data for the boot); None: null-co
+    disk: Path | None = None
 
     @property
     def bdf(self) -> str:
@@ -233,9 +238,13 @@ class GuestDevice:
         if self.kind == "edu":
             return ["-device", f"edu,id=edu{self.index},{addr}"]
         node = f"nvm{self.index}"
+        backing = f"driver=null-co,node-name={node},size={NVME_DISK_SIZE},read-zeroes=on"
+        if self.disk is not None:
+            path = _qemu_escape(str(self.disk))
+            backing = f"driver=raw,node-name={node},file.driver=file,file.filename={path}"
         return [
             "-blockdev",
-            f"driver=null-co,node-name={node},size=1073741824,read-zeroes=on",
+            backing,
             "-device",
             f"nvme,id=nvme{self.index},serial=aiovfio{self.index},drive={node},{addr}",
         ]
@@ -671,6 +680,7 @@ def run_in_guest(
     stdout: int | IO[Any] | None = None,
     cache: Path | None = None,
     keep: bool = False,
+    nvme_disk: bool = True,
 ) -> GuestResult:
     """Boot a guest, bind its devices to vfio-pci, run `argv`, power off.
 
@@ -678,7 +688,9 @@ def run_in_guest(
     read-write, as is each folder of `rw`. `env` defaults to `os.environ`.
     `append` adds kernel command-line words (e.g.
     "vfio_iommu_type1.dma_entry_limit=16"). `stdout` receives the command's
-    output (default: this process's stdout).
+    output (default: this process's stdout). Each nvme namespace is a sparse
+    1 GiB image in the run folder that keeps what is written for the boot;
+    `nvme_disk=False` uses QEMU's null-co instead (reads zeros, drops writes).
     `iommu` "none" boots without an IOMMU, VFIO in noiommu mode (a kernel
     with CONFIG_VFIO_NOIOMMU: "6.12-iommufd"). A `timeout` of 0 means none.
     Raises `VmSetupError` when the host is not ready or the arguments are
@@ -727,6 +739,7 @@ def run_in_guest(
         smp=smp,
         append=tuple(append),
         iommu=iommu,
+        nvme_disk=nvme_disk,
     )
     log = structlog.get_logger("aiovfio").bind(kernel=image.release)
     if _log.enabled():
@@ -757,11 +770,24 @@ class _Plan:
     smp: int
     append: tuple[str, ...]
     iommu: str
+    nvme_disk: bool = True
+
+
+def _with_disk(device: GuestDevice, run_dir: Path) -> GuestDevice:
+    if device.kind != "nvme":
+        return device
+    disk = run_dir / f"nvm{device.index}.img"
+    with disk.open("wb") as f:
+        f.truncate(NVME_DISK_SIZE)
+    return attrs.evolve(device, disk=disk)
 
 
 def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) -> GuestResult:
     with _run_dir(keep) as run_dir:
-        shares = _shares(run_dir, plan.folders, plan.devices)
+        devices = plan.devices
+        if plan.nvme_disk:  # sparse images in the run folder: the data lasts the boot
+            devices = tuple(_with_disk(d, run_dir) for d in devices)
+        shares = _shares(run_dir, plan.folders, devices)
         conf = [f"modules\t{plan.image.modules}"]
         conf += [f"rw\t{s.tag}\t{s.path}" for s in shares[2:]]
         (run_dir / "init.conf").write_text("\n".join(conf) + "\n")
@@ -773,7 +799,7 @@ def _boot(plan: _Plan, *, stdout: int | IO[Any] | None, keep: bool, boots: int) 
             image=plan.image,
             initrd=plan.initrd,
             run_dir=run_dir,
-            devices=plan.devices,
+            devices=devices,
             shares=shares,
             mem=plan.mem,
             smp=plan.smp,
@@ -876,6 +902,12 @@ def _parser() -> argparse.ArgumentParser:
         "--nvme", type=int, default=1, metavar="N", help="nvme controllers (default 1)"
     )
     parser.add_argument(
+        "--nvme-null",
+        action="store_true",
+        help="back nvme with QEMU's null-co (reads zeros, drops writes) instead of a "
+        "sparse 1 GiB image that keeps data for the boot",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=900.0,
@@ -968,6 +1000,7 @@ def _run(args: argparse.Namespace, kernels: Sequence[str], command: Sequence[str
         smp=args.smp,
         append=[word for words in args.append for word in words.split()],
         keep=args.keep,
+        nvme_disk=not args.nvme_null,
     )
     if result.boots > 1:
         print(
