@@ -194,13 +194,54 @@ class Namespace:
 
     async def read_into(self, lba: int, buffer: DmaTarget) -> None:
         """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
+        if type(buffer) is DmaBuffer and not buffer.readonly:
+            await self._fast(IoOpcode.READ, lba, buffer.iova, buffer.size)
+            return
         iova, nbytes = self._resolve(buffer, device_writes=True)
         await self._direct(IoOpcode.READ, lba, iova, nbytes)
 
     async def write_from(self, lba: int, buffer: DmaTarget) -> None:
         """Write `buffer` (a DmaBuffer or a slice of its view) at `lba`, no copy."""
+        if type(buffer) is DmaBuffer:
+            await self._fast(IoOpcode.WRITE, lba, buffer.iova, buffer.size)
+            return
         iova, nbytes = self._resolve(buffer, device_writes=False)
         await self._direct(IoOpcode.WRITE, lba, iova, nbytes)
+
+    async def _fast(self, opcode: int, lba: int, iova: int, nbytes: int) -> None:
+        """The hot path: one command of at most MDTS, checks inline, one await deep.
+
+        Anything unusual (a bad range, an unaligned IOVA, a long transfer, a
+        closed or failed controller) takes `_direct`, which checks and explains.
+        """
+        ctrl = self.controller
+        count, rest = divmod(nbytes, self.info.block_size)
+        if (
+            rest
+            or iova & 3
+            or nbytes > ctrl.max_transfer
+            or type(lba) is not int
+            or lba < 0
+            or not 0 < count <= self.info.nsze - lba
+            or ctrl._failure is not None
+            or ctrl._closed
+        ):
+            await self._direct(opcode, lba, iova, nbytes)
+            return
+        q = ctrl.pick_queue()
+        cid = q.try_take()
+        if cid is None:
+            cid = await q.take()
+        prp1, prp2 = q.prp(cid, iova, nbytes)
+        value: int = await q.run(
+            cid, opcode, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1
+        )
+        if value >> 32:
+            raise NvmeStatusError(
+                value >> 32,
+                f"{_NAMES.get(opcode, hex(opcode))} of {count} block(s) at LBA {lba} "
+                f"on namespace {self.nsid}",
+            )
 
     async def _direct(self, opcode: int, lba: int, iova: int, nbytes: int) -> None:
         count = self._blocks_of(nbytes, "the buffer")

@@ -18,9 +18,9 @@ with the error.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from typing import Any
 
 import anyio
@@ -240,7 +240,7 @@ class QueuePair:
         if tail == self.size:
             tail = 0
         self._tail = tail
-        self._started[cid] = time.monotonic()
+        self._started[cid] = _monotonic()
         self.inflight += 1
         self.submitted += 1
         self.write32(self.sq_doorbell, tail)

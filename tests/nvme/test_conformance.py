@@ -1,0 +1,26 @@
+"""The nvme conformance script, on the simulated nvme and (in the guest) on QEMU's."""
+
+from __future__ import annotations
+
+import pytest
+
+import aiovfio
+from aiovfio.testing.target import Target
+
+from .nvme_conformance import check_nvme
+
+pytestmark = pytest.mark.anyio
+
+#: The sim target's Nvme() default, and the guest harness's sparse image.
+SIM_BYTES, GUEST_BYTES = 64 << 20, 1 << 30
+
+
+@pytest.mark.kernel
+async def test_nvme_conformance(vfio_target: Target) -> None:
+    if vfio_target.nvme is None:
+        pytest.fail("the target has no nvme device")
+    expected = GUEST_BYTES if vfio_target.real else SIM_BYTES
+    async with aiovfio.open_device(vfio_target.nvme, kernel=vfio_target.kernel) as device:
+        report = await check_nvme(device, expected_bytes=expected)
+    print(report)
+    assert report.ok, str(report)
