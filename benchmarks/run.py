@@ -406,19 +406,28 @@ def _op_loop(op: str, mode: str, n: int) -> None:
                 fcntl.ioctl(r, termios.FIONREAD, buf, True)
 
 
+def callgrind_argv(op: str, mode: str, n: int) -> list[str]:
+    """valgrind running this file's child loop with this very interpreter.
+
+    `sys.executable`, not its resolved path: in a virtualenv (nox's, a user's)
+    the resolved target is the base interpreter, which cannot import aiovfio.
+    """
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        op,
+        mode,
+        str(n),
+    ]
+
+
 def _instructions(op: str, mode: str, n: int) -> int:
     out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            os.path.realpath(sys.executable),
-            __file__,
-            "--child",
-            op,
-            mode,
-            str(n),
-        ],
+        callgrind_argv(op, mode, n),
         capture_output=True,
         text=True,
         check=True,
