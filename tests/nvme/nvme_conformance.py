@@ -43,6 +43,8 @@ __all__ = ["NvmeConformance", "check_nvme", "main"]
 QEMU_MODEL = "QEMU NVMe Ctrl"
 QEMU_VID, QEMU_SSVID = 0x1B36, 0x1AF4
 NQN_PREFIX = "nqn.2019-08.org.qemu:"
+#: The sim target's Nvme() default, and the guest harness's sparse image.
+SIM_BYTES, GUEST_BYTES = 64 << 20, 1 << 30
 #: TCG is slow: generous command timeout.
 COMMAND_TIMEOUT = 120.0
 
@@ -297,7 +299,7 @@ async def _run(bdf: str | None) -> NvmeConformance:
     target = real_target() if in_guest() else sim_target()
     try:
         assert target.nvme is not None, "no nvme device"
-        expected = None if target.real else 64 << 20
+        expected = GUEST_BYTES if target.real else SIM_BYTES
         async with aiovfio.open_device(target.nvme, kernel=target.kernel) as dev:
             report = await check_nvme(dev, expected_bytes=expected)
         leaks = target.leaks()

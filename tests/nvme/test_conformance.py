@@ -7,12 +7,9 @@ import pytest
 import aiovfio
 from aiovfio.testing.target import Target
 
-from .nvme_conformance import check_nvme
+from .nvme_conformance import GUEST_BYTES, SIM_BYTES, check_nvme
 
 pytestmark = pytest.mark.anyio
-
-#: The sim target's Nvme() default, and the guest harness's sparse image.
-SIM_BYTES, GUEST_BYTES = 64 << 20, 1 << 30
 
 
 @pytest.mark.kernel
