@@ -22,6 +22,7 @@ from ._util import check_int, check_kernel, normalize_bdf
 from .container import Container
 from .device import Device
 from .kernel import Kernel, default_kernel
+from .kernel.hints import missing_device
 
 __all__ = ["ReleasePolicy", "open_device"]
 
@@ -37,7 +38,7 @@ def _find_group(kernel: Kernel, bdf: str) -> int:
         group = kernel.iommu_group(bdf)
     except FileNotFoundError:
         raise errors.DeviceNotFound(
-            f"no PCI device {bdf} on this machine; list them with `aiovfio ls`"
+            f"no PCI device {bdf} on this machine; {missing_device(kernel, bdf)}"
         ) from None
     except OSError as exc:
         raise errors.from_oserror(exc, "sysfs", f"PCI device {bdf}") from exc

@@ -34,14 +34,26 @@ ClockKind = Literal["thread", "manual"]
 _MAX_IDLE_STEPS = 1_000_000
 
 
+def _call(callback: Callable[[], None]) -> None:
+    callback()
+
+
 class Clock:
     """Pending callbacks ordered by due time, and the machine time."""
 
-    def __init__(self, kind: ClockKind, lock: threading.RLock) -> None:
+    def __init__(
+        self,
+        kind: ClockKind,
+        lock: threading.RLock,
+        *,
+        runner: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         if kind not in ("thread", "manual"):
             raise InvalidArgument(f"clock must be 'thread' or 'manual', not {kind!r}")
         self.kind: ClockKind = kind
         self._lock = lock  # the machine lock, held while a callback runs
+        #: runs each callback (the machine's: marks it busy, then flushes fault warnings)
+        self._runner: Callable[[Callable[[], None]], None] = runner or _call
         self._cond = threading.Condition(threading.Lock())
         # Times are integer nanoseconds, so manual steps add up exactly.
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
@@ -115,7 +127,7 @@ class Clock:
     def _run(self, callback: Callable[[], None]) -> None:
         with self._lock:
             try:
-                callback()
+                self._runner(callback)
             except Exception as exc:
                 self.errors.append(exc)
                 if _log.enabled():
@@ -174,7 +186,7 @@ class Clock:
     def _run_manual(self, callback: Callable[[], None]) -> None:
         # In manual mode the test drives time, so a failing model fails the test.
         with self._lock:
-            callback()
+            self._runner(callback)
 
     def _need_manual(self, what: str) -> None:
         if self.kind != "manual":

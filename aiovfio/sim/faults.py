@@ -1,10 +1,13 @@
 """Faults the machine records, and faults a test injects.
 
-`FaultLog` is `Machine.faults`: every IOMMU fault (a device access to an
-unmapped IOVA or without the permission), every device-level error a model
-reports with `DeviceContext.log_fault`, and every interrupt a device sent
-that nobody could receive. Each is logged once (structlog, only when the
-application configured it) and counted by kind.
+`FaultLog` is `Machine.faults`: every fault, by kind: a device DMA or MSI
+while Bus Master is off ("bus_master"), an IOMMU translation fault (an
+unmapped IOVA, a missing permission, no IOMMU: "iommu"), a DMA address the
+device's mask clamped ("dma_mask"), a device-level error a model reports
+("device"), an interrupt nobody could receive ("interrupt"). Each keeps its
+message, is logged (structlog, when the application configured it) and is
+emitted as a warning of its kind's `SimFaultWarning` subclass, unless the
+test declared it (`Machine.expect_faults`).
 
 `Injector` is behind `Machine.inject`: make a named `Kernel` method fail
 with an errno, on its nth call, a number of times. An injected failure
@@ -18,17 +21,33 @@ inject a failure at each one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 
 from .. import _log
 from ..errors import InvalidArgument
 from ..kernel.protocol import Kernel
 
-__all__ = ["KERNEL_OPERATIONS", "FaultLog", "FaultRecord", "Injection", "Injector"]
+__all__ = [
+    "FAULT_KINDS",
+    "KERNEL_OPERATIONS",
+    "BusMasterFault",
+    "DeviceErrorFault",
+    "DmaMaskFault",
+    "FaultLog",
+    "FaultRecord",
+    "Injection",
+    "Injector",
+    "InterruptDropFault",
+    "IommuTranslationFault",
+    "SimFaultWarning",
+]
 
 #: Every operation of the Kernel protocol, the names `inject` accepts.
 KERNEL_OPERATIONS: frozenset[str] = frozenset(
@@ -36,28 +55,111 @@ KERNEL_OPERATIONS: frozenset[str] = frozenset(
 )
 
 
+class SimFaultWarning(UserWarning):
+    """A fault on the simulated machine: what Linux's device would do silently.
+
+    Every fault the machine records is also emitted as a warning of the
+    subclass of its kind, so pytest shows it and ``-W error`` makes it fatal.
+    Declare faults a test causes on purpose with `Machine.expect_faults`
+    (or the pytest plugin's ``@pytest.mark.sim_faults(kind, ...)``).
+    """
+
+    kind = "fault"
+
+
+class BusMasterFault(SimFaultWarning):
+    """A device DMA or MSI while Bus Master is off in COMMAND: dropped."""
+
+    kind = "bus_master"
+
+
+class IommuTranslationFault(SimFaultWarning):
+    """A device access to an IOVA that is not mapped, or lacks the permission."""
+
+    kind = "iommu"
+
+
+class DmaMaskFault(SimFaultWarning):
+    """A DMA address the device's DMA mask clamped (edu: 28 bits)."""
+
+    kind = "dma_mask"
+
+
+class DeviceErrorFault(SimFaultWarning):
+    """A device-level error a model reports (a bad doorbell, CSTS.CFS, a bad range)."""
+
+    kind = "device"
+
+
+class InterruptDropFault(SimFaultWarning):
+    """An interrupt the device sent that nobody could receive."""
+
+    kind = "interrupt"
+
+
+#: fault kind -> its warning category
+FAULT_KINDS: dict[str, type[SimFaultWarning]] = {
+    c.kind: c
+    for c in (
+        BusMasterFault,
+        IommuTranslationFault,
+        DmaMaskFault,
+        DeviceErrorFault,
+        InterruptDropFault,
+    )
+}
+
+
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The kinds, or InvalidArgument naming the known ones."""
+    out = tuple(kinds)
+    for kind in out:
+        if kind not in FAULT_KINDS:
+            raise InvalidArgument(
+                f"{kind!r} is not a fault kind; one of: {', '.join(sorted(FAULT_KINDS))}"
+            )
+    return out
+
+
 @frozen
 class FaultRecord:
     """One recorded fault."""
 
-    #: "iommu", "device" or "interrupt"
+    #: a key of FAULT_KINDS: "bus_master", "iommu", "dma_mask", "device", "interrupt"
     kind: str
     device: str
     message: str
     iova: int | None = None
     size: int | None = None
     write: bool | None = None
+    #: the test declared it (Machine.expect_faults or the plugin's marker)
+    declared: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind} fault on {self.device}: {self.message}"
 
 
+#: how many recent faults the FaultLog's repr shows
+_REPR_LATEST = 3
+
+
 @define(eq=False)
 class FaultLog:
-    """What went wrong on the machine's devices, in order, with counts by kind."""
+    """What went wrong on the machine's devices, in order, with counts by kind.
+
+    Each fault is recorded, logged (structlog, at warning level, when the
+    application configured it), and emitted as a `SimFaultWarning` of its
+    kind unless a test declared that kind (`expect`). Warnings are emitted
+    by `flush`, which the machine calls when the kernel call or the clock
+    callback that caused them has finished, so a warning raised as an error
+    (``-W error``) never interrupts a device model half-way.
+    """
 
     records: list[FaultRecord] = field(factory=list)
     counts: Counter[str] = field(factory=Counter)
+    #: kind -> how many expect() scopes declare it
+    _declared: Counter[str] = field(factory=Counter, repr=False)
+    _pending: list[FaultRecord] = field(factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,7 +169,10 @@ class FaultLog:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
-        return f"<FaultLog {counts}>"
+        latest = "".join(f"\n  {r}" for r in self.records[-_REPR_LATEST:])
+        more = len(self.records) - _REPR_LATEST
+        earlier = f"\n  ({more} earlier)" if more > 0 else ""
+        return f"<FaultLog {counts}{earlier}{latest}>"
 
     def count(self, kind: str | None = None) -> int:
         """How many faults of `kind` (all kinds when None)."""
@@ -76,11 +181,20 @@ class FaultLog:
     def of(self, kind: str) -> list[FaultRecord]:
         return [r for r in self.records if r.kind == kind]
 
+    def undeclared(self) -> list[FaultRecord]:
+        """The faults no test declared: what the pytest plugin fails a test for."""
+        return [r for r in self.records if not r.declared]
+
     def clear(self) -> None:
         self.records.clear()
         self.counts.clear()
+        self._pending.clear()
 
     def add(self, record: FaultRecord) -> None:
+        if record.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {record.kind!r}")
+        if self._declared[record.kind]:
+            record = evolve(record, declared=True)
         self.records.append(record)
         self.counts[record.kind] += 1
         if _log.enabled():
@@ -91,6 +205,53 @@ class FaultLog:
                 iova=record.iova,
                 size=record.size,
                 write=record.write,
+            )
+        if not record.declared:
+            self._pending.append(record)
+
+    def flush(self, stacklevel: int = 2) -> None:
+        """Emit the warnings of faults recorded since the last flush."""
+        pending, self._pending = self._pending, []
+        for record in pending:
+            warnings.warn(str(record), FAULT_KINDS[record.kind], stacklevel=stacklevel + 1)
+
+    # --- declaring faults ------------------------------------------------------------------
+
+    def declare(self, kinds: Iterable[str]) -> None:
+        for kind in check_kinds(kinds):
+            self._declared[kind] += 1
+
+    def undeclare(self, kinds: Iterable[str]) -> None:
+        for kind in kinds:
+            self._declared[kind] -= 1
+
+    @contextlib.contextmanager
+    def expect(self, *kinds: str, lock: threading.RLock | None = None) -> Iterator[None]:
+        """Faults of `kinds` are expected inside the block: no warning, no test failure.
+
+        At least one of each kind must happen, else AssertionError at the end
+        (a test that declares a fault it no longer causes is wrong too).
+        """
+        kinds = check_kinds(kinds)
+        if not kinds:
+            raise InvalidArgument(
+                "expect_faults needs at least one kind: " + ", ".join(sorted(FAULT_KINDS))
+            )
+        guard = lock if lock is not None else contextlib.nullcontext()
+        with guard:
+            before = Counter(self.counts)
+            self.declare(kinds)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with guard:
+                self.undeclare(kinds)
+                missing = [k for k in kinds if self.counts[k] <= before[k]]
+        if ok and missing:
+            raise AssertionError(
+                f"expected {', '.join(missing)} fault(s) but none happened; faults seen: {self!r}"
             )
 
 

@@ -82,7 +82,7 @@ class DeviceIrqs:
 
     config: ConfigSpace
     #: called with a message when the device sends an interrupt nobody receives
-    on_drop: Callable[[str], None]
+    on_drop: Callable[..., None]
     #: the kernel version's behaviour (dynamic MSI-X, loopback of unallocated vectors)
     personality: Personality = field(factory=lambda: Personality.of(rules.NEWEST_KERNEL))
     irq_type: IrqType = IrqType.NONE
@@ -322,7 +322,11 @@ class DeviceIrqs:
             self.on_drop(f"{kind.name} vector {vector} sent but it has no eventfd")
             return
         if not self.config.bus_master:
-            self.on_drop(f"{kind.name} vector {vector} dropped: Bus Master is off in COMMAND")
+            self.on_drop(
+                f"{kind.name} vector {vector} dropped: Bus Master is off in COMMAND (an MSI is "
+                "a memory write; set Bus Master: dev.config.enable())",
+                "bus_master",
+            )
             return
         trigger = self.vectors[vector]
         assert trigger is not None

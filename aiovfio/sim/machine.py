@@ -17,6 +17,7 @@ need no locking of their own.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -28,11 +29,12 @@ from typing import cast
 
 from .._uapi.vfio import PciIrq, PciRegion, RegionFlag
 from ..errors import ClosedResourceError, InvalidArgument
+from ..kernel import hints
 from ..kernel.viability import keeps_group_viable
 from . import rules
 from .clock import Clock, ClockKind
 from .config_space import Bar, ConfigSpace
-from .faults import FaultLog, FaultRecord, Injection
+from .faults import FaultLog, FaultRecord, Injection, check_kinds
 from .ioas import Ioas
 from .iommu import MemlockAccount, TranslationFault, Type1Iommu, default_memlock_limit
 from .irqs import DeviceIrqs, IrqType
@@ -62,23 +64,38 @@ class _Context:
     def __repr__(self) -> str:
         return f"<DeviceContext {self.name}>"
 
+    def _flush(self) -> None:
+        """Faults a model caused outside a kernel call or clock callback: warn now."""
+        topo = self._machine._topo
+        if not topo.depth:
+            topo.faults.flush(stacklevel=3)
+
     def dma_read(self, iova: int, size: int) -> bytes:
-        return self._machine._dma(self._device, iova, size, None)
+        try:
+            return self._machine._dma(self._device, iova, size, None)
+        finally:
+            self._flush()
 
     def dma_write(self, iova: int, data: bytes) -> None:
-        self._machine._dma(self._device, iova, len(data), bytes(data))
+        try:
+            self._machine._dma(self._device, iova, len(data), bytes(data))
+        finally:
+            self._flush()
 
     def set_intx(self, asserted: bool) -> None:
         with self._machine._topo.lock:
             self._device.irqs.set_intx_level(bool(asserted))
+        self._flush()
 
     def send_msi(self, vector: int) -> None:
         with self._machine._topo.lock:
             self._device.irqs.send_msi(IrqType.MSI, vector)
+        self._flush()
 
     def send_msix(self, vector: int) -> None:
         with self._machine._topo.lock:
             self._device.irqs.send_msi(IrqType.MSIX, vector)
+        self._flush()
 
     def config_read(self, offset: int, size: int) -> int:
         with self._machine._topo.lock:
@@ -93,9 +110,10 @@ class _Context:
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
         self._machine._clock.schedule(delay, callback)
 
-    def log_fault(self, message: str) -> None:
+    def log_fault(self, message: str, kind: str = "device") -> None:
         with self._machine._topo.lock:
-            self._machine.faults.add(FaultRecord("device", self.name, message))
+            self._machine.faults.add(FaultRecord(kind, self.name, str(message)))
+        self._flush()
 
 
 class Machine:
@@ -184,10 +202,11 @@ class Machine:
         self.iommufd = bool(iommufd)
         self.noiommu = bool(noiommu)
         self._lock = self._topo.lock
-        self._clock = Clock(clock, self._lock)
+        self._clock = Clock(clock, self._lock, runner=self._device_work)
         self._mmio32 = _MMIO_32
         self._mmio64 = _MMIO_64
         self.kernel = SimKernel(self._topo)
+        hints.register_simulated(self.kernel)
 
     # --- context manager and close ----------------------------------------------------
 
@@ -209,6 +228,7 @@ class Machine:
     def close(self) -> None:
         """Stop the clock and release every fd, mapping, eventfd and region. Idempotent."""
         self._clock.close()  # without the lock: the worker may be waiting for it
+        hints.unregister_simulated(self.kernel)
         with self._lock:
             if self._topo.closed:
                 return
@@ -287,7 +307,7 @@ class Machine:
                 ram=ram,
                 irqs=DeviceIrqs(
                     config,
-                    lambda msg: self._dropped_interrupt(name, msg),
+                    lambda msg, kind="interrupt": self._dropped_interrupt(name, msg, kind),
                     self._topo.personality,
                 ),
             )
@@ -445,8 +465,32 @@ class Machine:
         """How many times each Kernel method was called."""
         return self._topo.injector.calls
 
-    def _dropped_interrupt(self, name: str, message: str) -> None:
-        self.faults.add(FaultRecord("interrupt", name, message))
+    def _device_work(self, callback: Callable[[], None]) -> None:
+        """Run a clock callback; its faults become warnings once it has finished."""
+        topo = self._topo
+        topo.depth += 1
+        try:
+            callback()
+        finally:
+            topo.depth -= 1
+        if not topo.depth:
+            topo.faults.flush()
+
+    def _dropped_interrupt(self, name: str, message: str, kind: str = "interrupt") -> None:
+        self.faults.add(FaultRecord(kind, name, message))
+
+    def expect_faults(self, *kinds: str) -> contextlib.AbstractContextManager[None]:
+        """A block in which faults of `kinds` are expected (declared), not warned about.
+
+            with machine.expect_faults("bus_master"):
+                ...  # a DMA with Bus Master off
+
+        Kinds: "bus_master", "iommu", "dma_mask", "device", "interrupt". At
+        least one fault of each kind must happen in the block (else
+        AssertionError); the pytest plugin fails a test for undeclared ones.
+        """
+        check_kinds(kinds)  # refuse a bad kind here, not on entering the block
+        return self._topo.faults.expect(*kinds, lock=self._lock)
 
     def _dma(self, device: SimDevice, iova: int, size: int, data: bytes | None) -> bytes:
         """A device DMA through the IOMMU: read `size` bytes, or write `data`."""
@@ -457,14 +501,21 @@ class Machine:
             if iova < 0 or size < 0:
                 raise ValueError(f"DMA of {size} bytes at IOVA {iova:#x}")
 
-            def fault(reason: str) -> IommuFault:
-                self.faults.add(FaultRecord("iommu", device.name, reason, iova, size, write))
+            kind = "write" if write else "read"
+
+            def fault(reason: str, what: str = "iommu") -> IommuFault:
+                message = f"device DMA {kind} of {size} bytes at IOVA {iova:#x}: {reason}"
+                self.faults.add(FaultRecord(what, device.name, message, iova, size, write))
                 return IommuFault(iova, size, write, reason)
 
+            if not device.config.bus_master:
+                raise fault(
+                    "dropped: Bus Master is off in COMMAND (set it: dev.config.enable(), or "
+                    "COMMAND |= 0x4)",
+                    "bus_master",
+                )
             container = device.group.container
             if self._topo.noiommu:
-                if not device.config.bus_master:
-                    raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
                 return self._dma_physical(device, iova, size, data, fault)
             iommu: Type1Iommu | Ioas | None = device.ioas  # attached through its cdev
             if iommu is None and container is not None:
@@ -474,8 +525,6 @@ class Machine:
                     "the device's group is not attached to a container with an IOMMU, "
                     "and the device is not attached to an IOAS"
                 )
-            if not device.config.bus_master:
-                raise fault("Bus Master is off in COMMAND: the driver has not enabled DMA")
             try:
                 segments = iommu.translate(iova, size, write=write)
             except TranslationFault as exc:

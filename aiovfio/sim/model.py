@@ -122,8 +122,11 @@ class DeviceContext(Protocol):
         """
         ...
 
-    def log_fault(self, message: str) -> None:
-        """Record a device-level error (e.g. a DMA out of the device's range)."""
+    def log_fault(self, message: str, kind: str = "device") -> None:
+        """Record a device-level error (e.g. a DMA out of the device's range).
+
+        `kind` is "device" or "dma_mask" (an address the device's mask clamped).
+        """
         ...
 
 

@@ -206,6 +206,8 @@ class Topology:
         self.containers: list[SimContainer] = []
         self._container_numbers = 0
         self.closed = False
+        #: > 0 while a kernel call or a clock callback runs (fault warnings wait for its end)
+        self.depth = 0
 
     # --- look-ups ------------------------------------------------------------------------
 

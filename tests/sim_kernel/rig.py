@@ -51,6 +51,8 @@ class Toy(DeviceModel):
         self.accesses: list[tuple[str, int, int, int, int]] = []
         self.resets = 0
         self.ctx: DeviceContext | None = None
+        #: called after each trapped write (a test's hook)
+        self.on_write: Callable[[], None] | None = None
 
     def regions(self) -> Sequence[RegionSpec]:
         return (
@@ -89,6 +91,8 @@ class Toy(DeviceModel):
     def write(self, region: int, offset: int, size: int, value: int) -> None:
         self.accesses.append(("w", region, offset, size, value))
         self.regs[(region, offset)] = value
+        if self.on_write is not None:
+            self.on_write()
 
     def reset(self) -> None:
         self.resets += 1

@@ -102,5 +102,6 @@ def test_dma_to_unmapped_iova_is_a_counted_fault(rig: Rig) -> None:
     w64(rig, d, 0x88, 0x20000)
     w64(rig, d, 0x90, 64)
     w64(rig, d, 0x98, 0x3)
-    rig.machine.run_until_idle()
+    with rig.machine.expect_faults("iommu"):
+        rig.machine.run_until_idle()
     assert rig.machine.faults.count("iommu") == 1

@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import warnings
 from collections.abc import Callable
 
 import pytest
 
+from aiovfio import InvalidArgument
 from aiovfio._uapi.vfio import IrqSetFlag
 from aiovfio.sim import Machine
-from aiovfio.sim.faults import KERNEL_OPERATIONS
+from aiovfio.sim.faults import (
+    FAULT_KINDS,
+    KERNEL_OPERATIONS,
+    BusMasterFault,
+    DeviceErrorFault,
+    SimFaultWarning,
+)
 
 from .rig import GROUP, NAME, PAGE, Rig, Toy, buffer
 
@@ -152,13 +160,60 @@ def test_a_failure_at_every_kernel_call_leaks_nothing() -> None:
 
 def test_fault_log(rig: Rig) -> None:
     assert rig.toy.ctx is not None
-    rig.toy.ctx.log_fault("the model noticed something")
+    with pytest.warns(DeviceErrorFault, match="the model noticed something"):
+        rig.toy.ctx.log_fault("the model noticed something")
     faults = rig.machine.faults
     assert len(faults) == 1 and faults.count("device") == 1
     assert "device fault on 0000:00:04.0" in str(next(iter(faults)))
     assert "device=1" in repr(faults)
+    assert "the model noticed something" in repr(faults)  # the latest, with messages
+    assert [r.message for r in faults.undeclared()] == ["the model noticed something"]
     faults.clear()
     assert faults.count() == 0
+
+
+def test_fault_log_repr_shows_the_latest_few(rig: Rig) -> None:
+    assert rig.toy.ctx is not None
+    with rig.machine.expect_faults("device"):
+        for i in range(5):
+            rig.toy.ctx.log_fault(f"problem {i}")
+    text = repr(rig.machine.faults)
+    assert "problem 4" in text and "problem 2" in text and "problem 1" not in text
+    assert "(2 earlier)" in text
+    assert rig.machine.faults.undeclared() == []
+
+
+def test_each_kind_warns_with_its_own_category() -> None:
+    assert issubclass(BusMasterFault, SimFaultWarning)
+    assert {c.kind for c in FAULT_KINDS.values()} == set(FAULT_KINDS)
+    assert len(set(FAULT_KINDS.values())) == len(FAULT_KINDS) == 5
+
+
+def test_a_fault_is_an_error_under_w_error(rig: Rig) -> None:
+    assert rig.toy.ctx is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SimFaultWarning)
+        with pytest.raises(DeviceErrorFault, match="boom"):
+            rig.toy.ctx.log_fault("boom")
+
+
+def test_expect_faults_needs_the_fault_and_a_known_kind(rig: Rig) -> None:
+    with pytest.raises(AssertionError, match="expected iommu fault"):
+        with rig.machine.expect_faults("iommu"):
+            pass
+    with pytest.raises(InvalidArgument, match="bus_master"):
+        rig.machine.expect_faults("bogus")
+
+
+def test_faults_inside_a_kernel_call_warn_after_it(rig: Rig) -> None:
+    """A warning raised as an error never interrupts the model half-way."""
+    _, _, d = rig.device()
+    rig.toy.on_write = lambda: rig.toy.ctx.log_fault("from a register write")  # type: ignore[union-attr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SimFaultWarning)
+        with pytest.raises(DeviceErrorFault, match="from a register write"):
+            rig.k.pwrite(d, b"\1\0\0\0", 0)
+    assert rig.toy.regs[(0, 0)] == 1  # the write itself completed
 
 
 @pytest.mark.parametrize("op", sorted(KERNEL_OPERATIONS))

@@ -11,7 +11,10 @@ from structlog.testing import capture_logs
 from aiovfio._uapi.vfio import DmaMapFlag, DmaUnmapFlag, Extension
 from aiovfio.sim import IommuFault
 
-from .rig import GROUP, PAGE, Rig, buffer
+from .rig import GROUP, NAME, PAGE, Rig, buffer
+
+#: These tests cause IOMMU, Bus Master and device faults on purpose and count them.
+_FAULTS_ON_PURPOSE = pytest.mark.filterwarnings("ignore::aiovfio.sim.SimFaultWarning")
 
 IOVA = 0x10_0000
 
@@ -52,6 +55,7 @@ def test_access_across_two_mappings(rig: Rig) -> None:
     assert (a[PAGE - 3 :], b[:3]) == (b"abc", b"def")
 
 
+@_FAULTS_ON_PURPOSE
 def test_unmapped_iova_faults_and_writes_nothing(dma: tuple[Rig, int, mmap.mmap]) -> None:
     rig, _, buf = dma
     with pytest.raises(IommuFault) as info:
@@ -66,6 +70,7 @@ def test_unmapped_iova_faults_and_writes_nothing(dma: tuple[Rig, int, mmap.mmap]
     assert rig.machine.faults.count("iommu") == 2
 
 
+@_FAULTS_ON_PURPOSE
 def test_permissions(rig: Rig) -> None:
     c, _, d = rig.device()
     rig.bus_master(d)
@@ -83,6 +88,7 @@ def test_permissions(rig: Rig) -> None:
     wo_buf.close()
 
 
+@_FAULTS_ON_PURPOSE
 def test_bus_master_off_faults(rig: Rig) -> None:
     c, _, _ = rig.device()
     _buf, addr = buffer()
@@ -91,11 +97,16 @@ def test_bus_master_off_faults(rig: Rig) -> None:
         ctx(rig).dma_read(IOVA, 4)
 
 
+@_FAULTS_ON_PURPOSE
 def test_no_container_faults(rig: Rig) -> None:
+    config = rig.machine.topology.devices[NAME].config
+    config.user_write(4, 2, config.command | 0x4)  # Bus Master on, as a driver left it
     with pytest.raises(IommuFault, match="not attached"):
         ctx(rig).dma_read(IOVA, 4)
+    assert rig.machine.faults.count("iommu") == 1
 
 
+@_FAULTS_ON_PURPOSE
 def test_fault_is_logged_when_structlog_is_configured(dma: tuple[Rig, int, mmap.mmap]) -> None:
     rig, _, _ = dma
     try:
@@ -137,6 +148,7 @@ def test_vaddr_update(dma: tuple[Rig, int, mmap.mmap]) -> None:
     assert ctx(rig).dma_read(IOVA, 3) == b"new"
 
 
+@_FAULTS_ON_PURPOSE
 def test_memory_unmapped_by_the_process_reads_zeros(rig: Rig) -> None:
     c, _, d = rig.device()
     rig.bus_master(d)

@@ -50,6 +50,7 @@ class FakeContext:
     iommu_faults: list[IommuFault] = field(factory=list)
     #: messages from `log_fault`.
     faults: list[str] = field(factory=list)
+    fault_kinds: list[str] = field(factory=list)
     #: INTx level changes as (time, level); `intx` is the current level.
     intx_history: list[tuple[float, bool]] = field(factory=list)
     intx: bool = False
@@ -204,8 +205,9 @@ class FakeContext:
     def ram(self, index: int) -> memoryview:
         raise AssertionError("these models offer no mmap areas")
 
-    def log_fault(self, message: str) -> None:
+    def log_fault(self, message: str, kind: str = "device") -> None:
         self.faults.append(message)
+        self.fault_kinds.append(kind)
 
     # --- the manual clock ---------------------------------------------------
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:

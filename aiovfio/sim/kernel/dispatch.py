@@ -70,15 +70,20 @@ def _op(fn: Callable[Concatenate[SimKernel, P], R]) -> Callable[Concatenate[SimK
             if injected is not None and name != "close":
                 _log.debug("kernel.sim", op=name, injected=injected.errno)
                 raise injected
+            topo.depth += 1
             try:
                 result = fn(self, *args, **kwargs)
             except OSError as exc:
                 _log.debug("kernel.sim", op=name, errno=exc.errno, error=str(exc))
                 raise
+            finally:
+                topo.depth -= 1
             if _log.enabled():
                 _log.logger.debug("kernel.sim", op=name, args=_brief(args), result=_brief(result))
             if injected is not None:  # close: the fd is gone, and the error is reported
                 raise injected
+            if not topo.depth:
+                topo.faults.flush(stacklevel=3)  # the faults this call caused, as warnings
             return result
 
     return wrapper

@@ -314,7 +314,9 @@ class Edu(DeviceModel):
         if clamped != addr:
             self._context.log_fault(
                 f"edu: DMA address {addr:#x} clamped to {clamped:#x} by dma_mask "
-                f"{self.dma_mask:#x} (QEMU drops these bits silently)"
+                f"{self.dma_mask:#x} (QEMU drops these bits silently; keep IOVAs below "
+                f"{self.dma_mask + 1:#x}: dma_buffer(..., dma_mask=...))",
+                "dma_mask",
             )
         return clamped
 
