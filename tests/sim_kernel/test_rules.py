@@ -1023,6 +1023,7 @@ def test_attach_reserved_overlap(fdm: Fd) -> None:
     refused(R.ATTACH_RESERVED_OVERLAP, fdm.attach, d, ioas)
 
 
+@pytest.mark.filterwarnings("ignore::aiovfio.sim.IommuTranslationFault")  # on purpose
 def test_iommufd_device_dma_goes_through_the_ioas(fdm: Fd) -> None:
     fd, ioas, d = fdm.ready()
     m, addr = buffer()
@@ -1093,6 +1094,7 @@ def test_noiommu_group_node(noiommu: Rig, rig: Rig) -> None:
     refused(R.SET_IOMMU_UNSUPPORTED, noiommu.k.set_iommu, c, uapi.Extension.TYPE1v2_IOMMU)
 
 
+@pytest.mark.filterwarnings("ignore::aiovfio.sim.IommuTranslationFault")  # on purpose
 def test_noiommu_dma_reaches_mlocked_physical_pages(noiommu: Rig) -> None:
     _, _, d = _noiommu_device(noiommu)
     noiommu.bus_master(d)
