@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aiovfio.cli import main
+from aiovfio.cli import main, pciids
 from aiovfio.cli.binding import Binder
 from aiovfio.cli.sysfs import Roots, Sysfs
 
@@ -48,7 +48,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def ls(capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, object]]:
     code, out, err = run(capsys, "ls", "--json")
     assert code == 0, err
-    return {row["address"]: row for row in json.loads(out)}
+    document = json.loads(out)
+    assert document["format"] == 1
+    return {row["address"]: row for row in document["functions"]}
 
 
 def test_ls_shows_the_guest_devices(
@@ -63,6 +65,10 @@ def test_ls_shows_the_guest_devices(
         assert isinstance(row["iommu_group"], int)
         assert row["viable"] is True
     assert edu["iommu_group"] != nvme["iommu_group"]
+    names = pciids.names()  # the system's pci.ids (the host's, seen through the guest's root)
+    assert nvme["vendor_name"] == names.vendor(0x1B36)
+    assert nvme["device_name"] == names.device(0x1B36, 0x0010)
+    assert nvme["in_use"] == []
     code, out, _ = run(capsys, "ls", "--vendor", "1234:11e8")
     assert code == 0
     assert edu_bdf in out
