@@ -502,12 +502,12 @@ class Controller:
 
     async def _reap_io(self, q: QueuePair, stream: InterruptStream) -> None:
         poll = self.poll
+        if poll is False and not self._trio:
+            await self._reap_in_reader(q, stream)
+            return
         if poll is False:
-            receive = stream.receive
-            reap = q.reap
-            while True:
-                reap()
-                await receive()
+            await self._reap_trio(q, stream)
+            return
         checkpoint = _checkpoint_for(self._trio)
         if poll is True:
             while True:
@@ -528,8 +528,65 @@ class Controller:
                 continue
             await checkpoint()
 
+    async def _reap_in_reader(self, q: QueuePair, stream: InterruptStream) -> None:
+        """asyncio, interrupt mode: reap inside the loop's reader callback of the eventfd.
+
+        The same readiness wait `InterruptStream.receive` uses (a persistent
+        `add_reader`), without a reaper task to wake in between: completions
+        reach their tasks one loop iteration after the interrupt. This task
+        only owns the registration; the stream itself is never received from.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fd = stream.fd
+        read = self.device.kernel.eventfd_read
+        reap = q.reap
+
+        def on_interrupt() -> None:
+            try:
+                read(fd)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # not seen on Linux: fail loudly rather than hang
+                self.fail(f"reading the interrupt eventfd of queue {q.qid} failed: {exc}")
+                return
+            reap()
+
+        loop.add_reader(fd, on_interrupt)
+        try:
+            reap()  # anything that completed before the reader was registered
+            await anyio.sleep_forever()
+        finally:
+            loop.remove_reader(fd)
+
+    async def _reap_trio(self, q: QueuePair, stream: InterruptStream) -> None:
+        """trio, interrupt mode: wait for the eventfd to be readable, read it once, reap.
+
+        `InterruptStream.receive` tries a read first (an EAGAIN most of the
+        time); a reaper that reaps anyway needs only the wait and one read.
+        """
+        import trio
+
+        wait = trio.lowlevel.wait_readable
+        fd = stream.fd
+        read = self.device.kernel.eventfd_read
+        reap = q.reap
+        while True:
+            reap()
+            await wait(fd)
+            try:
+                read(fd)
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # not seen on Linux: fail loudly rather than hang
+                self.fail(f"reading the interrupt eventfd of queue {q.qid} failed: {exc}")
+                return
+
     async def _watchdog(self) -> None:
         tick = min(0.25, self.command_timeout / 4)
+        #: (qid, cid, submission number) -> when the watchdog first saw it in flight
+        seen: dict[tuple[int, int, int], float] = {}
         while self._failure is None:
             await anyio.sleep(tick)
             csts = self._reg32(Reg.CSTS)
@@ -543,15 +600,20 @@ class Controller:
                 )
                 return
             now = time.monotonic()
-            for q in (self._admin, *self._queues):
-                oldest = q.oldest() if q is not None else None
-                if oldest is not None and now - oldest > self.command_timeout:
-                    assert q is not None
-                    self.fail(
-                        f"a command on queue {q.qid} of controller {self.device.name} did "
-                        f"not complete within {self.command_timeout:g} s"
-                    )
-                    return
+            current = {
+                (q.qid, cid, seq)
+                for q in (self._admin, *self._queues)
+                if q is not None
+                for cid, seq in q.in_flight()
+            }
+            seen = {key: seen.get(key, now) for key in current}
+            late = [key for key, first in seen.items() if now - first > self.command_timeout]
+            if late:
+                self.fail(
+                    f"a command on queue {late[0][0]} of controller {self.device.name} did "
+                    f"not complete within {self.command_timeout:g} s"
+                )
+                return
 
     def fail(self, why: str) -> None:
         """Declare the controller dead: fail every command, disable it (CC.EN=0)."""

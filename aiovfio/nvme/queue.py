@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from time import monotonic as _monotonic
 from typing import Any
 
 import anyio
@@ -76,7 +75,8 @@ class QueuePair:
     _phase: int = field(default=1, init=False)
     _free: list[int] = field(init=False)
     _waiters: list[Any] = field(init=False)
-    _started: list[float] = field(init=False)
+    #: the submission number of the command in flight with each CID (for the watchdog)
+    _seq: list[int] = field(init=False)
     _slot_waiters: deque[Any] = field(factory=deque, init=False)
     _idle: Any = field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
@@ -91,7 +91,7 @@ class QueuePair:
         depth = self.size - 1
         self._free = list(range(depth - 1, -1, -1))
         self._waiters = [None] * depth
-        self._started = [0.0] * depth
+        self._seq = [0] * depth
         if self.trio:
             import outcome
             import trio
@@ -240,9 +240,9 @@ class QueuePair:
         if tail == self.size:
             tail = 0
         self._tail = tail
-        self._started[cid] = _monotonic()
         self.inflight += 1
         self.submitted += 1
+        self._seq[cid] = self.submitted
         self.write32(self.sq_doorbell, tail)
         idle = self._idle
         if idle is not None:
@@ -332,11 +332,10 @@ class QueuePair:
             self.write32(self.cq_doorbell, head)
         return n
 
-    def oldest(self) -> float | None:
-        """When the longest-waiting command in flight was submitted (None: none)."""
-        started = self._started
-        times = [started[cid] for cid, w in enumerate(self._waiters) if w is not None]
-        return min(times) if times else None
+    def in_flight(self) -> set[tuple[int, int]]:
+        """(CID, submission number) of every command in flight (the watchdog's view)."""
+        seq = self._seq
+        return {(cid, seq[cid]) for cid, w in enumerate(self._waiters) if w is not None}
 
     def fail(self, exc: BaseException) -> None:
         """The controller died: wake every waiter with `exc`; later commands raise it."""
