@@ -28,9 +28,14 @@ from .errors import DmaSpaceExhausted as DmaSpaceExhausted
 from .errors import GroupNotViable as GroupNotViable
 from .errors import InvalidArgument as InvalidArgument
 from .errors import InvalidRequest as InvalidRequest
+from .errors import IommufdUnavailable as IommufdUnavailable
 from .errors import IommuTypeUnsupported as IommuTypeUnsupported
 from .errors import KernelBusy as KernelBusy
 from .errors import KernelError as KernelError
+from .errors import NoDeviceCdev as NoDeviceCdev
+from .errors import NoiommuDmaError as NoiommuDmaError
+from .errors import NoiommuRefused as NoiommuRefused
+from .errors import NoiommuWarning as NoiommuWarning
 from .errors import NoSpace as NoSpace
 from .errors import NoSuchEntity as NoSuchEntity
 from .errors import NotOffered as NotOffered
@@ -82,14 +87,19 @@ __all__ = [
     "InvalidRequest",
     "IommuInfo",
     "IommuTypeUnsupported",
+    "IommufdUnavailable",
     "IrqInfo",
     "IrqKind",
     "Kernel",
     "KernelBusy",
     "KernelError",
     "LinuxKernel",
+    "NoDeviceCdev",
     "NoSpace",
     "NoSuchEntity",
+    "NoiommuDmaError",
+    "NoiommuRefused",
+    "NoiommuWarning",
     "NotOffered",
     "NotSupportedByKernel",
     "Offender",

@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import anyio
 
 from . import _log, errors
-from ._util import check_int, check_kernel, normalize_bdf
+from ._util import check_int, check_kernel, kcall, normalize_bdf
 from .container import Container
 from .device import Device
+from .iommufd import Iommufd
 from .kernel import Kernel, default_kernel
 from .kernel.hints import missing_device
+from .noiommu import NOIOMMU_RISK
 
-__all__ = ["ReleasePolicy", "open_device"]
+__all__ = ["BACKENDS", "Backend", "ReleasePolicy", "choose_backend", "open_device"]
+
+#: What `backend=` (and $AIOVFIO_BACKEND) take.
+BACKENDS = ("auto", "iommufd", "container")
+Backend = Literal["auto", "iommufd", "container"]
 
 #: "cancel" (the default): cancel the block, release everything, raise
 #: DeviceReleaseRequested; "ignore": do not watch REQ (the unbind then waits
@@ -66,6 +74,68 @@ def _watches_req(device: Device) -> bool:
     return info.count > 0 and bool(info.flags & 1)  # VFIO_IRQ_INFO_EVENTFD
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "yes", "true", "on")
+
+
+def choose_backend(
+    kernel: Kernel, name: str, group: int, backend: Backend | None, noiommu: bool
+) -> Literal["iommufd", "container", "noiommu"]:
+    """Which kernel interface opens device `name` of IOMMU group `group`.
+
+    `backend` (else $AIOVFIO_BACKEND, else "auto"): "iommufd" when the kernel
+    offers it for the device (/dev/iommu and a VFIO device cdev), the legacy
+    container otherwise; "iommufd" or "container" force one. A noiommu group
+    needs the opt-in (`noiommu=True` or $AIOVFIO_NOIOMMU=1) and the container.
+    """
+    source = "backend="
+    if backend is None:
+        backend = os.environ.get("AIOVFIO_BACKEND", "").strip() or "auto"  # type: ignore[assignment]
+        source = "$AIOVFIO_BACKEND="
+    if backend not in BACKENDS:
+        raise errors.InvalidArgument(f"{source}{backend!r}: choose one of {', '.join(BACKENDS)}")
+    if kcall("sysfs", f"IOMMU group {group}", kernel.noiommu_group, group):
+        if not (noiommu or _env_flag("AIOVFIO_NOIOMMU")):
+            raise errors.NoiommuRefused(
+                f"{name} is in noiommu group {group} (/dev/vfio/noiommu-{group}): VFIO runs "
+                f"it without an IOMMU. Opening it needs an explicit opt-in "
+                f"(`open_device(..., noiommu=True)`, `aiovfio --noiommu`, or "
+                f"AIOVFIO_NOIOMMU=1), and the opt-in risks this: {NOIOMMU_RISK}"
+            )
+        if backend == "iommufd":
+            raise errors.NoDeviceCdev(
+                f"{name} is a noiommu device: it has no VFIO cdev, so iommufd cannot open it; "
+                f"use backend='container' (or 'auto')"
+            )
+        return "noiommu"
+    if backend == "auto":
+        offered = kcall("stat", "/dev/iommu", kernel.iommufd_available) and kcall(
+            "sysfs", f"device {name}", kernel.device_cdev, name
+        )
+        return "iommufd" if offered else "container"
+    return backend
+
+
+@contextlib.asynccontextmanager
+async def _tree(
+    k: Kernel, name: str, number: int, chosen: str, dma_mask: int | None
+) -> AsyncIterator[Device]:
+    """The container, group and device; or the iommufd and the device through its cdev."""
+    if chosen == "iommufd":
+        async with (
+            Iommufd(kernel=k) as fd,
+            fd.open_device(name, group=number, dma_mask=dma_mask) as device,
+        ):
+            yield device
+        return
+    async with (
+        Container(kernel=k, noiommu=chosen == "noiommu") as container,
+        container.group(number) as group,
+        group.open_device(name, dma_mask=dma_mask) as device,
+    ):
+        yield device
+
+
 @contextlib.asynccontextmanager
 async def open_device(
     bdf: str,
@@ -73,13 +143,18 @@ async def open_device(
     kernel: Kernel | None = None,
     dma_mask: int | None = None,
     on_release_request: ReleasePolicy = "cancel",
+    backend: Backend | None = None,
+    noiommu: bool = False,
 ) -> AsyncIterator[Device]:
-    """Open one PCI device: its own container, its group, then the device.
+    """Open one PCI device: its own container (or iommufd), its group, then the device.
 
     `async with aiovfio.open_device("0000:01:00.0") as dev:` Everything is
     released in reverse order when the block exits, on every exit path.
     `on_release_request` says what happens when the kernel asks for the
-    device back (see `ReleasePolicy`).
+    device back (see `ReleasePolicy`). `backend` picks the kernel interface
+    ("auto", "iommufd", "container"; default $AIOVFIO_BACKEND or "auto": see
+    `choose_backend`). `noiommu=True` allows a device without an IOMMU
+    (VFIO's unsafe noiommu mode; see `aiovfio.noiommu`): loud, and only then.
     """
     if kernel is not None:
         check_kernel(kernel)
@@ -89,11 +164,16 @@ async def open_device(
     k = kernel if kernel is not None else default_kernel()
     name = normalize_bdf(bdf)
     number = _find_group(k, name)
-    async with (
-        Container(kernel=k) as container,
-        container.group(number) as group,
-        group.open_device(name, dma_mask=dma_mask) as device,
-    ):
+    chosen = choose_backend(k, name, number, backend, bool(noiommu))
+    _log.logger.debug("device.backend", device=name, group=number, backend=chosen)
+    if chosen == "noiommu":
+        _log.logger.warning("device.noiommu", device=name, group=number, risk=NOIOMMU_RISK)
+        warnings.warn(
+            f"{name} is driven without an IOMMU (noiommu): {NOIOMMU_RISK}",
+            errors.NoiommuWarning,
+            stacklevel=3,
+        )
+    async with _tree(k, name, number, chosen, dma_mask) as device:
         if on_release_request == "ignore" or not _watches_req(device):
             yield device
             return

@@ -22,6 +22,7 @@ from ._util import PAGE_SIZE, check_int, check_kernel, kcall
 from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space
 from .group import Group
 from .kernel import Kernel, default_kernel
+from .noiommu import NoiommuAttachment
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -135,7 +136,9 @@ class Container(FdResource):
     """
 
     kernel: Kernel = field(factory=default_kernel, converter=_kernel_or_default)
-    _attachment: Type1Attachment | None = field(default=None, init=False)
+    #: a container for noiommu groups (VFIO_NOIOMMU_IOMMU: `aiovfio.noiommu`)
+    noiommu: bool = False
+    _attachment: Type1Attachment | NoiommuAttachment | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         if self.closed:
@@ -202,13 +205,13 @@ class Container(FdResource):
                     f"VFIO API version {version} is not {uapi.VFIO_API_VERSION}: "
                     f"this kernel speaks a VFIO that aiovfio does not know"
                 )
-            has_v2 = kcall(
-                "VFIO_CHECK_EXTENSION",
-                self.label,
-                k.check_extension,
-                self._fd,
-                uapi.Extension.TYPE1v2_IOMMU,
-            )
+            iommu = uapi.Extension.NOIOMMU_IOMMU if self.noiommu else uapi.Extension.TYPE1v2_IOMMU
+            has_v2 = kcall("VFIO_CHECK_EXTENSION", self.label, k.check_extension, self._fd, iommu)
+            if not has_v2 and self.noiommu:
+                raise errors.IommuTypeUnsupported(
+                    "the container does not offer VFIO_NOIOMMU_IOMMU: boot with "
+                    "vfio.enable_unsafe_noiommu_mode=1 on a kernel built with CONFIG_VFIO_NOIOMMU"
+                )
             if not has_v2:
                 raise errors.IommuTypeUnsupported(
                     "the container does not offer the Type1v2 IOMMU: enable the IOMMU "
@@ -217,7 +220,10 @@ class Container(FdResource):
         except BaseException:
             self._abort_open()
             raise
-        self._attachment = Type1Attachment(self.kernel, self._fd, self.label)
+        if self.noiommu:
+            self._attachment = NoiommuAttachment(self.kernel, self._fd, self.label)
+        else:
+            self._attachment = Type1Attachment(self.kernel, self._fd, self.label)
         self._opened()
         _log.debug("container.open", fd=self._fd, kernel=self.kernel.name)
         return self
@@ -259,7 +265,11 @@ class Container(FdResource):
         check_int("an IOMMU group number", number, minimum=0)
         assert self._attachment is not None
         return Group(
-            kernel=self.kernel, number=number, attachment=self._attachment, owner=self._children
+            kernel=self.kernel,
+            number=number,
+            attachment=self._attachment,
+            noiommu=self.noiommu,
+            owner=self._children,
         )
 
     # --- DMA ---------------------------------------------------------------------

@@ -84,10 +84,22 @@ class Device(FdResource):
         if self._fd < 0:
             return f"<Device {self.name} not open>"
         irqs = ",".join(s.info.kind for s in self.interrupt_sets) or "none"
+        backend = self.dma_space.backend
+        if backend == "noiommu":
+            backend += " UNSAFE"  # no IOMMU: the device reaches all physical memory
         return (
             f"<Device {self.name} group={self.group_number} fd={self._fd} "
-            f"kernel={self.kernel.name} irqs={irqs}>"
+            f"kernel={self.kernel.name} backend={backend}{self._repr_extra()} irqs={irqs}>"
         )
+
+    def _repr_extra(self) -> str:
+        """More `key=value` words for the repr (a cdev device names its cdev)."""
+        return ""
+
+    @property
+    def cdev_path(self) -> str | None:
+        """/dev/vfio/devices/vfioN when opened through its cdev (iommufd), else None."""
+        return None
 
     @property
     def label(self) -> str:

@@ -199,9 +199,15 @@ class DmaSpace(Resource, abc.ABC):
         self._dma_avail = self.info.dma_avail
         self._open_now()
 
+    #: which kernel interface the space is ("container", "iommufd", "noiommu")
+    backend = "unknown"
+
     def __repr__(self) -> str:
         state = "retired" if self.closed else f"mappings={len(self._children)}"
-        return f"<{type(self).__name__} {self.name} page={self.page_size:#x} {state}>"
+        return (
+            f"<{type(self).__name__} {self.name} backend={self.backend} "
+            f"page={self.page_size:#x} {state}>"
+        )
 
     @property
     def label(self) -> str:
@@ -429,6 +435,7 @@ class Type1Space(DmaSpace):
     """The legacy container's address space (VFIO type1 IOMMU): made by VFIO_SET_IOMMU."""
 
     container_fd: int
+    backend = "container"
     map_operation = "VFIO_IOMMU_MAP_DMA"
     unmap_operation = "VFIO_IOMMU_UNMAP_DMA"
 

@@ -238,6 +238,26 @@ class VfioUnavailable(SetupError):
     """No VFIO here: the module is not loaded, or there is no IOMMU."""
 
 
+class IommufdUnavailable(SetupError):
+    """iommufd was asked for, but the kernel has no /dev/iommu."""
+
+
+class NoDeviceCdev(SetupError):
+    """The device has no VFIO device cdev (/dev/vfio/devices/vfioN) to open through iommufd."""
+
+
+class NoiommuRefused(SetupError):
+    """The device is in a noiommu group, and noiommu was not opted into."""
+
+
+class NoiommuDmaError(UsageError):
+    """Without an IOMMU this memory cannot be given to the device (where it is, or how)."""
+
+
+class NoiommuWarning(RuntimeWarning):
+    """A device is being driven without an IOMMU (VFIO's unsafe noiommu mode)."""
+
+
 class ApiVersionMismatch(SetupError):
     """VFIO_GET_API_VERSION did not return the version aiovfio speaks (0)."""
 

@@ -51,6 +51,8 @@ class Group(FdResource):
     kernel: Kernel
     number: int
     _attachment: Attachment = field(alias="attachment")
+    #: VFIO's fake group of a device without an IOMMU (/dev/vfio/noiommu-N)
+    noiommu: bool = False
     _space: DmaSpace | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
@@ -102,7 +104,8 @@ class Group(FdResource):
         try:
             await anyio.lowlevel.checkpoint()
             try:
-                self._fd = self.kernel.open_group(self.number)
+                opener = self.kernel.open_noiommu_group if self.noiommu else self.kernel.open_group
+                self._fd = opener(self.number)
             except OSError as exc:
                 raise self._open_error(exc) from exc
             flags = self._status()
@@ -122,7 +125,7 @@ class Group(FdResource):
         return self
 
     def _open_error(self, exc: OSError) -> errors.VfioError:
-        path = f"/dev/vfio/{self.number}"
+        path = f"/dev/vfio/{'noiommu-' if self.noiommu else ''}{self.number}"
         if exc.errno == errno.ENOENT:
             return errors.from_oserror(
                 exc,
@@ -131,6 +134,13 @@ class Group(FdResource):
                 hint=f"no VFIO group {self.number}: bind its devices to vfio-pci "
                 f"(`aiovfio bind BDF`) or check the number with `aiovfio ls`",
             )
+        if exc.errno == errno.EBUSY and self._bound_cdev() is not None:
+            hint = (
+                f"{self._bound_cdev()} of group {self.number} is open through its VFIO cdev "
+                f"(iommufd): a cdev and its group exclude each other; close it, or open the "
+                f"device with backend='iommufd'"
+            )
+            return errors.from_oserror(exc, "open", path, hint=hint)
         if exc.errno == errno.EBUSY:
             holder = self._holder_here()
             if holder is not None:
@@ -141,11 +151,18 @@ class Group(FdResource):
             else:
                 hint = (
                     f"group {self.number} is already open in another process (one opener at "
-                    f"a time); "
+                    f"a time), or a device of it is open through its VFIO cdev (iommufd); "
                     f"find it with `fuser -v {path}` and close it"
                 )
             return errors.from_oserror(exc, "open", path, hint=hint)
         return errors.from_oserror(exc, "open", path)
+
+    def _bound_cdev(self) -> str | None:
+        """A device of this group open here through its cdev (the iommufd backend)."""
+        for r in live_resources():
+            if isinstance(r, Device) and r.group_number == self.number and r.cdev_path:
+                return f"device {r.name}"
+        return None
 
     def _holder_here(self) -> Group | None:
         for r in live_resources():

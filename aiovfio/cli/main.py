@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "noiommu", False):  # the explicit opt-in, for every command that opens
+        os.environ["AIOVFIO_NOIOMMU"] = "1"
     verbose = bool(args.verbose)
     restore = _configure_logging(verbose, sys.stderr)
     try:

@@ -126,6 +126,12 @@ def build_parser(*, with_nvme: bool = True) -> ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"aiovfio {__version__}")
+    parser.add_argument(
+        "--noiommu",
+        action="store_true",
+        help="allow devices without an IOMMU (VFIO's unsafe noiommu mode: the device can "
+        "reach all memory); sets AIOVFIO_NOIOMMU=1 for the command",
+    )
     _common(parser, top=True)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
 

@@ -104,6 +104,7 @@ EXIT_USAGE = 2
 
 #: Bytes in each emulated nvme namespace.
 NVME_DISK_SIZE = 1 << 30
+_DEFAULT_MEM = "2G"
 #: Boots tried when a guest dies before its stage starts (a TCG boot flake).
 BOOT_ATTEMPTS = 2
 #: Seconds the host waits beyond the command's timeout (boot, bind, power-off).
@@ -177,6 +178,8 @@ class GuestSetup:
     iommu: str  # a key of IOMMU_MODES
     env: tuple[tuple[str, str], ...] = ()  # what the suite's environment adds
     about: str = ""
+    #: guest memory; None: the --mem default
+    mem: str | None = None
 
     @property
     def environment(self) -> dict[str, str]:
@@ -207,6 +210,9 @@ SETUPS: tuple[GuestSetup, ...] = (
         "none",
         (("AIOVFIO_NOIOMMU", "1"),),
         about="6.12 built here, no IOMMU: VFIO's unsafe noiommu mode",
+        # Without an IOMMU a DMA address is a physical one: with 256 MiB all of
+        # the guest's RAM is below edu's 28-bit DMA mask.
+        mem="256M",
     ),
 )
 
@@ -914,7 +920,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="limit for CMD, 0 for none (default 900)",
     )
-    parser.add_argument("--mem", default="2G", metavar="SIZE", help="guest memory (default 2G)")
+    parser.add_argument(
+        "--mem", default=_DEFAULT_MEM, metavar="SIZE", help="guest memory (default 2G)"
+    )
     parser.add_argument("--smp", type=int, default=2, metavar="N", help="guest CPUs (default 2)")
     parser.add_argument(
         "--rw",
@@ -987,6 +995,8 @@ def _run(args: argparse.Namespace, kernels: Sequence[str], command: Sequence[str
         check_flavour(chosen.kernel)
         kernel, iommu = chosen.kernel, chosen.iommu
         env.update(chosen.environment)
+        if chosen.mem is not None and args.mem == _DEFAULT_MEM:
+            args.mem = chosen.mem
     result = run_in_guest(
         command,
         kernel=kernel,

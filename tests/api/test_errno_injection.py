@@ -80,6 +80,8 @@ OPERATION_NAMES = {
     "eventfd": "eventfd",
     "iommu_group": "sysfs",
     "group_devices": "sysfs",
+    "noiommu_group": "sysfs",
+    "device_cdev": "sysfs",
 }
 
 #: Releases: an injected failure may be logged instead of raised.
@@ -100,7 +102,7 @@ def _names_the_object(method: str, target: str, t: Target) -> bool:
         return target.startswith("group ")
     if method == "close":
         return target.startswith(("container", "group", "device", "eventfd"))
-    if method == "group_devices":
+    if method in ("group_devices", "noiommu_group"):
         return "group" in target
     return any(name is not None and name in target for name in devices)
 

@@ -20,10 +20,12 @@ from collections.abc import Iterator
 
 import pytest
 
+import aiovfio
 from aiovfio._uapi import iommufd as iuapi
 from aiovfio._uapi import vfio as uapi
 from aiovfio._uapi.pci import Cfg, Command
 from aiovfio.kernel.linux import LinuxKernel
+from aiovfio.testing.target import Target
 
 pytestmark = [
     pytest.mark.needs_iommufd("raw iommufd ioctls"),
@@ -303,3 +305,37 @@ def test_device_ioctls_before_bind_are_refused(linux: LinuxKernel, cdev: int) ->
     with pytest.raises(OSError) as caught:
         linux.device_get_info(cdev, buf)
     assert caught.value.errno == errno.EINVAL
+
+
+# --- the public API on this kernel: the choice, and the refusals -----------------------
+
+
+@pytest.mark.anyio
+async def test_open_device_picks_iommufd_here(
+    vfio_target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linux, edu_bdf = vfio_target.kernel, vfio_target.edu
+    monkeypatch.delenv("AIOVFIO_BACKEND", raising=False)
+    async with aiovfio.open_device(edu_bdf, kernel=linux) as dev:
+        assert "backend=iommufd" in repr(dev)
+        assert dev.dma_space.backend == "iommufd"
+        ranges = dev.iommu_info.iova_ranges
+        assert not any(lo <= 0xFEE00000 <= hi for lo, hi in ranges)  # after the attach
+    async with aiovfio.open_device(edu_bdf, kernel=linux, backend="container") as dev:
+        assert "backend=container" in repr(dev)  # iommufd's emulation of /dev/vfio/vfio
+
+
+@pytest.mark.anyio
+async def test_the_cdev_and_the_group_refuse_each_other_with_a_reason(
+    vfio_target: Target,
+) -> None:
+    linux, edu_bdf = vfio_target.kernel, vfio_target.edu
+
+    async with aiovfio.open_device(edu_bdf, kernel=linux, backend="container"):
+        with pytest.raises(aiovfio.KernelBusy, match="exclude each other"):
+            async with aiovfio.open_device(edu_bdf, kernel=linux, backend="iommufd"):
+                pass
+    async with aiovfio.open_device(edu_bdf, kernel=linux, backend="iommufd"):
+        with pytest.raises(aiovfio.KernelBusy, match="cdev"):
+            async with aiovfio.open_device(edu_bdf, kernel=linux, backend="container"):
+                pass

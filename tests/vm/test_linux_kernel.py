@@ -23,6 +23,10 @@ from aiovfio._uapi import vfio as uapi
 from aiovfio._uapi.pci import Cfg, Command
 from aiovfio.kernel.linux import LinuxKernel
 
+pytestmark = pytest.mark.needs_iommu(
+    "raw type1 container ioctls: without an IOMMU the container takes VFIO_NOIOMMU_IOMMU only"
+)
+
 PAGE = mmap.PAGESIZE
 MIB = 1 << 20
 

@@ -1,0 +1,120 @@
+"""noiommu behind the same public objects, on the simulated machine (Machine(noiommu=True)).
+
+Only by explicit opt-in, loudly: a NoiommuWarning, a warning log, "UNSAFE" in
+the reprs. DMA buffers are mlocked pages whose "IOVA" is their physical
+address, refused when the device's DMA mask cannot reach them.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import structlog
+
+import aiovfio
+from aiovfio import errors
+from aiovfio.sim import Machine
+from aiovfio.sim.models import Edu
+
+pytestmark = pytest.mark.anyio
+
+EDU = "0000:00:04.0"
+EDU_MASK = (1 << 28) - 1
+SRC, DST, CNT, CMD, IRQ_STATUS, IRQ_ACK = 0x80, 0x88, 0x90, 0x98, 0x24, 0x64
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Machine]:
+    monkeypatch.delenv("AIOVFIO_NOIOMMU", raising=False)
+    monkeypatch.delenv("AIOVFIO_BACKEND", raising=False)
+    m = Machine(noiommu=True, iommufd=True)
+    m.add_device(Edu(), name=EDU)
+    try:
+        yield m
+        assert m.leaks() == []
+    finally:
+        m.close()
+
+
+async def test_noiommu_without_the_opt_in_is_refused_with_the_risk(machine: Machine) -> None:
+    with pytest.raises(errors.NoiommuRefused) as caught:
+        async with aiovfio.open_device(EDU, kernel=machine.kernel):
+            pass
+    text = str(caught.value)
+    assert "noiommu=True" in text and "AIOVFIO_NOIOMMU=1" in text
+    assert "all physical memory" in text
+    assert machine.kernel_calls["open_container"] == 0  # refused before opening anything
+
+
+def _noiommu_warnings(recwarn: pytest.WarningsRecorder) -> list[str]:
+    return [str(w.message) for w in recwarn if issubclass(w.category, errors.NoiommuWarning)]
+
+
+async def test_noiommu_with_the_opt_in_is_loud_and_dma_works(
+    machine: Machine, recwarn: pytest.WarningsRecorder
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with aiovfio.open_device(EDU, kernel=machine.kernel, noiommu=True) as dev:
+            assert "backend=noiommu UNSAFE" in repr(dev)
+            assert "UNSAFE noiommu" in repr(dev.dma_space)
+            dev.config.enable(bus_master=True)
+            bar = dev.bar(0)
+            async with (
+                dev.interrupts("msi") as (irq,),
+                dev.dma_buffer(8192, dma_mask=EDU_MASK) as buf,
+            ):
+                assert buf.iova + buf.size - 1 <= EDU_MASK
+                buf.view[:64] = bytes(range(64))
+                for src, dst, to_ram in ((buf.iova, 0x40000, 0), (0x40000, buf.iova + 4096, 2)):
+                    bar.write64(SRC, src)
+                    bar.write64(DST, dst)
+                    bar.write64(CNT, 64)
+                    bar.write64(CMD, 0x1 | 0x4 | to_ram)
+                    with anyio.fail_after(20):
+                        await irq.receive()
+                    bar.write32(IRQ_ACK, bar.read32(IRQ_STATUS))
+                assert bytes(buf.view[4096:4160]) == bytes(range(64))
+    assert [e for e in logs if e["event"] == "device.noiommu" and e["log_level"] == "warning"]
+    (warned,) = _noiommu_warnings(recwarn)
+    assert "without an IOMMU" in warned
+    assert machine.faults.count() == 0
+
+
+async def test_the_environment_opts_in_too(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    monkeypatch.setenv("AIOVFIO_NOIOMMU", "1")
+    async with aiovfio.open_device(EDU, kernel=machine.kernel) as dev:
+        assert "noiommu" in repr(dev)
+    assert len(_noiommu_warnings(recwarn)) == 1
+    with pytest.raises(errors.NoDeviceCdev, match="noiommu device: it has no VFIO cdev"):
+        async with aiovfio.open_device(EDU, kernel=machine.kernel, backend="iommufd"):
+            pass
+
+
+async def test_memory_above_the_dma_mask_is_refused(recwarn: pytest.WarningsRecorder) -> None:
+    with Machine(noiommu=True, phys_base=0x4000_0000) as m:
+        m.add_device(Edu(), name=EDU)
+        async with aiovfio.open_device(EDU, kernel=m.kernel, noiommu=True) as dev:
+            with pytest.raises(errors.NoiommuDmaError, match="DMA mask"):
+                async with dev.dma_buffer(4096, dma_mask=EDU_MASK):
+                    pass
+            mem = mmap.mmap(-1, 4096)
+            try:
+                mem[0] = 1
+                with pytest.raises(errors.InvalidArgument, match="physical address"):
+                    async with dev.map_dma(mem, iova=0x100000):
+                        pass
+                async with dev.map_dma(mem) as mapping:  # no mask: any address will do
+                    assert mapping.iova >= 0x4000_0000
+                dev.dma_mask = EDU_MASK
+                with pytest.raises(errors.NoiommuDmaError, match="above the device's DMA mask"):
+                    async with dev.map_dma(mem):
+                        pass
+            finally:
+                mem.close()
+        assert m.leaks() == []
+    assert len(_noiommu_warnings(recwarn)) == 1
