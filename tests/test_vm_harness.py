@@ -737,3 +737,16 @@ def test_backports_are_added_once_from_the_configured_mirror(
     assert "URIs: https://mirror.invalid/debian\n" in added
     assert "Suites: bookworm-backports\n" in added
     assert not vm_setup._ensure_backports("bookworm")
+
+
+def test_a_stopped_build_is_resumed_only_with_the_same_recipe(tmp_path: Path) -> None:
+    work = tmp_path / "build"
+    tree = work / "linux-source-6.12"
+    tree.mkdir(parents=True)
+    (tree / ".config").write_text("CONFIG_IOMMUFD=y\n")
+    assert vm_kernel._configured_tree(work, "6.12.117-1") is None  # no stamp: start afresh
+    (work / "configured").write_text(f"{vm_kernel.config_key()} 6.12.117-1\n")
+    assert vm_kernel._configured_tree(work, "6.12.117-1") == tree
+    assert vm_kernel._configured_tree(work, "6.12.118-1") is None  # another source
+    (work / "configured").write_text("0123456789ab 6.12.117-1\n")
+    assert vm_kernel._configured_tree(work, "6.12.117-1") is None  # another recipe

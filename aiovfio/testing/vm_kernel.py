@@ -18,10 +18,12 @@ it runs past its time limit (`$AIOVFIO_VM_BUILD_TIMEOUT`, seconds).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -104,8 +106,9 @@ BUILD_PACKAGES: dict[str, str] = {
 }
 #: Free disk the build needs while it runs (source, objects), in bytes.
 NEEDED_SPACE = 6 * 1024**3
-#: The default limit of one build, in seconds (`$AIOVFIO_VM_BUILD_TIMEOUT`).
-BUILD_TIMEOUT = 3600.0
+#: The default limit of one build, in seconds (`$AIOVFIO_VM_BUILD_TIMEOUT`): a
+#: stopped build resumes where it stopped on the next `--setup`.
+BUILD_TIMEOUT = 7200.0
 #: Bumped whenever the recipe below changes in a way the config does not show.
 _RECIPE = "1"
 _LOCALVERSION = "-aiovfio"
@@ -175,21 +178,32 @@ def _make(
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
+        # its own process group: a timeout stops every sub-make and compiler
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise BuildError(
                 f"the build of kernel {FLAVOUR} ran out of its "
                 f"{deadline - started:.0f} s ({log} has its output): run "
-                f"`aiovfio vm --setup --kernel {FLAVOUR}` once with more time "
-                "(AIOVFIO_VM_BUILD_TIMEOUT=seconds) on a quieter machine; the "
-                "result is cached"
+                f"`aiovfio vm --setup --kernel {FLAVOUR}` again, with more time "
+                "(AIOVFIO_VM_BUILD_TIMEOUT=seconds) if need be; it resumes where "
+                "it stopped, and the result is cached"
             ) from None
+        except BaseException:  # Ctrl-C: stop the build too (it resumes next time)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise BuildError(f"make {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
@@ -245,8 +259,10 @@ def build(
 ) -> BuiltKernel:
     """Build the kernel from `source_deb` in `work`; install vmlinux into `image_root`.
 
-    `work` is emptied first and removed after a successful build. Raises
-    `BuildError` with what is missing and what to run.
+    A tree a stopped build left in `work`, configured by this recipe, is
+    resumed (make picks up where it stopped); otherwise `work` is emptied and
+    the source unpacked and configured. `work` is removed after a successful
+    build. Raises `BuildError` with what is missing and what to run.
     """
     missing = missing_tools()
     if missing:
@@ -254,37 +270,16 @@ def build(
             f"building kernel {FLAVOUR} needs {', '.join(missing)}: run "
             f"`aiovfio vm --setup --kernel {FLAVOUR}` as root (it installs them)"
         )
-    _check_space(work.parent)
     started = time.monotonic()
     deadline = started + _timeout()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    src = _configured_tree(work, version)
     log = work / "build.log"
-    progress(f"kernel {FLAVOUR}: unpacking {source_deb.name}")
-    runner(["dpkg", "-x", str(source_deb), str(work / "deb")], what=f"dpkg -x {source_deb.name}")
-    tarballs = sorted((work / "deb" / "usr" / "src").glob("linux-source-*.tar.*"))
-    if not tarballs:
-        raise BuildError(f"{source_deb.name} holds no linux-source tarball")
-    runner(["tar", "-xf", str(tarballs[0]), "-C", str(work)], what="unpacking the kernel source")
-    shutil.rmtree(work / "deb")
-    trees = [p for p in work.iterdir() if p.is_dir() and p.name.startswith("linux-source")]
-    if len(trees) != 1:
-        raise BuildError(f"{tarballs[0].name} did not unpack into one linux-source folder")
-    src = trees[0]
+    if src is None:
+        _check_space(work.parent)
+        src = _unpack_and_configure(source_deb, version, work, log, runner, progress, deadline)
+    else:
+        progress(f"kernel {FLAVOUR}: resuming the build in {src} (log: {log})")
     cpus = jobs or len(os.sched_getaffinity(0))
-    progress(f"kernel {FLAVOUR}: configuring (log: {log})")
-    _make(src, ["x86_64_defconfig"], log=log, deadline=deadline, started=started)
-    _make(src, ["kvm_guest.config"], log=log, deadline=deadline, started=started)
-    config = [str(src / "scripts" / "config"), "--file", str(src / ".config")]
-    for name in CONFIG_FRAGMENT:
-        config += ["--enable", name]
-    for name in CONFIG_DISABLE:
-        config += ["--disable", name]
-    config += ["--set-str", "LOCALVERSION", _LOCALVERSION]
-    runner(config, what="scripts/config")
-    _make(src, ["olddefconfig"], log=log, deadline=deadline, started=started)
-    _check_config(src / ".config")
     progress(f"kernel {FLAVOUR}: compiling with {cpus} jobs at nice 10 (log: {log})")
     _make(src, [f"-j{cpus}", "vmlinux"], log=log, deadline=deadline, started=started)
     release = runner(["make", "-s", "-C", str(src), "kernelrelease"], what="make kernelrelease")
@@ -303,3 +298,59 @@ def build(
     return BuiltKernel(
         release=release, package=SOURCE_PACKAGE, version=version, key=config_key(), seconds=seconds
     )
+
+
+_STAMP = "configured"
+
+
+def _configured_tree(work: Path, version: str) -> Path | None:
+    """The source tree a stopped build left configured with this recipe, or None."""
+    try:
+        stamp = (work / _STAMP).read_text().split()
+    except OSError:
+        return None
+    trees = [p for p in work.glob("linux-source-*") if (p / ".config").is_file()]
+    if stamp != [config_key(), version] or len(trees) != 1:
+        return None
+    return trees[0]
+
+
+def _unpack_and_configure(
+    source_deb: Path,
+    version: str,
+    work: Path,
+    log: Path,
+    runner: Runner,
+    progress: Progress,
+    deadline: float,
+) -> Path:
+    """A fresh tree from the .deb, configured by the recipe (stamped for resuming)."""
+    started = time.monotonic()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    progress(f"kernel {FLAVOUR}: unpacking {source_deb.name}")
+    runner(["dpkg", "-x", str(source_deb), str(work / "deb")], what=f"dpkg -x {source_deb.name}")
+    tarballs = sorted((work / "deb" / "usr" / "src").glob("linux-source-*.tar.*"))
+    if not tarballs:
+        raise BuildError(f"{source_deb.name} holds no linux-source tarball")
+    runner(["tar", "-xf", str(tarballs[0]), "-C", str(work)], what="unpacking the kernel source")
+    shutil.rmtree(work / "deb")
+    trees = [p for p in work.iterdir() if p.is_dir() and p.name.startswith("linux-source")]
+    if len(trees) != 1:
+        raise BuildError(f"{tarballs[0].name} did not unpack into one linux-source folder")
+    src = trees[0]
+    progress(f"kernel {FLAVOUR}: configuring (log: {log})")
+    _make(src, ["x86_64_defconfig"], log=log, deadline=deadline, started=started)
+    _make(src, ["kvm_guest.config"], log=log, deadline=deadline, started=started)
+    config = [str(src / "scripts" / "config"), "--file", str(src / ".config")]
+    for name in CONFIG_FRAGMENT:
+        config += ["--enable", name]
+    for name in CONFIG_DISABLE:
+        config += ["--disable", name]
+    config += ["--set-str", "LOCALVERSION", _LOCALVERSION]
+    runner(config, what="scripts/config")
+    _make(src, ["olddefconfig"], log=log, deadline=deadline, started=started)
+    _check_config(src / ".config")
+    (work / _STAMP).write_text(f"{config_key()} {version}\n")
+    return src
