@@ -660,6 +660,10 @@ class Nvme(DeviceModel):
             if prp2 % page:
                 return _status(Status.INVALID_PRP_OFFSET)
             return [*segments, (prp2, remaining)]
+        if prp2 % _PRP_ENTRY:
+            # A PRP list pointer is qword aligned (NVMe 1.4, 4.3); one in the last 7
+            # bytes of a page would hold no whole entry (QEMU reads past its list).
+            return _status(Status.INVALID_PRP_OFFSET)
         per_page = page // _PRP_ENTRY
         count = min(per_page, (page - prp2 % page) // _PRP_ENTRY)  # to the end of its page
         entries = self._read_prp_list(prp2, count)
