@@ -305,6 +305,8 @@ class QueuePair:
         size = self.size
         waiters = self._waiters
         wake = self.wake
+        free = self._free
+        slot_waiters = self._slot_waiters
         n = 0
         while True:
             w3 = cq[head * 4 + 3]
@@ -325,7 +327,10 @@ class QueuePair:
             waiters[cid] = None
             self.inflight -= 1
             wake(waiter, value)
-            self.release(cid)
+            if slot_waiters:
+                self.release(cid)
+            else:
+                free.append(cid)
         if n:
             self._head = head
             self._phase = phase
