@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 from attrs import define, field
 
+from .._log import logger
 from .prp import build_prp
 from .spec import SQE, SQE_SIZE
 
@@ -79,6 +80,7 @@ class QueuePair:
     _seq: list[int] = field(init=False)
     _slot_waiters: deque[Any] = field(factory=deque, init=False)
     _idle: Any = field(default=None, init=False)
+    _ring_pending: bool = field(default=False, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     #: the command coroutine for this backend
     run: Callable[..., Any] = field(init=False)
@@ -243,11 +245,27 @@ class QueuePair:
         self.inflight += 1
         self.submitted += 1
         self._seq[cid] = self.submitted
-        self.write32(self.sq_doorbell, tail)
+        if self.inflight > 1 and self._loop is not None:
+            # asyncio, others in flight: tasks woken by one completion batch
+            # submit in the same loop iteration; ring once, after them.
+            if not self._ring_pending:
+                self._ring_pending = True
+                self._loop.call_soon(self._ring)
+        else:
+            self.write32(self.sq_doorbell, tail)
         idle = self._idle
         if idle is not None:
             self._idle = None
             self.wake(idle, 0)
+
+    def _ring(self) -> None:
+        """The deferred SQ tail doorbell (a loop callback: it must not raise)."""
+        self._ring_pending = False
+        if self.failure is None:
+            try:
+                self.write32(self.sq_doorbell, self._tail)
+            except Exception as exc:  # a closed region, a dead device: the watchdog sees it
+                logger.warning("nvme.doorbell_failed", qid=self.qid, error=str(exc))
 
     async def _run_asyncio(self, cid: int, *entry: int) -> int:
         """Submit with `cid` and wait: the completion's status << 32 | DW0."""
