@@ -31,6 +31,7 @@ async def _edu_dma(
 
 
 @pytest.mark.kernel
+@pytest.mark.needs_iommu("the device blocked at an unmapped IOVA: that takes an IOMMU")
 async def test_dma_round_trip_and_blocked_after_unmap(vfio_target: Target) -> None:
     async with aiovfio.open_device(
         vfio_target.edu, kernel=vfio_target.kernel, dma_mask=EDU_MASK
@@ -64,6 +65,9 @@ async def test_dma_round_trip_and_blocked_after_unmap(vfio_target: Target) -> No
 
 
 @pytest.mark.kernel
+@pytest.mark.needs_iommu(
+    "caller-chosen IOVAs: without an IOMMU a DMA address is the memory's physical address"
+)
 async def test_map_dma_of_own_buffer(vfio_target: Target) -> None:
     async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
         mem = mmap.mmap(-1, 3 * 4096)
@@ -83,6 +87,9 @@ async def test_map_dma_of_own_buffer(vfio_target: Target) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.needs_iommu(
+    "caller-chosen IOVAs: without an IOMMU a DMA address is the memory's physical address"
+)
 async def test_bad_dma_arguments(vfio_target: Target) -> None:
     async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
         mem = mmap.mmap(-1, 8192)
@@ -148,6 +155,9 @@ async def test_dma_buffer_repr_and_lifetime(sim_machine: Target) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.needs_iommu(
+    "caller-chosen IOVAs: without an IOMMU a DMA address is the memory's physical address"
+)
 async def test_cancel_in_the_middle_of_a_map_leaves_no_stale_mapping(
     vfio_target: Target,
 ) -> None:

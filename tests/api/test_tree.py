@@ -58,6 +58,9 @@ def _sim_mappings(t: Target) -> list[str]:
 
 
 @pytest.mark.kernel
+@pytest.mark.needs_iommu(
+    "a type1 Container of its own: noiommu groups take VFIO_NOIOMMU_IOMMU only"
+)
 async def test_a_mapping_ends_with_its_address_space_and_spares_the_next(
     vfio_target: Target,
 ) -> None:
