@@ -9,6 +9,7 @@ left). Groups get a `Type1Attachment`, never the container itself.
 from __future__ import annotations
 
 import ctypes
+import errno
 from typing import TYPE_CHECKING
 
 import anyio
@@ -82,16 +83,42 @@ class Type1Attachment:
         return self.space
 
     async def leave(self, group_fd: int, group_label: str) -> None:
-        """Retire the space when this is the last group, then GROUP_UNSET_CONTAINER."""
+        """Retire the space when this is the last group, then GROUP_UNSET_CONTAINER.
+
+        The kernel detaches a group itself when its last device is unbound
+        while the group is open (an unbind after REQ); then the IOMMU and its
+        mappings are gone already, and neither the unmaps nor the unset can
+        succeed: that is not an error.
+        """
         k = self.kernel
         if group_fd in self._groups:
             self._groups.remove(group_fd)
         try:
             if not self._groups and self.space is not None:
                 space, self.space = self.space, None
-                await space.aclose()
+                try:
+                    await space.aclose()
+                except errors.KernelError:
+                    if self._attached(group_fd):
+                        raise
+                    _log.debug("container.detached_by_kernel", group=group_label)
         finally:
-            kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
+            try:
+                kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
+            except errors.InvalidRequest:
+                if self._attached(group_fd):
+                    raise
+                _log.debug("container.detached_by_kernel", group=group_label)
+
+    def _attached(self, group_fd: int) -> bool:
+        """Whether the kernel still counts the group in a container (GROUP_GET_STATUS)."""
+        arg = uapi.vfio_group_status(argsz=8, flags=0)
+        try:
+            self.kernel.group_get_status(group_fd, arg)
+        except OSError as exc:
+            # ENODEV: the group itself is gone (Linux revokes it with its last device)
+            return exc.errno != errno.ENODEV  # else: cannot tell, report the first failure
+        return bool(arg.flags & uapi.GroupFlag.CONTAINER_SET)
 
     @property
     def group_count(self) -> int:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import errno
 import gc
 import mmap
+import os
 import pickle
+import sys
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -522,3 +525,96 @@ async def test_the_block_exception_is_not_wrapped(sim_machine: Target) -> None:
     with pytest.raises(KeyError):
         async with aiovfio.open_device(t.edu, kernel=t.kernel):
             raise KeyError("plain")
+
+
+# --- 6. the shared zero page (Linux 6.1) -----------------------------------------------------
+
+
+def _linux_6_1(t: Target) -> bool:
+    return t.machine is None and os.uname().release.startswith("6.1.")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("populate", [True, False], ids=["write-faulted", "untouched"])
+async def test_a_read_only_buffer_filled_after_mapping_reaches_the_device(
+    vfio_target: Target, monkeypatch: pytest.MonkeyPatch, populate: bool
+) -> None:
+    """Linux 6.1 pins the shared zero page for a read-only pin of untouched memory: the
+    device read zeros whatever the CPU wrote after mapping. `untouched` turns aiovfio's
+    write-fault off and shows the kernel's behaviour (zeros on 6.1 only); `write-faulted`
+    is what dma_buffer(readonly=True) does, right on every kernel."""
+    t = vfio_target
+    if not populate:
+        monkeypatch.setattr(aiovfio.dma, "populate_write", lambda view, page=PAGE: None)
+    pattern = bytes(range(1, 256)) + b"\xff"
+    async with aiovfio.open_device(t.edu, kernel=t.kernel, dma_mask=EDU_MASK) as dev:
+        dev.config.enable()
+        bar = dev.bar(0)
+        async with (
+            dev.interrupts("msi") as (irq,),
+            dev.dma_buffer(PAGE, readonly=True) as src,
+            dev.dma_buffer(PAGE) as dst,
+        ):
+            src.view[:256] = pattern  # the CPU fills it after it was mapped (a queue, a payload)
+            await _edu_dma(t, bar, irq, src.iova, EDU_BUF, 256)
+            await _edu_dma(t, bar, irq, EDU_BUF, dst.iova, 256)
+            got = bytes(dst.view[:256])
+    if not populate and _linux_6_1(t):
+        assert got == bytes(256), "6.1 no longer pins the zero page: drop the write fault?"
+    else:
+        assert got == pattern
+
+
+# --- 10. REQ in the guest: an unbind from another process completes -------------------------------
+
+
+async def _unbind_from_another_process(t: Target) -> float:
+    """Write the device's address to its driver's unbind file from a child process;
+    return how long the write took (seconds)."""
+    if t.machine is not None:  # the sim: its unbind refuses an open device and signals REQ
+        start = time.perf_counter()
+        machine = t.machine
+        await anyio.to_thread.run_sync(machine.request_release, t.edu)
+        return time.perf_counter() - start
+    code = (
+        "import sys, time; t = time.perf_counter(); "
+        "open('/sys/bus/pci/drivers/vfio-pci/unbind', 'w').write(sys.argv[1]); "
+        "print(time.perf_counter() - t)"
+    )
+    result = await anyio.run_process([sys.executable, "-c", code, t.edu])
+    return float(result.stdout.decode())
+
+
+@pytest.mark.kernel
+async def test_unbind_while_the_driver_waits_completes_and_nothing_leaks(
+    vfio_target: Target,
+) -> None:
+    t = vfio_target
+    took: list[float] = []
+    waiting = anyio.Event()
+
+    async def unbind() -> None:  # outside the device's scope, as another process is
+        await waiting.wait()
+        took.append(await _unbind_from_another_process(t))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(unbind)
+            with pytest.raises(aiovfio.DeviceReleaseRequested, match="asked for device"):
+                async with aiovfio.open_device(t.edu, kernel=t.kernel) as dev:
+                    async with dev.interrupts("msi") as (irq,), dev.dma_buffer(PAGE):
+                        waiting.set()
+                        await irq.receive()  # the driver awaits its device's interrupt
+                        pytest.fail("the interrupt arrived instead of the release request")
+    if t.machine is not None:
+        t.machine.set_driver(t.edu, None)  # released: the unbind goes through now
+        t.machine.set_driver(t.edu, "vfio-pci")
+    else:
+        assert not os.path.exists(f"/sys/bus/pci/drivers/vfio-pci/{t.edu}")  # noqa: ASYNC240
+        with open("/sys/bus/pci/drivers/vfio-pci/bind", "w") as f:  # noqa: ASYNC230
+            f.write(t.edu)
+    print(f"[unbind] the unbind took {took[0] * 1000:.0f} ms")
+    assert took and took[0] < 1.0, f"the unbind took {took[0]:.2f} s"
+    assert t.leaks() == []
+    async with aiovfio.open_device(t.edu, kernel=t.kernel) as again:  # bound and usable again
+        assert again.bar(0).read32(0) == 0x010000ED
