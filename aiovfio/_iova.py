@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator
 
-from . import errors
+from . import _ki, errors
 
 __all__ = ["IovaAllocator"]
 
@@ -214,3 +214,6 @@ class IovaAllocator:
             if s < end and start < e:
                 return s, e
         return start, end
+
+
+_ki.protect_module(__name__)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import anyio
 
-from . import _log, errors
+from . import _ki, _log, errors
 from ._util import check_int, check_kernel, kcall, normalize_bdf
 from .container import Container
 from .device import Device
@@ -27,6 +28,9 @@ from .iommufd import Iommufd
 from .kernel import Kernel, default_kernel
 from .kernel.hints import missing_device
 from .noiommu import NOIOMMU_RISK
+
+if sys.version_info < (3, 11):  # pragma: no cover - anyio's dependency there
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["BACKENDS", "Backend", "ReleasePolicy", "choose_backend", "open_device"]
 
@@ -64,6 +68,21 @@ def _check_policy(policy: object) -> None:
     raise errors.InvalidArgument(
         f"on_release_request is 'cancel', 'ignore' or a callable taking the Device, not {policy!r}"
     )
+
+
+def _keyboard_interrupt(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The KeyboardInterrupt a group holds when it holds nothing else."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if leaves and all(isinstance(e, KeyboardInterrupt) for e in leaves):
+        return leaves[0]
+    return None
 
 
 def _watches_req(device: Device) -> bool:
@@ -204,18 +223,27 @@ async def open_device(
                 if inspect.isawaitable(result):
                     await result
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch, tg.cancel_scope)
-                try:
-                    yield device
-                except BaseException as exc:
-                    # The block's own exception leaves after the task group (never
-                    # wrapped in an ExceptionGroup); our cancellation stays inside.
-                    if requested and isinstance(exc, anyio.get_cancelled_exc_class()):
-                        raise
-                    outcome = exc
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch, tg.cancel_scope)
+                    try:
+                        yield device
+                    except BaseException as exc:
+                        # The block's own exception leaves after the task group (never
+                        # wrapped in an ExceptionGroup); our cancellation stays inside.
+                        if requested and isinstance(exc, anyio.get_cancelled_exc_class()):
+                            raise
+                        outcome = exc
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # trio delivers a KeyboardInterrupt that arrived in KI-protected code
+                # at the next checkpoint, which may be the task group's exit: it
+                # leaves bare, as it would without the REQ watch.
+                ki = _keyboard_interrupt(group)
+                if ki is None:
+                    raise
+                raise ki from None
             if outcome is not None:
                 try:
                     raise outcome
@@ -227,3 +255,6 @@ async def open_device(
                     f"removed): the block was cancelled and the device released; open it "
                     f"again once it is bound to vfio-pci"
                 )
+
+
+_ki.protect_module(__name__)

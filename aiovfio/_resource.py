@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from attrs import define, field
 
-from . import errors
+from . import _fork, _ki, errors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -54,6 +55,23 @@ _LIVE: weakref.WeakSet[Resource] = weakref.WeakSet()
 def live_resources() -> tuple[Resource, ...]:
     """Every handle of this process that is open (or being opened) now."""
     return tuple(_LIVE)
+
+
+def _forget_all_after_fork() -> None:
+    """In a forked child: every inherited handle is closed, the parent's left alone.
+
+    See `aiovfio._fork` for what a child may and may not do. No VFIO call, no
+    event loop, no lock: only state changes, close(2) of the child's fd
+    copies and fresh zero pages over its mappings.
+    """
+    inherited = tuple(_LIVE)
+    _LIVE.clear()
+    for resource in inherited:
+        with contextlib.suppress(Exception):  # one failure must not stop the rest
+            resource._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
 class State(enum.IntEnum):
@@ -166,6 +184,7 @@ class Resource:
             )
         self._state = State.OPENING
         _LIVE.add(self)
+        _ki.activate()  # trio imported since aiovfio was: apply the KI-protection marks
 
     def _opened(self) -> None:
         """It holds its resources now: register with the owner."""
@@ -276,5 +295,15 @@ class FdResource(Resource):
         fd, self._fd = self._fd, -1
         return fd
 
+    def _forget_after_fork(self) -> None:
+        """Closed in the child, and the child's copy of the fd closed: a group or
+        device a child keeps open would stay busy for the parent too (the same
+        open file), so the child never holds one."""
+        super()._forget_after_fork()
+        _fork.close_in_child(self._take_fd())
+
     async def __aenter__(self) -> Self:  # pragma: no cover - each subclass enters itself
         raise NotImplementedError
+
+
+_ki.protect_module(__name__)

@@ -7,9 +7,8 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
-import anyio
-
-from . import errors
+from . import _ki, errors
+from ._threads import run_sync
 from .kernel.protocol import Kernel
 from .kernel.viability import keeps_group_viable
 
@@ -66,14 +65,21 @@ def kcall(operation: str, target: str, fn: Callable[..., T], *args: object) -> T
         raise errors.from_oserror(exc, operation, target) from exc
 
 
-async def kcall_thread(operation: str, target: str, fn: Callable[..., T], *args: object) -> T:
-    """`kcall` in a worker thread that is never abandoned on cancellation.
+async def kcall_thread(
+    operation: str,
+    target: str,
+    fn: Callable[..., T],
+    *args: object,
+    then: Callable[[T], object] | None = None,
+    release: bool = False,
+) -> T:
+    """`kcall` in a worker thread that is never abandoned, whatever cancels the task.
 
-    anyio waits for the thread when the caller is cancelled, returns its
-    result, and delivers the cancellation at the caller's next checkpoint:
-    so whatever the call acquired is always handed back to be owned.
+    See `_threads.run_sync`: `then(result)` owns what the call did before any
+    interruption (asyncio's native cancel included) is raised from this await;
+    `release=True` runs the call even when interrupted before it started.
     """
-    return await anyio.to_thread.run_sync(kcall, operation, target, fn, *args)
+    return await run_sync(kcall, operation, target, fn, *args, then=then, release=release)
 
 
 class _AsyncClosable(Protocol):
@@ -121,3 +127,6 @@ def check_kernel(kernel: object) -> None:
             f"kernel= takes a Kernel (aiovfio.LinuxKernel(), aiovfio.sim.Machine().kernel), "
             f"not {kernel!r}; leave it out for the real kernel"
         )
+
+
+_ki.protect_module(__name__)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 from attrs import define, field
 
-from . import _log, errors
+from . import _ki, _log, errors
 from ._resource import FdResource
 from ._uapi import caps
 from ._uapi import vfio as uapi
@@ -331,3 +331,6 @@ class Container(FdResource):
         return self.dma_space.dma_buffer(
             size, dma_mask=dma_mask, readonly=readonly, hugepages=hugepages
         )
+
+
+_ki.protect_module(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 from collections.abc import Callable
@@ -11,9 +10,12 @@ from typing import TYPE_CHECKING
 import anyio
 from attrs import define, field, frozen
 
-from . import _log, errors
+from . import _ki, _log, errors
+from ._decoding import COMMAND_OFFSET, MemorySpace
 from ._resource import FdResource, State
+from ._threads import run_sync
 from ._uapi import vfio as uapi
+from ._uapi.pci import Cfg, Command
 from ._util import kcall, kcall_thread
 from .irq import InterruptSet, IrqInfo, IrqKind
 from .pci import ConfigSpace
@@ -77,6 +79,7 @@ class Device(FdResource):
     _info: DeviceInfo | None = field(default=None, init=False)
     _region_infos: dict[int, RegionInfo] = field(factory=dict, init=False)
     _regions: dict[int, Region] = field(factory=dict, init=False)
+    _memory: MemorySpace | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         if self.closed:
@@ -123,7 +126,7 @@ class Device(FdResource):
         try:
             await anyio.lowlevel.checkpoint()
             # GET_DEVICE_FD may reset the function (vfio-pci's open path): a thread.
-            self._fd = await self._get_fd()
+            await self._get_fd()
             self._info = self._query_info()
         except BaseException:
             self._state = State.CLOSING
@@ -137,10 +140,12 @@ class Device(FdResource):
         _log.debug("device.open", device=self.name, fd=self._fd)
         return self
 
-    async def _get_fd(self) -> int:
+    async def _get_fd(self) -> None:
+        """GET_DEVICE_FD in a worker thread; the fd is ours (`_own_fd`) before any
+        interruption, asyncio's native Task.cancel included, leaves this await."""
         k = self.kernel
         try:
-            return await anyio.to_thread.run_sync(k.group_get_device_fd, self.group_fd, self.name)
+            await run_sync(k.group_get_device_fd, self.group_fd, self.name, then=self._own_fd)
         except OSError as exc:
             hint = None
             if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
@@ -151,6 +156,9 @@ class Device(FdResource):
             raise errors.from_oserror(
                 exc, "VFIO_GROUP_GET_DEVICE_FD", f"{self.group_label} device {self.name}", hint=hint
             ) from exc
+
+    def _own_fd(self, fd: int) -> None:
+        self._fd = fd
 
     async def _shutdown(self) -> None:
         """Interrupt sets and regions (newest first), then the fd.
@@ -170,23 +178,10 @@ class Device(FdResource):
             await self._close_fd(fd)
 
     async def _close_fd(self, fd: int) -> None:
-        """Close the device fd in a worker thread; if a BaseException (trio delivers
-        KeyboardInterrupt at the thread's starting checkpoint, even when shielded)
-        stops it before the thread ran, close it here instead of leaking it."""
-        started = False
-
-        def close() -> None:
-            nonlocal started
-            started = True
-            self.kernel.close(fd)
-
-        try:
-            await kcall_thread("close", self.label, close)
-        except BaseException:
-            if not started:
-                with contextlib.suppress(OSError):  # close(2) frees the fd even so
-                    self.kernel.close(fd)
-            raise
+        """Close the device fd in a worker thread, as a release: it runs even when
+        interrupted before the thread started (trio delivers KeyboardInterrupt at
+        the thread's starting checkpoint, even when shielded)."""
+        await kcall_thread("close", self.label, self.kernel.close, fd, release=True)
         _log.debug("device.close", device=self.name, fd=fd)
 
     def _release_on_gc(self) -> None:
@@ -279,10 +274,39 @@ class Device(FdResource):
             cls = MappedRegion
         else:
             cls = Region
+        memory = None
+        if index <= uapi.PciRegion.ROM and self._decodes_memory(index):
+            memory = self._memory_space()
         region = cls(info, self.kernel, self._fd, f"{self.label} {what}", owner=self._children)
+        if isinstance(region, ConfigSpace):
+            region.on_command_write = self._reread_command
         region.open()
         self._regions[index] = region
+        if memory is not None:
+            memory.follow(region)  # refuses access while Memory Space is off
         return region
+
+    # --- Memory Space (PCI COMMAND.MEM): BAR access is refused while it is off ---------
+
+    def _memory_space(self) -> MemorySpace:
+        """The device's Memory Space, read from COMMAND the first time a BAR is used."""
+        if self._memory is None:
+            self._memory = MemorySpace(
+                enabled=bool(self.config.read16(COMMAND_OFFSET) & Command.MEMORY)
+            )
+        return self._memory
+
+    def _reread_command(self, _: object = None) -> None:
+        """COMMAND may have changed (a config write covering it, a reset): follow it."""
+        if self._memory is not None and not self.closed:
+            self._memory.update(self.config.read16(COMMAND_OFFSET))
+
+    def _decodes_memory(self, index: int) -> bool:
+        """Whether region `index` is a memory BAR or the ROM (I/O-port BARs follow COMMAND.IO,
+        which vfio-pci does not police)."""
+        if index == uapi.PciRegion.ROM:
+            return True
+        return not self.config.read32(Cfg.BASE_ADDRESS_0 + 4 * index) & 1
 
     # --- interrupts ----------------------------------------------------------------
 
@@ -380,5 +404,14 @@ class Device(FdResource):
             raise errors.NotOffered(
                 f"{self.label} offers no function reset (VFIO_DEVICE_FLAGS_RESET is clear)"
             )
-        await kcall_thread("VFIO_DEVICE_RESET", self.label, self.kernel.device_reset, self._fd)
+        await kcall_thread(
+            "VFIO_DEVICE_RESET",
+            self.label,
+            self.kernel.device_reset,
+            self._fd,
+            then=self._reread_command,  # a reset restores COMMAND (pci_restore_state)
+        )
         _log.debug("device.reset", device=self.name)
+
+
+_ki.protect_module(__name__)

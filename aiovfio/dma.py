@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import anyio
 from attrs import define, field, frozen
 
-from . import _log, errors
+from . import _fork, _ki, _log, errors
 from ._iova import IovaAllocator
 from ._resource import Resource, State
 from ._uapi import vfio as uapi
@@ -118,7 +118,7 @@ def buffer_address(buffer: Buffer) -> tuple[int, int]:
 
 
 def allocate_memory(size: int, *, hugepages: bool = False) -> mmap.mmap:
-    """Anonymous, page-aligned, zeroed memory that a forked child does not inherit."""
+    """Anonymous, page-aligned, zeroed memory that a forked child gets as zeros."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     if hugepages:
         flags |= _MAP_HUGETLB
@@ -127,9 +127,11 @@ def allocate_memory(size: int, *, hugepages: bool = False) -> mmap.mmap:
     except OSError as exc:
         hint = "reserve hugepages (/proc/sys/vm/nr_hugepages)" if hugepages else None
         raise errors.from_oserror(exc, "mmap", f"a {size}-byte DMA buffer", hint=hint) from exc
-    # A child that inherited pinned DMA memory would break copy-on-write for
-    # the parent's device (the kernel pins the parent's pages).
-    mem.madvise(mmap.MADV_DONTFORK)
+    # A child must not share the parent's pinned pages (copy-on-write would break
+    # the device's view) nor lack them (a DONTFORK area is a SIGSEGV there):
+    # WIPEONFORK gives it zero pages; hugetlb memory falls back to DONTFORK and
+    # the child maps zeros over it at fork (`DmaBuffer._forget_after_fork`).
+    _fork.protect_memory(mem)
     return mem
 
 
@@ -338,6 +340,16 @@ class DmaSpace(Resource, abc.ABC):
             iova = mapping.requested_iova
             alloc.reserve(iova, mapping.size, limit=mapping.dma_mask)
         target = f"{self.name} at IOVA {iova:#x} size {mapping.size:#x}"
+
+        def own(_: None) -> None:
+            # Runs as soon as the kernel mapped it, before any interruption
+            # (asyncio's Task.cancel too) leaves the await: the mapping is
+            # recorded, so its owner's cleanup unmaps it.
+            mapping._iova = iova
+            if self._dma_avail is not None:
+                self._dma_avail -= 1
+            self._pinned += mapping.size
+
         try:
             await kcall_thread(
                 self.map_operation,
@@ -347,16 +359,15 @@ class DmaSpace(Resource, abc.ABC):
                 iova,
                 mapping.size,
                 mapping.readonly,
+                then=own,
             )
         except errors.OutOfMemory as exc:
             alloc.release(iova, mapping.size)
             raise self._enomem(exc, mapping.size) from exc
         except BaseException:
-            alloc.release(iova, mapping.size)
+            if mapping._iova is None:  # not mapped: the IOVA is free again
+                alloc.release(iova, mapping.size)
             raise
-        if self._dma_avail is not None:
-            self._dma_avail -= 1
-        self._pinned += mapping.size
         _log.debug("dma.map", iova=hex(iova), size=mapping.size, readonly=mapping.readonly)
         return iova
 
@@ -368,15 +379,21 @@ class DmaSpace(Resource, abc.ABC):
         the mapping with the address space.
         """
         target = f"{self.name} at IOVA {iova:#x} size {size:#x}"
+
+        def forget(_: int) -> None:
+            # Runs as soon as the kernel unmapped it, before any interruption
+            # leaves the await (a release: it runs even if interrupted first).
+            self._allocator.release(iova, size)
+            if self._dma_avail is not None:
+                self._dma_avail += 1
+            self._pinned -= size
+
+        op, unmap = self.unmap_operation, self._kernel_unmap
         try:
-            done = await kcall_thread(self.unmap_operation, target, self._kernel_unmap, iova, size)
+            done = await kcall_thread(op, target, unmap, iova, size, then=forget, release=True)
         except errors.KernelError as first:
             _log.debug("dma.unmap_retry", iova=hex(iova), size=size, error=str(first))
-            done = await kcall_thread(self.unmap_operation, target, self._kernel_unmap, iova, size)
-        self._allocator.release(iova, size)
-        if self._dma_avail is not None:
-            self._dma_avail += 1
-        self._pinned -= size
+            done = await kcall_thread(op, target, unmap, iova, size, then=forget, release=True)
         _log.debug("dma.unmap", iova=hex(iova), size=size)
         if done != size:
             raise errors.KernelError(
@@ -520,11 +537,14 @@ class DmaMapping(Resource):
         try:
             if self.readonly and self._pin is not None:
                 populate_write(self._pin, self.space.page_size)
-            self._iova = await self.space.map(self)
+            await self.space.map(self)  # sets self._iova as soon as it is mapped
         except BaseException:
             self._state = State.CLOSING
-            self._finish_close()
-            self._release_pin()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._release()  # unmaps if the kernel mapped it, drops the pin
+                finally:
+                    self._finish_close()
             raise
         self._opened()
         return self
@@ -536,6 +556,11 @@ class DmaMapping(Resource):
                 await self.space.unmap(iova, self.size)
         finally:
             self._release_pin()
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._iova = None
+        self._release_pin()
 
     def _release_pin(self) -> None:
         pin, self._pin = self._pin, None
@@ -653,9 +678,21 @@ class DmaBuffer(Resource):
                 stacklevel=4,
             )
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: closed; the memory stays mapped (a view the child holds
+        must not fault) but as fresh zero pages, whatever madvise managed at
+        allocation (WIPEONFORK did it already; a hugetlb area was DONTFORK)."""
+        super()._forget_after_fork()
+        mem = self._mem
+        if mem is not None and not mem.closed:
+            _fork.wipe_in_child(_fork.address_of(mem), len(mem))
+
     def _release_on_gc(self) -> None:
         # the mapping (a child of the space) is ended by the space; the memory goes with us
         self._view = None
         with contextlib.suppress(BufferError):
             if self._mem is not None:
                 self._mem.close()
+
+
+_ki.protect_module(__name__)

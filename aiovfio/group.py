@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 from attrs import define, field
 
-from . import _log, errors
+from . import _ki, _log, errors
 from ._resource import FdResource, State, live_resources
 from ._uapi import vfio as uapi
 from ._util import kcall, keeps_group_viable, normalize_bdf
@@ -211,3 +211,6 @@ class Group(FdResource):
             return self.device_names
         except errors.VfioError:
             return ()
+
+
+_ki.protect_module(__name__)

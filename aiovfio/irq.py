@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 from attrs import define, field, frozen
 
-from . import _log, errors
+from . import _fork, _ki, _log, errors
 from ._resource import Resource, State
 from ._uapi import vfio as uapi
 from ._util import kcall
@@ -315,6 +315,14 @@ class InterruptStream(Resource, anyio.abc.ObjectReceiveStream[int]):
     def _release_on_gc(self) -> None:
         self._close_fd()
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: close its copy of the eventfd, and nothing else (the
+        loop's epoll instance is the parent's too: no remove_reader)."""
+        super()._forget_after_fork()
+        fd, self._fd = self._fd, -1
+        self._loop = self._waiter = None
+        _fork.close_in_child(fd)
+
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, -1
         if fd < 0:
@@ -438,3 +446,6 @@ class InterruptSet(Resource):
     def _release_on_gc(self) -> None:
         for stream in self._children:
             stream._release_on_gc()
+
+
+_ki.protect_module(__name__)

@@ -8,9 +8,12 @@ not) and the standard and extended capability lists.
 
 from __future__ import annotations
 
-from attrs import define, frozen
+from collections.abc import Callable
 
-from . import errors
+from attrs import define, field, frozen
+
+from . import _ki, errors
+from ._decoding import COMMAND_OFFSET, covers_command
 from ._uapi.pci import (
     CAP_LIST_OFFSET,
     CONFIG_SPACE_SIZE,
@@ -52,9 +55,43 @@ class PciCapability:
 
 @define(eq=False, repr=False)
 class ConfigSpace(Region):
-    """The device's PCI configuration space (VFIO region 7)."""
+    """The device's PCI configuration space (VFIO region 7).
+
+    A write that covers COMMAND calls `on_command_write` (the device re-reads
+    COMMAND and lets its memory BARs follow Memory Space: `aiovfio._decoding`).
+    """
 
     mmap_allowed = False
+    on_command_write: Callable[[], object] | None = field(default=None, init=False)
+
+    def write8(self, offset: int, value: int) -> None:
+        super().write8(offset, value)
+        if offset == COMMAND_OFFSET:
+            self._command_written()
+
+    def write16(self, offset: int, value: int) -> None:
+        super().write16(offset, value)
+        if offset == COMMAND_OFFSET:
+            self._command_written()
+
+    def write32(self, offset: int, value: int) -> None:
+        super().write32(offset, value)
+        if offset == COMMAND_OFFSET:
+            self._command_written()
+
+    def write64(self, offset: int, value: int) -> None:
+        super().write64(offset, value)
+        if offset == 0:
+            self._command_written()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        super().write(offset, data)
+        if isinstance(offset, int) and covers_command(offset, memoryview(data).nbytes):
+            self._command_written()
+
+    def _command_written(self) -> None:
+        if self.on_command_write is not None:
+            self.on_command_write()
 
     def __repr__(self) -> str:
         if self.closed:
@@ -138,3 +175,6 @@ class ConfigSpace(Region):
         """The first capability with that id, or None."""
         caps = self.extended_capabilities() if extended else self.capabilities()
         return next((c for c in caps if c.id == cap_id), None)
+
+
+_ki.protect_module(__name__)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
 
-from . import _log, errors
+from . import _fork, _ki, _log, errors
 from ._resource import Resource
 from ._uapi import caps
 from ._uapi import vfio as uapi
@@ -128,6 +128,17 @@ class _Area:
             self.mm.close()
         except BufferError:  # a caller still holds a view from read()/`mapped`
             _log.logger.warning("region.mmap_still_referenced", start=hex(self.start))
+
+    def drop_in_child(self) -> None:
+        """In a forked child: unmap the child's copy (no log: a parent thread may hold
+        its lock); one still exported gets zero pages instead of the device's BAR."""
+        for v in self.views.values():
+            v.release()
+        self.views.clear()
+        try:
+            self.mm.close()
+        except BufferError:
+            _fork.wipe_in_child(_fork.address_of(self.mm), len(self.mm))
 
 
 @define(eq=False, repr=False, slots=False)
@@ -253,6 +264,15 @@ class Region(Resource):
             self._unmap_all()
         finally:
             self._finish_close()
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._closed = True
+        self._v8 = self._v16 = self._v32 = self._v64 = None
+        self._w8 = self._w16 = self._w32 = self._w64 = None
+        areas, self._areas = self._areas, []
+        for area in areas:
+            area.drop_in_child()
 
     def _unmap_all(self) -> None:
         self._closed = True
@@ -538,3 +558,6 @@ class MappedRegion(Region):
         except (IndexError, ValueError, TypeError):
             pass
         raise self._bad_store(offset, 8, value)
+
+
+_ki.protect_module(__name__)
