@@ -126,7 +126,7 @@ class Device(FdResource):
         try:
             await anyio.lowlevel.checkpoint()
             # GET_DEVICE_FD may reset the function (vfio-pci's open path): a thread.
-            await self._get_fd()
+            self._fd = await self._get_fd()
             self._info = self._query_info()
         except BaseException:
             self._state = State.CLOSING
@@ -140,12 +140,14 @@ class Device(FdResource):
         _log.debug("device.open", device=self.name, fd=self._fd)
         return self
 
-    async def _get_fd(self) -> None:
+    async def _get_fd(self) -> int:
         """GET_DEVICE_FD in a worker thread; the fd is ours (`_own_fd`) before any
         interruption, asyncio's native Task.cancel included, leaves this await."""
         k = self.kernel
         try:
-            await run_sync(k.group_get_device_fd, self.group_fd, self.name, then=self._own_fd)
+            return await run_sync(
+                k.group_get_device_fd, self.group_fd, self.name, then=self._own_fd
+            )
         except OSError as exc:
             hint = None
             if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):

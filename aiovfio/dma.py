@@ -537,7 +537,9 @@ class DmaMapping(Resource):
         try:
             if self.readonly and self._pin is not None:
                 populate_write(self._pin, self.space.page_size)
-            await self.space.map(self)  # sets self._iova as soon as it is mapped
+            # Type1Space.map records the IOVA as soon as the kernel mapped it (so an
+            # interruption after that still unmaps it below); others return it.
+            self._iova = await self.space.map(self)
         except BaseException:
             self._state = State.CLOSING
             with anyio.CancelScope(shield=True):

@@ -29,9 +29,10 @@ import errno
 import anyio
 from attrs import define, field
 
-from . import _log, errors
+from . import _ki, _log, errors
 from ._iova import IovaAllocator
 from ._resource import FdResource, State
+from ._threads import run_sync
 from ._uapi import iommufd as iuapi
 from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, kcall, kcall_thread
@@ -287,7 +288,9 @@ class CdevDevice(Device):
         except OSError as exc:
             raise errors.from_oserror(exc, "open", path) from exc
         try:
-            await anyio.to_thread.run_sync(self._bind_and_attach, fd, path)
+            # never abandoned (asyncio's native cancel included): the fd is closed below
+            # only once the thread is done with it
+            await run_sync(self._bind_and_attach, fd, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 k.close(fd)
@@ -346,5 +349,9 @@ class CdevDevice(Device):
                     self.kernel.device_detach_iommufd_pt,
                     fd,
                     arg,
+                    release=True,
                 )
         await super()._release()
+
+
+_ki.protect_module(__name__)

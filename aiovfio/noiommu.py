@@ -23,7 +23,7 @@ import mmap
 import anyio
 from attrs import define, field
 
-from . import _log, errors
+from . import _ki, _log, errors
 from ._resource import State
 from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, kcall, kcall_thread
@@ -112,8 +112,14 @@ class NoiommuSpace(DmaSpace):
             )
         k = self.kernel
         target = f"{self.name} memory at {mapping.vaddr:#x} size {mapping.size:#x}"
-        await kcall_thread("mlock", target, k.mlock, mapping.vaddr, mapping.size)
+        locked = False
+
+        def own(_: None) -> None:  # before any interruption leaves the await
+            nonlocal locked
+            locked = True
+
         try:
+            await kcall_thread("mlock", target, k.mlock, mapping.vaddr, mapping.size, then=own)
             phys = kcall(
                 "/proc/self/pagemap", target, k.physical_pages, mapping.vaddr, mapping.size
             )
@@ -121,7 +127,8 @@ class NoiommuSpace(DmaSpace):
             if physical_run(phys, count, mapping.dma_mask, self.page_size) != 0:
                 raise errors.NoiommuDmaError(_why(phys, mapping.dma_mask, self.page_size))
         except BaseException:
-            kcall("munlock", target, k.munlock, mapping.vaddr, mapping.size)
+            if locked:
+                kcall("munlock", target, k.munlock, mapping.vaddr, mapping.size)
             raise
         self._pinned += mapping.size
         self._locked[phys[0]] = (mapping.vaddr, mapping.size)
@@ -263,3 +270,6 @@ class NoiommuAttachment:
                 await space.aclose()
         finally:
             kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
+
+
+_ki.protect_module(__name__)
