@@ -3,8 +3,10 @@
 Two kinds:
 
 * ``"thread"`` (the default): machine time is real time. One worker thread
-  runs due callbacks in order, each under the machine lock, and exits as
-  soon as nothing is pending, so an idle machine has no thread. `close()`
+  runs due callbacks in order, each under the machine lock. While a device
+  is open (`hold`) it waits for the next callback instead of exiting, so a
+  command does not pay for a thread start; with nothing open and nothing
+  pending there is no thread. `close()`
   drops what is pending and joins the thread.
 * ``"manual"``: machine time stands still; nothing runs until the test calls
   `advance(seconds)` or `run_until_idle()`. Deterministic tests use it.
@@ -64,6 +66,10 @@ class Clock:
         #: every worker started, so close() can join the ones still finishing
         self._workers: list[threading.Thread] = []
         self._closed = False
+        #: open devices keep the worker alive between commands (hold/release)
+        self._holds = 0
+        #: the worker has popped a callback and not finished it
+        self._busy = False
         #: exceptions raised by callbacks, oldest first
         self.errors: list[BaseException] = []
         #: run_until_idle gives up after this many callbacks
@@ -98,14 +104,9 @@ class Clock:
             heapq.heappush(self._heap, (due, self._seq, callback))
             if self.kind == "thread":
                 if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._worker, name="aiovfio-sim-clock", daemon=True
-                    )
-                    self._workers = [t for t in self._workers if t.is_alive()]
-                    self._workers.append(self._thread)
-                    self._thread.start()
+                    self._start_worker()
                 else:
-                    self._cond.notify()
+                    self._cond.notify_all()
 
     # --- thread kind -----------------------------------------------------------------------
 
@@ -113,16 +114,46 @@ class Clock:
         while True:
             with self._cond:
                 while True:
-                    if self._closed or not self._heap:
-                        self._thread = None
-                        self._cond.notify_all()
-                        return
+                    if self._closed:
+                        break
+                    if not self._heap:
+                        if self._busy:
+                            self._busy = False
+                            self._cond.notify_all()  # wait_idle: nothing pending now
+                        if not self._holds:
+                            break
+                        self._cond.wait()  # a device is open: stay warm for its next command
+                        continue
                     wait = self._heap[0][0] - self._now_ns()
                     if wait <= 0:
                         _, _, callback = heapq.heappop(self._heap)
+                        self._busy = True
                         break
                     self._cond.wait(wait / 1e9)
+                if self._closed or not self._busy:
+                    self._thread = None
+                    self._busy = False
+                    self._cond.notify_all()
+                    return
             self._run(callback)
+
+    def hold(self) -> None:
+        """Keep the worker thread alive while idle (a device is open); pair with release()."""
+        with self._cond:
+            self._holds += 1
+            if self.kind == "thread" and self._thread is None and not self._closed:
+                self._start_worker()
+
+    def release(self) -> None:
+        with self._cond:
+            self._holds = max(0, self._holds - 1)
+            self._cond.notify_all()
+
+    def _start_worker(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name="aiovfio-sim-clock", daemon=True)
+        self._workers = [t for t in self._workers if t.is_alive()]
+        self._workers.append(self._thread)
+        self._thread.start()
 
     def _run(self, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -139,7 +170,7 @@ class Clock:
         """Thread kind: block until nothing is pending; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._thread is not None:
+            while self._heap or self._busy:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False

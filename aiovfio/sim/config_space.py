@@ -59,6 +59,8 @@ _MSIX_CTRL_WRITABLE = MsixCtrl.ENABLE | MsixCtrl.MASKALL
 #: COMMAND as the firmware and Linux's enumeration leave a function on QEMU's q35 (SeaBIOS
 #: enables I/O and Memory decoding, Linux sets SERR): vfio-pci's open keeps it, minus Bus Master.
 FIRMWARE_COMMAND = Command.IO | Command.MEMORY | Command.SERR
+_MEMORY = int(Command.MEMORY)  # plain ints: IntFlag arithmetic is slow on the hot path
+_MASTER = int(Command.MASTER)
 _BAR_MEM_64 = 0x4
 _BAR_PREFETCH = 0x8
 _ROM_ENABLE = 0x1
@@ -247,11 +249,11 @@ class ConfigSpace:
 
     @property
     def memory_enabled(self) -> bool:
-        return bool(self.command & Command.MEMORY)
+        return bool(self.phys[Cfg.COMMAND] & _MEMORY)
 
     @property
     def bus_master(self) -> bool:
-        return bool(self.command & Command.MASTER)
+        return bool(self.phys[Cfg.COMMAND] & _MASTER)
 
     @property
     def interrupt_pin(self) -> int:

@@ -15,6 +15,7 @@ no writes (on Linux the device would still reach the pinned pages).
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 from collections.abc import Sequence
@@ -168,6 +169,8 @@ class Type1Iommu:
     memlock: MemlockAccount
     memory: ProcessMemory
     mappings: list[DmaMapping] = field(factory=list)
+    #: the mappings' IOVAs, sorted as `mappings` is (for bisect)
+    _starts: list[int] = field(factory=list, repr=False)
 
     @property
     def pgsize_bitmap(self) -> int:
@@ -181,8 +184,11 @@ class Type1Iommu:
         return [m for m in self.mappings if m.iova < end and start < m.end]
 
     def _find(self, iova: int) -> DmaMapping | None:
-        for m in self.mappings:
-            if m.iova <= iova < m.end:
+        """The mapping holding `iova`: a binary search of the sorted starts (O(log n))."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            m = self.mappings[i]
+            if iova < m.end:
                 return m
         return None
 
@@ -230,8 +236,10 @@ class Type1Iommu:
             )
         self.memlock.locked += size
         self.dma_avail -= 1
-        self.mappings.append(DmaMapping(iova, size, vaddr, read, write))
-        self.mappings.sort(key=lambda m: m.iova)
+        m = DmaMapping(iova, size, vaddr, read, write)
+        i = bisect.bisect_right(self._starts, iova)
+        self.mappings.insert(i, m)
+        self._starts.insert(i, iova)
 
     # --- VFIO_IOMMU_UNMAP_DMA --------------------------------------------------------------
 
@@ -279,7 +287,8 @@ class Type1Iommu:
         return sum(m.size for m in targets)
 
     def _remove(self, m: DmaMapping) -> None:
-        self.mappings.remove(m)
+        i = bisect.bisect_left(self._starts, m.iova)
+        del self.mappings[i], self._starts[i]
         self.dma_avail += 1
         self.memlock.locked -= m.size
 

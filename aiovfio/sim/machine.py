@@ -203,6 +203,7 @@ class Machine:
         self.noiommu = bool(noiommu)
         self._lock = self._topo.lock
         self._clock = Clock(clock, self._lock, runner=self._device_work)
+        self._topo.on_device_use = self._device_use
         self._mmio32 = _MMIO_32
         self._mmio64 = _MMIO_64
         self.kernel = SimKernel(self._topo)
@@ -464,6 +465,12 @@ class Machine:
     def kernel_calls(self) -> Counter[str]:
         """How many times each Kernel method was called."""
         return self._topo.injector.calls
+
+    def _device_use(self, delta: int) -> None:
+        if delta > 0:
+            self._clock.hold()
+        else:
+            self._clock.release()
 
     def _device_work(self, callback: Callable[[], None]) -> None:
         """Run a clock callback; its faults become warnings once it has finished."""

@@ -21,7 +21,7 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from attrs import define, field
 
@@ -206,6 +206,9 @@ class Topology:
         self.containers: list[SimContainer] = []
         self._container_numbers = 0
         self.closed = False
+        #: called with +1 on a device's first open and -1 on its last close
+        #: (the machine keeps its clock's worker thread alive meanwhile)
+        self.on_device_use: Callable[[int], None] | None = None
         #: > 0 while a kernel call or a clock callback runs (fault warnings wait for its end)
         self.depth = 0
 
@@ -339,6 +342,8 @@ class Topology:
         if device.open_count > 1:
             return
         device.group.devices_in_use += 1
+        if self.on_device_use is not None:
+            self.on_device_use(1)
         device.config.open_device()
         if device.model.supports_reset:
             device.model.reset()  # pci_try_reset_function on open
@@ -353,6 +358,8 @@ class Topology:
         device.low_power = False
         if device.model.supports_reset:
             device.model.reset()
+        if self.on_device_use is not None:
+            self.on_device_use(-1)
         group = device.group
         group.devices_in_use -= 1
         if group.file_closed and not group.devices_in_use:

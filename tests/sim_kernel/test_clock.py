@@ -161,16 +161,21 @@ def test_thread_clock_runs_work_after_the_write_returns() -> None:
         assert timer.log == ["write 0", "fired 0"]  # never inside the write
 
 
-def test_thread_clock_leaves_no_thread() -> None:
+def test_thread_clock_stays_warm_while_a_device_is_open() -> None:
     m = Machine()
     timer = Timer()
     m.add_device(timer, name=NAME, group=10)
+    assert _clock_threads() == []  # an idle machine with nothing open has no thread
     _, d = _open(m)
-    assert _clock_threads() == []  # an idle machine has no thread
+    (worker,) = _clock_threads()  # started on open, ready for the first command
     _write(m, d, 1)
     _write(m, d, 2)
     m.run_until_idle()
     assert timer.log[-2:] == ["fired 1", "fired 2"]
+    assert _clock_threads() == [worker]  # the same thread, still waiting
+    m.kernel.close(d)  # the last device closes: the worker exits once idle
+    worker.join(5)
+    assert not worker.is_alive()
     m.close()
     assert _clock_threads() == []
 

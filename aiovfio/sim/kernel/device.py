@@ -44,6 +44,14 @@ __all__ = ["device_ioctl", "device_mmap", "device_rw"]
 VFIO_PCI_OFFSET_SHIFT = 40
 _OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 _PAGE = mmap.PAGESIZE
+_WIDTHS = frozenset((1, 2, 4, 8))
+# plain ints on the register-access path (enum comparisons cost more than the access)
+_NUM_REGIONS = int(PciRegion.NUM_REGIONS)
+_CONFIG = int(PciRegion.CONFIG)
+_VGA = int(PciRegion.VGA)
+_ROM = int(PciRegion.ROM)
+_WRITE = int(RegionFlag.WRITE)
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: (1 << 64) - 1}
 
 
 def device_ioctl(files: FileTable, d: SimDevice, nr: int, arg: Arg) -> int:
@@ -279,18 +287,18 @@ def device_rw(files: FileTable, d: SimDevice, offset: int, size: int, data: byte
     """vfio_pci_rw: pread (data None) or pwrite of `size` bytes at `offset`."""
     index = offset >> VFIO_PCI_OFFSET_SHIFT
     pos = offset & _OFFSET_MASK
-    if index >= PciRegion.NUM_REGIONS:
+    if index >= _NUM_REGIONS:
         raise rules.IO_BAD_REGION.error(f"offset {offset:#x} (index {index}) of {d.name}")
     if not size:
         return b""
-    if index == PciRegion.CONFIG:
+    if index == _CONFIG:
         return _config_rw(files, d, pos, size, data)
-    if index == PciRegion.VGA:
+    if index == _VGA:
         raise rules.IO_BAD_REGION.error(f"{d.name} has no VGA region")
     spec = d.regions.get(index)
     if spec is None:
         raise rules.IO_BAD_REGION.error(f"{d.name} has no region {index}")
-    if data is not None and (index == PciRegion.ROM or not spec.flags & RegionFlag.WRITE):
+    if data is not None and (index == _ROM or not spec.flags & _WRITE):
         raise rules.IO_READ_ONLY.error(f"{d.name} region {index}")
     if pos >= spec.size:
         raise rules.IO_PAST_END.error(f"{pos:#x} in {d.name} region {index} of {spec.size:#x}")
@@ -311,13 +319,32 @@ def _bar_rw(
     Chunks in the MSI-X table read as all ones and drop writes without a
     Memory Space test; any other chunk is EIO while Memory Space is off.
     """
-    x_start = x_end = 0
+    width = files.topology.io_width
+    areas = d.regions[index].mmap_areas
     table = d.config.msix_table
+    if (
+        count in _WIDTHS
+        and count <= width
+        and not pos % count
+        and not areas
+        and (
+            table is None
+            or table.bar != index
+            or not table.offset <= pos < table.offset + table.size
+        )
+    ):
+        # One naturally aligned register access: straight to the model.
+        if not d.config.memory_enabled:
+            raise rules.IO_MEMORY_DISABLED.error(f"{d.name} region {index} at {pos:#x}")
+        if data is None:
+            value = d.model.read(index, pos, count)
+            return (int(value) & _MASKS[count]).to_bytes(count, "little")
+        d.model.write(index, pos, count, int.from_bytes(data[:count], "little"))
+        return b""
+    x_start = x_end = 0
     if table is not None and table.bar == index:
         x_start, x_end = table.offset, table.offset + table.size
     ram = d.ram[index]
-    areas = d.regions[index].mmap_areas
-    width = files.topology.io_width
     memory_enabled = d.config.memory_enabled
     out = bytearray()
     done = 0

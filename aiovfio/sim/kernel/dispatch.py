@@ -109,6 +109,11 @@ class SimKernel:
         """The fd table (for the machine's reports)."""
         return self._files
 
+    # Register access (pread/pwrite of a device fd) is the hot path: it trusts
+    # the fd table without the fstat that notices a device fd closed behind the
+    # kernel's back with os.close and its number reused (every other call,
+    # and leaks(), still notice it). _fast_file names this trade.
+
     # --- ioctl dispatch ------------------------------------------------------------------
 
     def _ioctl(self, fd: int, nr: int, arg: Arg) -> int:
@@ -323,6 +328,9 @@ class SimKernel:
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         if size < 0:
             raise ValueError(f"negative read size {size}")  # as os.pread
+        f = self._files.files.get(fd)
+        if type(f) is DeviceFile:  # the hot path: no fstat (see _fast_file)
+            return device_rw(self._files, f.device, offset, size, None)
         f = self._files.lookup(fd)
         if isinstance(f, CdevFile) and f.bound is None:
             raise rules.CDEV_NOT_BOUND.error(f"pread of fd {fd}")
@@ -337,6 +345,10 @@ class SimKernel:
 
     @_op
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        f = self._files.files.get(fd)
+        if type(f) is DeviceFile:  # the hot path: no fstat (see _fast_file)
+            device_rw(self._files, f.device, offset, len(data), bytes(data))
+            return
         f = self._files.lookup(fd)
         if isinstance(f, CdevFile) and f.bound is None:
             raise rules.CDEV_NOT_BOUND.error(f"pwrite of fd {fd}")

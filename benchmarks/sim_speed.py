@@ -1,0 +1,206 @@
+"""How fast the simulated machine is for a driver's test suite (issue 14).
+
+    python benchmarks/sim_speed.py            # every row, side by side
+    python benchmarks/sim_speed.py --quick    # shorter runs
+
+A minimal NVMe driver through the public API alone (open_device, dma_buffer,
+interrupts, BAR0 register writes; 4 KiB reads of QEMU's nvme model), on the
+thread clock. Rows:
+
+* trapped register access: one `bar.read32` of CSTS (a pread to the model);
+* model CPU per command at QD32: every thread's CPU (`time.process_time`)
+  minus the driver thread's own CPU outside the Kernel's pread/pwrite, per
+  command: the device model, the sim's kernel and the clock thread;
+* QD1 wall time per command (submit, ring, wait for the MSI-X interrupt, reap);
+* the same QD1 with 1,000 extra live DMA mappings (translation cost against
+  the number of mappings).
+
+Targets: trapped access <= 3 us, model CPU QD32 <= 12 us, QD1 <= 60 us, and
+QD1 flat in the number of live mappings (ratio <= 1.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import struct
+import time
+from typing import Any
+
+import anyio
+
+import aiovfio
+from aiovfio.sim import Machine
+from aiovfio.sim.models import Nvme
+
+BDF = "0000:00:05.0"
+SIZE = 4096
+_SQE = struct.Struct("<BBHI8xQQQ6I")
+_CC_ENABLE = 0x00460001
+TARGETS = {"trapped": 3.0, "qd32": 12.0, "qd1": 60.0, "flat": 1.2}
+
+
+class TimedKernel:
+    """Forwards every call to a Kernel; sums the calling thread's CPU in pread/pwrite."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.inside = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        t0 = time.thread_time()
+        try:
+            data: bytes = self._inner.pread(fd, size, offset)
+            return data
+        finally:
+            self.inside += time.thread_time() - t0
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        t0 = time.thread_time()
+        try:
+            self._inner.pwrite(fd, data, offset)
+        finally:
+            self.inside += time.thread_time() - t0
+
+
+async def _run(qd: int, commands: int, mappings: int) -> dict[str, float]:
+    machine = Machine(clock="thread")
+    machine.add_device(Nvme(size=1 << 30), name=BDF)
+    kernel = TimedKernel(machine.kernel)
+    size = qd + 1
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            dev = await stack.enter_async_context(aiovfio.open_device(BDF, kernel=kernel))  # type: ignore[arg-type]
+            irqs = await stack.enter_async_context(dev.interrupts("msix", 2))
+            rings = await stack.enter_async_context(dev.dma_buffer(4 * 4096))
+            data = await stack.enter_async_context(dev.dma_buffer(qd * SIZE))
+            for _ in range(mappings):
+                await stack.enter_async_context(dev.dma_buffer(4096))
+            dev.config.enable()
+            bar = dev.bar(0)
+            mem = rings.view
+            base = rings.iova
+            asq, acq, iosq, iocq = base, base + 4096, base + 8192, base + 12288
+            cq_words = mem[12288:16384].cast("I")
+            acq_words = mem[4096:8192].cast("I")
+            bar.write32(0x24, (16 - 1) << 16 | (16 - 1))
+            for off, value in ((0x28, asq), (0x30, acq)):
+                bar.write32(off, value & 0xFFFFFFFF)
+                bar.write32(off + 4, value >> 32)
+            bar.write32(0x14, _CC_ENABLE)
+            admin_tail = 0
+
+            async def admin(opcode: int, prp1: int, cdw10: int, cdw11: int) -> None:
+                nonlocal admin_tail
+                entry = (opcode, 0, admin_tail, 0, 0, prp1, 0, cdw10, cdw11, 0, 0, 0, 0)
+                _SQE.pack_into(mem, admin_tail * 64, *entry)
+                slot = admin_tail
+                admin_tail += 1
+                bar.write32(0x1000, admin_tail)
+                while (acq_words[slot * 4 + 3] >> 16) & 1 != 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.0005)
+                bar.write32(0x1004, admin_tail)
+
+            await admin(0x05, iocq, (size - 1) << 16 | 1, 1 << 16 | 0b11)
+            await admin(0x01, iosq, (size - 1) << 16 | 1, 1 << 16 | 1)
+            rand = random.Random(1).randrange
+            slots = (1 << 30) // SIZE
+            tail = head = 0
+            phase = 1
+            sq = mem[8192:12288]
+            irq = irqs[1]
+            write32 = bar.write32
+
+            def submit(cid: int) -> None:
+                nonlocal tail
+                prp1 = data.iova + cid * SIZE
+                _SQE.pack_into(
+                    sq, tail * 64, 0x02, 0, cid, 1, 0, prp1, 0, rand(slots) * 8, 0, 7, 0, 0, 0
+                )
+                tail += 1
+                if tail == size:
+                    tail = 0
+                write32(0x1008, tail)
+
+            # trapped register access
+            n = 5000
+            t0 = time.perf_counter()
+            for _ in range(n):
+                bar.read32(0x1C)
+            trapped = (time.perf_counter() - t0) / n * 1e6
+
+            kernel.inside = 0.0
+            w0, t0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+            for cid in range(qd):
+                submit(cid)
+            count = 0
+            inflight = qd
+            while inflight:
+                await irq.receive()
+                while True:
+                    w3 = cq_words[head * 4 + 3]
+                    if (w3 >> 16) & 1 != phase:
+                        break
+                    head += 1
+                    if head == size:
+                        head, phase = 0, phase ^ 1
+                    count += 1
+                    inflight -= 1
+                    if count + inflight < commands:
+                        submit(w3 & 0xFFFF)
+                        inflight += 1
+                write32(0x100C, head)
+            wall = time.perf_counter() - w0
+            thread = time.thread_time() - t0
+            process = time.process_time() - p0
+            bar.write32(0x14, 0)
+            for view in (sq, cq_words, acq_words):
+                view.release()
+            own = thread - kernel.inside
+            return {
+                "trapped_us": trapped,
+                "wall_us": wall / count * 1e6,
+                "model_us": (process - own) / count * 1e6,
+                "process_us": process / count * 1e6,
+            }
+    finally:
+        machine.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 1000 if args.quick else 4000
+
+    def best(qd: int, mappings: int, key: str) -> dict[str, float]:
+        runs = [anyio.run(_run, qd, n, mappings) for _ in range(1 if args.quick else 3)]
+        return min(runs, key=lambda r: r[key])
+
+    qd32 = best(32, 0, "model_us")
+    qd1 = best(1, 0, "wall_us")
+    qd1_maps = best(1, 1000, "wall_us")
+    flat = qd1_maps["wall_us"] / qd1["wall_us"]
+    rows = [
+        ("trapped register access (us)", qd1["trapped_us"], TARGETS["trapped"]),
+        ("model CPU per command, QD32 (us)", qd32["model_us"], TARGETS["qd32"]),
+        ("  (process CPU per command, QD32)", qd32["process_us"], None),
+        ("QD1 wall per command (us)", qd1["wall_us"], TARGETS["qd1"]),
+        ("QD1 wall, 1000 live mappings (us)", qd1_maps["wall_us"], None),
+        ("  ratio 1000 mappings / none", flat, TARGETS["flat"]),
+    ]
+    print(f"{'row':<38} {'value':>10} {'target':>8}  verdict   ({n} commands, thread clock)")
+    for name, value, target in rows:
+        verdict = "" if target is None else ("ok" if value <= target else "MISS")
+        tgt = "" if target is None else f"{target:.1f}"
+        print(f"{name:<38} {value:>10.2f} {tgt:>8}  {verdict}")
+    print(f"QD1 IOPS: {1e6 / qd1['wall_us']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
