@@ -739,14 +739,12 @@ def test_backports_are_added_once_from_the_configured_mirror(
     assert not vm_setup._ensure_backports("bookworm")
 
 
-def test_a_stopped_build_is_resumed_only_with_the_same_recipe(tmp_path: Path) -> None:
+def test_a_stopped_build_is_resumed_with_the_same_source(tmp_path: Path) -> None:
     work = tmp_path / "build"
     tree = work / "linux-source-6.12"
     tree.mkdir(parents=True)
-    (tree / ".config").write_text("CONFIG_IOMMUFD=y\n")
-    assert vm_kernel._configured_tree(work, "6.12.117-1") is None  # no stamp: start afresh
-    (work / "configured").write_text(f"{vm_kernel.config_key()} 6.12.117-1\n")
-    assert vm_kernel._configured_tree(work, "6.12.117-1") == tree
-    assert vm_kernel._configured_tree(work, "6.12.118-1") is None  # another source
-    (work / "configured").write_text("0123456789ab 6.12.117-1\n")
-    assert vm_kernel._configured_tree(work, "6.12.117-1") is None  # another recipe
+    (tree / "Makefile").write_text("# kernel\n")
+    assert vm_kernel._unpacked_tree(work, "6.12.117-1") is None  # no stamp: start afresh
+    (work / "configured").write_text("6.12.117-1\n")
+    assert vm_kernel._unpacked_tree(work, "6.12.117-1") == tree  # reconfigured, then make
+    assert vm_kernel._unpacked_tree(work, "6.12.118-1") is None  # another source

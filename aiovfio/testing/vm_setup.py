@@ -423,7 +423,7 @@ def _build_kernel(cache: Path, apt: _Apt, progress: Progress) -> KernelImage:
         built = vm_kernel.build(
             source_deb=deb,
             version=versions[0],
-            work=cache / f"build-{vm_kernel.config_key()}",
+            work=cache / f"build-{vm_kernel.FLAVOUR}",
             image_root=staging,
             runner=_run,
             progress=progress,
