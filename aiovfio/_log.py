@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["ENV", "debug", "enabled", "logger", "state"]
+__all__ = ["ENV", "debug", "enabled", "logger", "refresh", "state"]
 
 #: The environment variable that shows aiovfio's logs without configuring anything.
 ENV = "AIOVFIO_LOG"
@@ -89,6 +89,7 @@ class _Logger:
     __slots__ = ()
 
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        refresh()  # off the hot path: every event re-reads what the kernel boundary checks
         if structlog.is_configured():
             getattr(_structlog, method)(event, **fields)
         elif _stdlib.isEnabledFor(level):
@@ -114,6 +115,7 @@ logger = _Logger()
 
 def enabled() -> bool:
     """Whether anyone will see aiovfio's events (structlog configured, or stdlib logging set up)."""
+    refresh()
     return (
         structlog.is_configured()
         or bool(logging.getLogger().handlers)
@@ -122,22 +124,37 @@ def enabled() -> bool:
 
 
 class _State:
-    """`state.is_configured`: whether debug events are wanted, read as an attribute.
+    """`state.is_configured`: whether debug events are wanted, kept as a plain attribute.
 
-    The kernel boundary checks it on every ioctl before building the event.
+    The kernel boundary reads it on every ioctl, where even one function call
+    doubled aiovfio's instruction count (benchmarks/run.py). structlog's public
+    API has no cheaper question than `structlog.is_configured()`, so the answer
+    is re-read by `refresh()` at each of aiovfio's own events (every open,
+    close, eventfd, mapping and interrupt change logs one) and at import: a
+    logging configuration made while a device is open takes effect at the next
+    of them, or at once with `refresh()`.
     """
 
-    __slots__ = ()
+    __slots__ = ("is_configured",)
 
-    @property
-    def is_configured(self) -> bool:
-        return structlog.is_configured() or _stdlib.isEnabledFor(logging.DEBUG)
+    def __init__(self) -> None:
+        self.is_configured = False
 
 
 state = _State()
 
 
+def refresh() -> bool:
+    """Re-read whether debug events are wanted (structlog configured, or DEBUG on "aiovfio")."""
+    wanted = structlog.is_configured() or _stdlib.isEnabledFor(logging.DEBUG)
+    state.is_configured = wanted
+    return wanted
+
+
+refresh()
+
+
 def debug(event: str, **fields: Any) -> None:
     """Log a debug event when someone will see it."""
-    if state.is_configured:
+    if refresh():
         logger.debug(event, **fields)

@@ -12,6 +12,7 @@ import termios
 import pytest
 from structlog.testing import capture_logs
 
+from aiovfio import _log
 from aiovfio._uapi import vfio as uapi
 from aiovfio.kernel import LinuxKernel
 from aiovfio.kernel.linux import _ioctl
@@ -23,6 +24,8 @@ def test_ioctls_are_logged_with_arguments_and_result() -> None:
         os.write(w, b"abc")
         buf = bytearray(4)
         with capture_logs() as logs:
+            # a configuration takes effect at aiovfio's next event, or at once with refresh()
+            _log.refresh()
             assert _ioctl("FIONREAD", r, termios.FIONREAD, buf) == 0
             with pytest.raises(OSError) as info:
                 LinuxKernel().group_get_status(r, uapi.vfio_group_status(argsz=8))

@@ -125,3 +125,20 @@ def test_debug_events_are_not_built_when_nobody_listens() -> None:
     assert not structlog.is_configured()
     assert not logging.getLogger("aiovfio").isEnabledFor(logging.DEBUG)
     assert _log.state.is_configured is False
+
+
+def test_the_ioctl_check_follows_configuration_at_the_next_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The per-ioctl check is a plain attribute, re-read at each of aiovfio's own events."""
+    kernel = LinuxKernel()
+    assert _log.state.is_configured is False
+    with caplog.at_level(logging.DEBUG, logger="aiovfio"):
+        fd = kernel.eventfd()  # an event: the check is re-read
+        assert _log.state.is_configured is True
+        kernel.close(fd)
+    kernel.close(kernel.eventfd())  # the level is back: the next event turns it off
+    assert _log.state.is_configured is False
+    structlog.configure()
+    assert _log.refresh() is True
+    assert _log.state.is_configured is True
