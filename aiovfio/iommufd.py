@@ -205,8 +205,13 @@ class Iommufd(FdResource):
 
     async def _release(self) -> None:
         space, self._space = self._space, None
-        if space is not None:
-            await space.aclose()
+        try:
+            if space is not None:
+                await space.aclose()
+        finally:  # a cancellation raised from the unmaps (once they ran) still closes the fd
+            self._close_iommufd()
+
+    def _close_iommufd(self) -> None:
         fd = self._take_fd()
         if fd < 0:
             return
@@ -337,21 +342,25 @@ class CdevDevice(Device):
 
     async def _release(self) -> None:
         fd = self._fd
-        if fd >= 0 and self._attached:
-            self._attached = False
-            arg = uapi.vfio_device_detach_iommufd_pt(
-                argsz=ctypes.sizeof(uapi.vfio_device_detach_iommufd_pt)
-            )
-            with contextlib.suppress(OSError):  # the close detaches too
-                await kcall_thread(
-                    "VFIO_DEVICE_DETACH_IOMMUFD_PT",
-                    self.label,
-                    self.kernel.device_detach_iommufd_pt,
-                    fd,
-                    arg,
-                    release=True,
+        try:
+            if fd >= 0 and self._attached:
+                self._attached = False
+                arg = uapi.vfio_device_detach_iommufd_pt(
+                    argsz=ctypes.sizeof(uapi.vfio_device_detach_iommufd_pt)
                 )
-        await super()._release()
+                with contextlib.suppress(OSError):  # the close detaches too
+                    await kcall_thread(
+                        "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+                        self.label,
+                        self.kernel.device_detach_iommufd_pt,
+                        fd,
+                        arg,
+                        release=True,
+                    )
+        finally:
+            # also when a cancellation (asyncio's native one too) is raised from the
+            # detach once it ran: the fd must still be closed
+            await super()._release()
 
 
 _ki.protect_module(__name__)

@@ -21,7 +21,7 @@ import random
 import sys
 import threading
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -38,6 +38,7 @@ from api._operations import (
 )
 
 import aiovfio
+from aiovfio.sim import Machine
 from aiovfio.testing import Target
 
 from ._sweep import Tally, sample
@@ -49,6 +50,7 @@ loops = pytest.mark.parametrize(
 
 #: points per operation and kind in the normal suite (see _sweep.sample)
 LIMIT = 12
+IOMMUFD_NAMES = ("open_device", "msi", "dma_buffer", "map_dma", "edu_dma_round_trip")
 
 EDU_MASK = (1 << 28) - 1
 
@@ -69,9 +71,21 @@ async def edu_round_trip(dev: aiovfio.Device) -> None:
         assert bytes(buf.view[2048:2304]) == bytes(range(256))
 
 
-async def profile(op: Operation) -> tuple[int, list[str]]:
+Fresh = Callable[[], Target]
+
+
+def type1_target() -> Target:
+    return new_target()
+
+
+def iommufd_target() -> Target:
+    """The same devices on a machine with /dev/iommu: open_device takes the iommufd path."""
+    return new_target(Machine(clock="manual", iommufd=True))
+
+
+async def profile(op: Operation, fresh: Fresh = type1_target) -> tuple[int, list[str]]:
     """(suspensions, kernel calls) of an uninterrupted run."""
-    with closing_machine(new_target()) as base:
+    with closing_machine(fresh()) as base:
         kernel = HookedKernel(base.kernel)
         stepper = Stepper(op(with_kernel(base, kernel.as_kernel())))
         await stepper
@@ -92,9 +106,9 @@ async def settled() -> None:
     await asyncio.sleep(0)
 
 
-async def timeout_at_suspension(op: Operation, point: int) -> None:
+async def timeout_at_suspension(op: Operation, point: int, fresh: Fresh = type1_target) -> None:
     """asyncio.timeout (3.11+; wait_for's cancel on 3.10) due at the `point`-th suspension."""
-    with closing_machine(new_target()) as t:
+    with closing_machine(fresh()) as t:
         loop = asyncio.get_running_loop()
         task = _task()
         if sys.version_info >= (3, 11):
@@ -123,10 +137,10 @@ async def timeout_at_suspension(op: Operation, point: int) -> None:
         await assert_fresh_open_works(t)
 
 
-async def cancel_after_call(op: Operation, point: int) -> None:
+async def cancel_after_call(op: Operation, point: int, fresh: Fresh = type1_target) -> None:
     """Task.cancel() right after the `point`-th kernel call of `op`."""
     loop_thread = threading.get_ident()
-    with closing_machine(new_target()) as base:
+    with closing_machine(fresh()) as base:
         loop = asyncio.get_running_loop()
         task = _task()
         kernel = HookedKernel(base.kernel)
@@ -190,6 +204,31 @@ def test_task_cancel_after_every_kernel_call(op: Operation, options: dict[str, A
             )
 
     anyio.run(main, backend="asyncio", backend_options=options)
+    tally.check()
+
+
+#: the operations swept again on the iommufd path (its own open, attach, detach and IOAS)
+IOMMUFD_OPS = [op for op in OPERATIONS if op.name in IOMMUFD_NAMES]
+
+
+@pytest.mark.parametrize("op", IOMMUFD_OPS, ids=[op.name for op in IOMMUFD_OPS])
+def test_native_cancel_on_the_iommufd_path(op: Operation) -> None:
+    """Both kinds of native cancel, on a machine with /dev/iommu (asyncio; sampled)."""
+    tally = Tally(f"native cancel on iommufd, {op.name}")
+
+    async def main() -> None:
+        yields, calls = await profile(op, iommufd_target)
+        for point in sample(range(1, yields + 1), f"iommufd timeout {op.name}", LIMIT):
+            await _case(
+                tally, f"suspension {point}", timeout_at_suspension(op, point, iommufd_target)
+            )
+        points = list(enumerate(calls, 1))
+        for point, name in sample(points, f"iommufd cancel {op.name}", LIMIT):
+            await _case(
+                tally, f"after call {point} ({name})", cancel_after_call(op, point, iommufd_target)
+            )
+
+    anyio.run(main, backend="asyncio")
     tally.check()
 
 
