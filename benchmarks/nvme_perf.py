@@ -259,25 +259,39 @@ def bench_instructions(n: int) -> None:
         print("\n(valgrind not installed: no instruction counts)")
         return
     code = f"""
-import sys, struct
+import sys, types
 from aiovfio.nvme.queue import QueuePair
 mem = bytearray(64 * 64 + 64 * 16)
 view = memoryview(mem)
 sq, cq = view[: 64 * 64], view[64 * 64 :].cast("I")
-writes = []
 q = QueuePair.__new__(QueuePair)
 QueuePair.__init__(q, qid=1, size=64, sq=sq, cq=cq, sq_doorbell=0x1008, cq_doorbell=0x100C,
     write32=lambda o, v: None, page=4096, prp_view=None, prp_iova=0, prp_pages=0, trio=True)
-q.wake = lambda w, v: None
+done = []
+q._reschedule = lambda task, value: done.append(value)  # trio's reschedule, stubbed
+q._value_of = int
+@types.coroutine
+def checkpoint():
+    return None
+    yield
+@types.coroutine
+def wait(abort):
+    return (yield)
+q._checkpoint_if_cancelled, q._wait_rescheduled, q._current_task = checkpoint, wait, object
+run = q.run
 for i in range({n}):
     cid = q.try_take()
     prp1, prp2 = q.prp(cid, 0x100000, 4096)
-    q._waiters[cid] = 1
-    q.submit(cid, 2, 1, prp1, prp2, i, 0, 7)
-    slot = (q._head) * 4
+    command = run(cid, 2, 1, prp1, prp2, i, 0, 7)
+    command.send(None)  # submitted; the task sleeps
+    slot = q._head * 4
     cq[slot] = 0
     cq[slot + 3] = cid | (q._phase << 16)
     q.reap()
+    try:
+        command.send(done.pop())  # the task wakes with the completion
+    except StopIteration:
+        pass
 """
     counts = []
     for loops in (0, n):
@@ -299,7 +313,7 @@ for i in range({n}):
         total = [line for line in out.splitlines() if "Collected" in line]
         counts.append(int(total[-1].split()[-1]) if total else 0)
     per = (counts[1] - counts[0]) / n
-    what = "take CID, PRP, pack SQE, ring, reap CQE, release"
+    what = "take CID, PRP, run: pack SQE, ring, sleep; reap CQE, wake, release, resume"
     print(f"\nhot path ({what}): {per:,.0f} instructions per I/O (callgrind, {n} I/Os)")
 
 

@@ -88,6 +88,9 @@ class QueuePair:
     _current_task: Callable[[], Any] = field(init=False)
     _wait_rescheduled: Callable[..., Any] = field(init=False)
     _checkpoint_if_cancelled: Callable[[], Any] = field(init=False)
+    #: trio's reschedule and outcome.Value (the reap loop calls them directly)
+    _reschedule: Callable[[Any, Any], None] | None = field(default=None, init=False)
+    _value_of: Any = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         depth = self.size - 1
@@ -108,6 +111,7 @@ class QueuePair:
             self._checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
             self.run = self._run_trio
             self.wake = wake
+            self._reschedule, self._value_of = reschedule, value_of
         else:
             self._loop = asyncio.get_running_loop()
             self.run = self._run_asyncio
@@ -242,10 +246,12 @@ class QueuePair:
         if tail == self.size:
             tail = 0
         self._tail = tail
-        self.inflight += 1
-        self.submitted += 1
-        self._seq[cid] = self.submitted
-        if self.inflight > 1 and self._loop is not None:
+        inflight = self.inflight + 1
+        self.inflight = inflight
+        seq = self.submitted + 1
+        self.submitted = seq
+        self._seq[cid] = seq
+        if inflight > 1 and self._loop is not None:
             # asyncio, others in flight: tasks woken by one completion batch
             # submit in the same loop iteration; ring once, after them.
             if not self._ring_pending:
@@ -267,7 +273,18 @@ class QueuePair:
             except Exception as exc:  # a closed region, a dead device: the watchdog sees it
                 logger.warning("nvme.doorbell_failed", qid=self.qid, error=str(exc))
 
-    async def _run_asyncio(self, cid: int, *entry: int) -> int:
+    async def _run_asyncio(
+        self,
+        cid: int,
+        opcode: int,
+        nsid: int,
+        prp1: int,
+        prp2: int,
+        cdw10: int,
+        cdw11: int,
+        cdw12: int,
+        cdw13: int = 0,
+    ) -> int:
         """Submit with `cid` and wait: the completion's status << 32 | DW0."""
         if self.failure is not None:
             self.release(cid)
@@ -275,7 +292,7 @@ class QueuePair:
         assert self._loop is not None
         fut = self._loop.create_future()
         self._waiters[cid] = fut
-        self.submit(cid, *entry)
+        self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         try:
             value: int = await fut
         except asyncio.CancelledError:
@@ -297,7 +314,18 @@ class QueuePair:
                 except BaseException:  # the controller failed: the command is gone
                     return
 
-    async def _run_trio(self, cid: int, *entry: int) -> int:
+    async def _run_trio(
+        self,
+        cid: int,
+        opcode: int,
+        nsid: int,
+        prp1: int,
+        prp2: int,
+        cdw10: int,
+        cdw11: int,
+        cdw12: int,
+        cdw13: int = 0,
+    ) -> int:
         if self.failure is not None:
             self.release(cid)
             raise self.failure
@@ -307,7 +335,7 @@ class QueuePair:
             self.release(cid)
             raise
         self._waiters[cid] = self._current_task()
-        self.submit(cid, *entry)
+        self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         # Abort.FAILED: a cancelled task stays until the completion (or the
         # controller's failure) arrives; trio delivers the cancel after that.
         value: int = await self._wait_rescheduled(_abort_failed)
@@ -322,7 +350,8 @@ class QueuePair:
         phase = self._phase
         size = self.size
         waiters = self._waiters
-        wake = self.wake
+        depth = size - 1
+        reschedule, value_of = self._reschedule, self._value_of
         free = self._free
         slot_waiters = self._slot_waiters
         n = 0
@@ -337,14 +366,17 @@ class QueuePair:
                 head = 0
                 phase ^= 1
             n += 1
-            if cid >= len(waiters):
+            if cid >= depth:
                 continue  # not a CID we used: a controller bug; the watchdog sees the rest
             waiter = waiters[cid]
             if waiter is None:
                 continue  # failed and released already
             waiters[cid] = None
             self.inflight -= 1
-            wake(waiter, value)
+            if reschedule is not None:  # trio
+                reschedule(waiter, value_of(value))
+            elif not waiter.done():  # asyncio
+                waiter.set_result(value)
             if slot_waiters:
                 self.release(cid)
             else:
