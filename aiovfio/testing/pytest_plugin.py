@@ -27,6 +27,21 @@ Markers:
   kinds on purpose (each must happen at least once). For a narrower scope use
   `with vfio_target.expect_faults("iommu"): ...`.
 
+A driver's suite, on asyncio and trio (anyio's pytest plugin)::
+
+    import pytest
+    from aiovfio.testing import Target
+
+    @pytest.fixture(params=["asyncio", "trio"])
+    def anyio_backend(request: pytest.FixtureRequest) -> str:
+        return request.param
+
+    @pytest.mark.anyio
+    @pytest.mark.sim(clock="thread", linux="6.1")
+    async def test_reads_ident(vfio_target: Target) -> None:
+        async with vfio_target.open("edu") as dev:
+            assert dev.bar(0).read32(0) == 0x010000ED
+
 Inside the guest a suite that proves the real kernel must never pass by not
 running: a skipped test counts as failed (mark what a kernel cannot do
 `xfail(strict=True)`), and a run in which no test passed fails.
