@@ -3,10 +3,12 @@
 Only bookkeeping: it never talks to the kernel. Free space is kept as
 naturally aligned power-of-two blocks, one set and one min-heap per order
 (the heap answers "the lowest free block of this order" in O(log n)). An
-allocation takes the lowest block that fits below the DMA mask, splits it,
-and gives back the unused tail; a release frees the range's aligned pieces
-and merges buddies. Every range is aligned to its own size rounded up to a
-power of two (as Linux's own IOVA allocator does with `size_aligned`).
+allocation takes the smallest free block that fits below the DMA mask (the
+lowest of its order, so the space stays in large blocks), splits it, and
+gives back the unused tail; a release frees the range's aligned pieces and
+merges buddies. Every range is aligned to
+its own size rounded up to a power of two (as Linux's own IOVA allocator does
+with `size_aligned`).
 
 Ranges are inclusive (start, end) pairs as the kernel reports them.
 """
@@ -26,9 +28,8 @@ _MAX_ORDER = 64
 def _pieces(start: int, end: int) -> Iterator[tuple[int, int]]:
     """[start, end) as maximal naturally aligned power-of-two blocks: (address, order)."""
     while start < end:
-        order = (start & -start).bit_length() - 1 if start else _MAX_ORDER
-        while start + (1 << order) > end:
-            order -= 1
+        fits = (end - start).bit_length() - 1
+        order = min((start & -start).bit_length() - 1, fits) if start else fits
         yield start, order
         start += 1 << order
 
@@ -65,10 +66,13 @@ class _Buddy:
 
     def lowest(self, order: int) -> int | None:
         """The lowest free block of exactly `order`, None when there is none."""
-        heap, free = self._heaps[order], self._free[order]
-        while heap and heap[0] not in free:
+        free = self._free[order]
+        if not free:
+            return None
+        heap = self._heaps[order]
+        while heap[0] not in free:
             heapq.heappop(heap)
-        return heap[0] if heap else None
+        return heap[0]
 
     def take(self, address: int, order: int) -> None:
         self._free[order].discard(address)
@@ -100,7 +104,7 @@ class _Buddy:
 class IovaAllocator:
     """IOVA allocation within the IOMMU's ranges and a device's DMA mask.
 
-    `allocate` hands out the lowest aligned range that fits, never below
+    `allocate` hands out an aligned range from the smallest free block that fits, never below
     `floor` (many devices read address 0 as "no buffer"); `reserve` claims a
     caller-chosen range (anywhere in the ranges); `release` gives either back.
     Each is O(log n) in the number of live ranges.
@@ -138,13 +142,14 @@ class IovaAllocator:
         size = self._round(size)
         need = max(size, align or 1, self.page_size)
         order = (need - 1).bit_length()
+        # The smallest order with a block that fits below the limit (a buddy
+        # allocator's best fit); within an order, the lowest address.
         best: tuple[int, int] | None = None
         for k in range(order, _MAX_ORDER + 1):
             address = self._high.lowest(k)
-            if address is None or (limit is not None and address + size - 1 > limit):
-                continue
-            if best is None or address < best[0]:
+            if address is not None and (limit is None or address + size - 1 <= limit):
                 best = (address, k)
+                break
         if best is None:
             where = f"below {limit:#x}" if limit is not None else "in the IOMMU's IOVA ranges"
             raise errors.DmaSpaceExhausted(

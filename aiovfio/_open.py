@@ -202,26 +202,37 @@ async def open_device(
         )
         async with req as (stream,):
             requested = False
+            ours = False  # the watcher cancelled the block (REQ, or its own failure)
             outcome: BaseException | None = None
+            failure: BaseException | None = None
 
             async def watch(scope: anyio.CancelScope) -> None:
-                nonlocal requested
-                # No kernel call until REQ fires (so the block's own calls keep
-                # their order whatever the scheduler does). The driver closing
-                # the device (and so REQ) ends the watch.
+                nonlocal requested, ours, failure
                 try:
-                    await stream.wait_signal()
-                except errors.ClosedResourceError:
-                    return
-                requested = True
-                _log.logger.warning("device.release_requested", device=device.name)
-                if on_release_request == "cancel":
+                    # No kernel call until REQ fires (so the block's own calls keep
+                    # their order whatever the scheduler does). The driver closing
+                    # the device (and so REQ) ends the watch.
+                    try:
+                        await stream.wait_signal()
+                    except errors.ClosedResourceError:
+                        return
+                    requested = True
+                    _log.logger.warning("device.release_requested", device=device.name)
+                    if on_release_request == "cancel":
+                        ours = True
+                        scope.cancel()
+                        return
+                    assert callable(on_release_request)
+                    result = on_release_request(device)
+                    if inspect.isawaitable(result):
+                        await result
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    # Raised after the task group, unwrapped (an eventfd read error,
+                    # the policy's own error, a KeyboardInterrupt).
+                    failure, ours = exc, True
                     scope.cancel()
-                    return
-                assert callable(on_release_request)
-                result = on_release_request(device)
-                if inspect.isawaitable(result):
-                    await result
 
             try:
                 async with anyio.create_task_group() as tg:
@@ -231,7 +242,7 @@ async def open_device(
                     except BaseException as exc:
                         # The block's own exception leaves after the task group (never
                         # wrapped in an ExceptionGroup); our cancellation stays inside.
-                        if requested and isinstance(exc, anyio.get_cancelled_exc_class()):
+                        if ours and isinstance(exc, anyio.get_cancelled_exc_class()):
                             raise
                         outcome = exc
                     finally:
@@ -244,6 +255,11 @@ async def open_device(
                 if ki is None:
                     raise
                 raise ki from None
+            if failure is not None:
+                try:
+                    raise failure
+                finally:
+                    failure = outcome = None
             if outcome is not None:
                 try:
                     raise outcome

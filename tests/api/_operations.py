@@ -472,6 +472,39 @@ async def op_edu_dma_round_trip(t: Target) -> None:
             assert bytes(buf.view[2048:2304]) == bytes(range(256))
 
 
+async def op_space_retires(t: Target) -> None:
+    """A buffer entered by hand outlives its group: the DMA space retires and ends it."""
+    number = group_number(t, t.edu)
+    async with aiovfio.Container(kernel=t.kernel) as container:
+        async with container.group(number) as group:
+            buf = group.dma_space.dma_buffer(PAGE)
+            await buf.__aenter__()
+        assert buf.closed
+
+
+async def op_hand_entered_irq(t: Target) -> None:
+    """An interrupt set entered by hand (a REPL, a driver's start() without stop()):
+    leaving the device disables it and closes its eventfds."""
+    async with _open(t) as dev:
+        iset = dev.interrupts("msi")
+        await iset.__aenter__()
+    assert iset.closed
+
+
+async def op_release_request(t: Target) -> None:
+    """The kernel asks for the device back while the driver waits for an interrupt."""
+    assert t.machine is not None
+    machine = t.machine
+    try:
+        async with _open(t) as dev, dev.interrupts("msi") as (irq,):
+            if not machine.request_release(t.edu):
+                return  # no REQ watch (its IRQ info failed with EINVAL: "no REQ index")
+            await irq.receive()
+    except aiovfio.DeviceReleaseRequested:
+        return
+    raise AssertionError("the release request did not end the block")
+
+
 OPERATIONS: tuple[Operation, ...] = tuple(
     Operation(name.removeprefix("op_"), fn)
     for name, fn in (
@@ -493,6 +526,9 @@ OPERATIONS: tuple[Operation, ...] = tuple(
         ("op_reset_nvme", op_reset_nvme),
         ("op_reset_unsupported", op_reset_unsupported),
         ("op_edu_dma_round_trip", op_edu_dma_round_trip),
+        ("op_space_retires", op_space_retires),
+        ("op_hand_entered_irq", op_hand_entered_irq),
+        ("op_release_request", op_release_request),
     )
 )
 
