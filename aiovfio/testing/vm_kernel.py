@@ -81,7 +81,7 @@ CONFIG_FRAGMENT: tuple[str, ...] = (
 )
 #: Options that must end up off: modules, the type1 container (so that
 #: iommufd serves /dev/vfio/vfio), debug info, and what a display-less,
-#: network-less guest never uses (DRM alone, i915 and all, was a third of the
+#: network-less, disk-less guest never uses (DRM alone, i915 and all, was a third of the
 #: defconfig build).
 CONFIG_DISABLE: tuple[str, ...] = (
     "MODULES",
@@ -100,6 +100,9 @@ CONFIG_DISABLE: tuple[str, ...] = (
     "USB_SUPPORT",
     "MEDIA_SUPPORT",
     "HID",
+    "ETHERNET",
+    "ATA",
+    "SCSI",
 )
 #: Built-in "modules" the guest's scripts load with modprobe (a no-op here).
 GUEST_MODULES = ("vfio_pci", "virtio_pci", "9pnet_virtio", "9p", "overlay")
