@@ -42,6 +42,12 @@ if os.environ.get("AIOVFIO_GUEST") != "1":
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under noiommu every open_device warns (NoiommuWarning, on purpose): shown, not an error."""
+    if os.environ.get("AIOVFIO_VM_IOMMU") == "none":
+        config.addinivalue_line("filterwarnings", "default::aiovfio.errors.NoiommuWarning")
+
+
 def _not_here() -> dict[str, str]:
     """Marker name -> what this setup lacks, for the markers that cannot apply."""
     lacks = {}
