@@ -278,20 +278,22 @@ def checkpoint():
 def wait(abort):
     return (yield)
 q._checkpoint_if_cancelled, q._wait_rescheduled, q._current_task = checkpoint, wait, object
-run = q.run
-for i in range({n}):
-    cid = q.try_take()
-    prp1, prp2 = q.prp(cid, 0x100000, 4096)
-    command = run(cid, 2, 1, prp1, prp2, i, 0, 7)
-    command.send(None)  # submitted; the task sleeps
-    slot = q._head * 4
-    cq[slot] = 0
-    cq[slot + 3] = cid | (q._phase << 16)
-    q.reap()
-    try:
-        command.send(done.pop())  # the task wakes with the completion
-    except StopIteration:
-        pass
+def main():  # a function: module-level code would add a dict look-up per name
+    run = q.run
+    for i in range({n}):
+        cid = q.try_take()
+        prp1, prp2 = q.prp(cid, 0x100000, 4096)
+        command = run(cid, 2, 1, prp1, prp2, i, 0, 7)
+        command.send(None)  # submitted; the task sleeps
+        slot = q._head * 4
+        cq[slot] = 0
+        cq[slot + 3] = cid | (q._phase << 16)
+        q.reap()
+        try:
+            command.send(done.pop())  # the task wakes with the completion
+        except StopIteration:
+            pass
+main()
 """
     counts = []
     for loops in (0, n):
