@@ -335,7 +335,38 @@ class QueuePair:
             self.release(cid)
             raise
         self._waiters[cid] = self._current_task()
-        self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
+        # `submit` inline (one frame less per I/O): trio rings at once.
+        tail = self._tail
+        SQE.pack_into(
+            self.sq,
+            tail * SQE_SIZE,
+            opcode,
+            0,
+            cid,
+            nsid,
+            0,
+            prp1,
+            prp2,
+            cdw10,
+            cdw11,
+            cdw12,
+            cdw13,
+            0,
+            0,
+        )
+        tail += 1
+        if tail == self.size:
+            tail = 0
+        self._tail = tail
+        self.inflight += 1
+        seq = self.submitted + 1
+        self.submitted = seq
+        self._seq[cid] = seq
+        self.write32(self.sq_doorbell, tail)
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            self.wake(idle, 0)
         # Abort.FAILED: a cancelled task stays until the completion (or the
         # controller's failure) arrives; trio delivers the cancel after that.
         value: int = await self._wait_rescheduled(_abort_failed)
