@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -125,10 +126,12 @@ async def _cancel_mid_transfer(dev: aiovfio.Device, ctrl: aiovfio.nvme.Controlle
                 started += 1
                 await ns.read_into(i * 128, buf)  # leaving unmaps buf: after the completion
 
-    with anyio.move_on_after(0.3):
+    with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             for i in range(8):
                 tg.start_soon(reader, i)
+            # Cancel once every reader is in a transfer, however slow the machine.
+            await _cancel_when(scope, lambda: started >= 8 and _inflight(ctrl) > 0)
     # Every cancelled command completed before its task let go of the buffer.
     assert sum(q.inflight for q in ctrl.queues) == 0
     return started
@@ -151,15 +154,29 @@ async def test_cancel_the_whole_controller_block_mid_transfer(make_target: MakeT
     model = SlowIo(io_latency=0.05)
     t = make_target(model=model)
     async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev:
-        with anyio.move_on_after(0.3):
+        with anyio.CancelScope() as scope:
             async with open_controller(dev, io_queues=2, queue_depth=4) as ctrl:
                 ns = ctrl.namespace()
                 async with anyio.create_task_group() as tg:
                     for i in range(8):
                         tg.start_soon(_read_forever, ns, i)
+                    await _cancel_when(scope, lambda: _inflight(ctrl) > 0)
         assert ctrl.shutdown_clean is True
         assert model._sqs == {}
     assert t.leaks() == []
+
+
+def _inflight(ctrl: aiovfio.nvme.Controller) -> int:
+    return sum(q.inflight for q in ctrl.queues)
+
+
+async def _cancel_when(scope: anyio.CancelScope, ready: Callable[[], bool]) -> None:
+    """Cancel `scope` once `ready()` holds (checked every millisecond, for at most 10 s)."""
+    with anyio.fail_after(10):
+        while not ready():  # noqa: ASYNC110 - driver state, no event to wait on
+            await anyio.sleep(0.001)
+    await anyio.sleep(0.01)  # let the transfers run a little
+    scope.cancel()
 
 
 async def _read_forever(ns: aiovfio.nvme.Namespace, i: int) -> None:
