@@ -152,11 +152,13 @@ def _run_child(name: str) -> tuple[int, list[str]] | int:
 def test_sigint_at_every_public_line(op: Operation) -> None:
     """Each operation's sweep runs in a forked child: CPython 3.11.7 crashes (SIGSEGV inside
     the tracing machinery, on trio's checkpoint) on some runs, which must not take the whole
-    session down. A child that died is run again once; the crash itself is reported."""
+    session down. A child that died is run again, twice at most; each crash is reported."""
     got = _run_child(op.name)
-    if isinstance(got, int):
+    for _ in range(2):
+        if not isinstance(got, int):
+            break
         print(f"[crash] the sweep's child for {op.name} died ({got}); running it again")
         got = _run_child(op.name)
-    assert not isinstance(got, int), f"the sweep's child died twice (exit code {got})"
+    assert not isinstance(got, int), f"the sweep's child died three times (exit code {got})"
     tally = Tally(f"trio SIGINT at public line, {op.name}", got[0], list(got[1]))
     tally.check()
