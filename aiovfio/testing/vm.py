@@ -30,7 +30,7 @@ Exit codes: CMD's own, or
 
 On 124, 125 and 99 the tail of the guest's console goes to stderr. A guest
 that dies before its stage starts (a TCG boot flake) is booted once more.
-`--on SETUP` picks one of the five setups the project's guest suite proves
+`--on SETUP` picks one of the five setups of the project's guest suite
 (`SETUPS`: 6.1, 6.12, iommufd, iommufd-compat, noiommu): a kernel, an IOMMU,
 and the environment that selects aiovfio's backend.
 The same is available from Python as `run_in_guest(argv, ...)`.
@@ -186,7 +186,7 @@ class GuestSetup:
         return {"AIOVFIO_VM_SETUP": self.name, **dict(self.env)}
 
 
-#: The five setups `nox -s vm` and .ci/run prove the public API on.
+#: The five setups of the guest suite (`nox -s vm` runs noxfile.VM_DEFAULT unless named).
 SETUPS: tuple[GuestSetup, ...] = (
     GuestSetup("6.1", "6.1", "intel", about="Debian 6.1, legacy type1 container"),
     GuestSetup("6.12", "6.12", "intel", about="Debian 6.12, legacy type1 container"),
