@@ -259,11 +259,21 @@ async def _cancel(run: _Run, device: aiovfio.Device, ctrl: Controller, ns: Names
                 started += 1
                 await ns.read_into(i * (nbytes // ns.block_size), buf)
 
-    with anyio.move_on_after(0.5) as scope:
+    def busy() -> int:
+        return sum(q.inflight for q in ctrl.queues)
+
+    with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             for i in range(8):
                 tg.start_soon(reader, i)
-    inflight = sum(q.inflight for q in ctrl.queues)
+            # Cancel once every reader is in a transfer: a fixed deadline could
+            # land before the buffers are even mapped on a slow machine (TCG).
+            with anyio.move_on_after(60):
+                while started < 8 or not busy():  # noqa: ASYNC110 - driver state, no event
+                    await anyio.sleep(0.001)
+            await anyio.sleep(0.05)
+            scope.cancel()
+    inflight = busy()
     run.check(
         "the readers were cancelled mid-transfer",
         scope.cancelled_caught and started >= 8,
