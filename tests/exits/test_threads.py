@@ -96,10 +96,9 @@ def release_after_deadline(loop: asyncio.AbstractEventLoop, gate: Gate, fire: An
     loop.call_soon(check)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
 @pytest.mark.parametrize("options", BACKENDS)
 def test_asyncio_timeout_becomes_timeout_error(options: dict[str, Any]) -> None:
-    if sys.version_info < (3, 11):
-        pytest.skip("asyncio.timeout is 3.11+")
     owned: list[int] = []
 
     async def main() -> None:
