@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,7 +24,7 @@ from ._util import PAGE_SIZE, check_int, check_kernel, kcall
 from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space
 from .group import Group
 from .kernel import Kernel, default_kernel
-from .noiommu import NoiommuAttachment
+from .noiommu import NoiommuSpace
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -70,17 +71,27 @@ class Type1Attachment:
                     f"{self.label} with {group_label}",
                     k.set_iommu,
                     self.container_fd,
-                    uapi.Extension.TYPE1v2_IOMMU,
+                    self.iommu_type,
                 )
-                info = self._query_info()
+                space = self._new_space()
             except BaseException:
                 kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
                 raise
-            self.space = Type1Space(
-                kernel=k, info=info, name=self.label, container_fd=self.container_fd
-            )
+            self.space = space
         self._groups.append(group_fd)
         return self.space
+
+    #: the VFIO_SET_IOMMU type the first group sets
+    iommu_type = uapi.Extension.TYPE1v2_IOMMU
+
+    def _new_space(self) -> DmaSpace:
+        """The address space SET_IOMMU just created."""
+        return Type1Space(
+            kernel=self.kernel,
+            info=self._query_info(),
+            name=self.label,
+            container_fd=self.container_fd,
+        )
 
     async def leave(self, group_fd: int, group_label: str) -> None:
         """Retire the space when this is the last group, then GROUP_UNSET_CONTAINER.
@@ -151,6 +162,19 @@ class Type1Attachment:
                     avail = caps.dma_avail(cap)
         sizes = info_c.iova_pgsizes if info_c.flags & uapi.IommuInfoFlag.PGSIZES else PAGE_SIZE
         return IommuInfo(page_sizes=sizes, iova_ranges=ranges, dma_avail=avail)
+
+
+@define(eq=False, repr=False, slots=False)
+class NoiommuAttachment(Type1Attachment):
+    """The noiommu container's attachment: SET_IOMMU(NOIOMMU) and a space of physical addresses."""
+
+    iommu_type = uapi.Extension.NOIOMMU_IOMMU
+
+    def _new_space(self) -> DmaSpace:
+        info = IommuInfo(
+            page_sizes=mmap.PAGESIZE, iova_ranges=((0, (1 << 64) - 1),), dma_avail=None
+        )
+        return NoiommuSpace(kernel=self.kernel, info=info, name=f"{self.label} (noiommu)")
 
 
 @define(eq=False, repr=False, slots=False, kw_only=True)

@@ -25,14 +25,11 @@ from attrs import define, field
 
 from . import _ki, _log, errors
 from ._resource import State
-from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, kcall, kcall_thread
-from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, allocate_memory, buffer_address
-from .kernel import Kernel
+from .dma import DmaBuffer, DmaMapping, DmaSpace, allocate_memory, buffer_address
 
 __all__ = [
     "NOIOMMU_RISK",
-    "NoiommuAttachment",
     "NoiommuBuffer",
     "NoiommuSpace",
     "physical_run",
@@ -217,59 +214,6 @@ class NoiommuBuffer(DmaBuffer):
             raise
         self._opened()
         return self
-
-
-@define(eq=False)
-class NoiommuAttachment:
-    """The noiommu container's counterpart of Type1Attachment: SET_IOMMU(NOIOMMU)."""
-
-    kernel: Kernel
-    container_fd: int
-    label: str
-    _groups: list[int] = field(factory=list, init=False)
-    space: DmaSpace | None = field(default=None, init=False)
-
-    def join(self, group_fd: int, group_label: str) -> DmaSpace:
-        k = self.kernel
-        kcall(
-            "VFIO_GROUP_SET_CONTAINER",
-            group_label,
-            k.group_set_container,
-            group_fd,
-            self.container_fd,
-        )
-        if self.space is None:
-            try:
-                kcall(
-                    "VFIO_SET_IOMMU",
-                    f"{self.label} with {group_label}",
-                    k.set_iommu,
-                    self.container_fd,
-                    uapi.Extension.NOIOMMU_IOMMU,
-                )
-            except BaseException:
-                kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
-                raise
-            self.space = NoiommuSpace(
-                kernel=k,
-                info=IommuInfo(
-                    page_sizes=mmap.PAGESIZE, iova_ranges=((0, (1 << 64) - 1),), dma_avail=None
-                ),
-                name=f"{self.label} (noiommu)",
-            )
-        self._groups.append(group_fd)
-        return self.space
-
-    async def leave(self, group_fd: int, group_label: str) -> None:
-        k = self.kernel
-        if group_fd in self._groups:
-            self._groups.remove(group_fd)
-        try:
-            if not self._groups and self.space is not None:
-                space, self.space = self.space, None
-                await space.aclose()
-        finally:
-            kcall("VFIO_GROUP_UNSET_CONTAINER", group_label, k.group_unset_container, group_fd)
 
 
 _ki.protect_module(__name__)
