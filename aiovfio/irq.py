@@ -237,6 +237,10 @@ class InterruptStream(Resource, anyio.abc.ObjectReceiveStream[int]):
         # The asyncio (and uvloop) hot path: the persistent reader resolves a
         # future when the eventfd counts; nothing here but that wait. A
         # cancelled waiter left behind is done, so the reader skips it.
+        # anyio delivers a scope's cancellation only to a task that waits on an
+        # unfinished future: a device that fires on every iteration (the reader
+        # resolves the waiter first, uvloop runs it first) would starve it.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._receiving = True
         try:
             waiter = loop.create_future()
