@@ -168,11 +168,19 @@ class Region(Resource):
     _w64: memoryview[int] | None = field(default=None, init=False)
     _base: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
+    # The info's size and READ/WRITE flags as plain values: the trapped path tests
+    # them on every access, and an IntFlag `&` is a Python-level call.
+    _size: int = field(default=0, init=False)
+    _readable: bool = field(default=False, init=False)
+    _writable: bool = field(default=False, init=False)
     #: config space is always pread/pwrite, whatever the flags say
     mmap_allowed = True
 
     def __attrs_post_init__(self) -> None:
         self._base = self.info.offset
+        self._size = self.info.size
+        self._readable = self.info.readable
+        self._writable = self.info.writable
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("mmap" if self._v32 is not None else "trapped")
@@ -326,7 +334,7 @@ class Region(Resource):
         for area in self._areas:
             if area.start <= offset and offset + width <= area.end:
                 return int(area.views[width][(offset - area.start) // width])
-        if not self.info.readable:
+        if not self._readable:
             raise self._bad(offset, width, f"read{width * 8}")
         try:
             data = self._kernel.pread(self._fd, width, self._base + offset)
@@ -335,7 +343,7 @@ class Region(Resource):
         return int.from_bytes(data, "little")
 
     def _store(self, offset: int, width: int, value: int) -> None:
-        if not self.info.writable:
+        if not self._writable:
             raise self._bad(offset, width, f"write{width * 8}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._bad_value(value, width, offset)
@@ -383,7 +391,7 @@ class Region(Resource):
             isinstance(offset, int)
             and offset is not True
             and offset is not False
-            and 0 <= offset <= self.info.size - width
+            and 0 <= offset <= self._size - width
             and not offset % width
             and not self._closed
         ):
@@ -395,7 +403,7 @@ class Region(Resource):
             isinstance(offset, int)
             and offset is not True
             and offset is not False
-            and 0 <= offset <= self.info.size - width
+            and 0 <= offset <= self._size - width
             and not offset % width
             and not self._closed
         ):
