@@ -107,6 +107,10 @@ def query_region_info(kernel: Kernel, fd: int, index: int, target: str) -> Regio
     )
 
 
+#: exclusive upper bound of a value of each access width
+_LIMIT = {1: 1 << 8, 2: 1 << 16, 4: 1 << 32, 8: 1 << 64}
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -363,28 +367,80 @@ class Region(Resource):
     # --- exact-width accessors (hot path) ---------------------------------------------------
 
     def read8(self, offset: int) -> int:
-        return self._checked_load(offset, 1, "read8")
+        return self._trapped_load(offset, 1, "read8")
 
     def read16(self, offset: int) -> int:
-        return self._checked_load(offset, 2, "read16")
+        return self._trapped_load(offset, 2, "read16")
 
     def read32(self, offset: int) -> int:
-        return self._checked_load(offset, 4, "read32")
+        return self._trapped_load(offset, 4, "read32")
 
     def read64(self, offset: int) -> int:
-        return self._checked_load(offset, 8, "read64")
+        return self._trapped_load(offset, 8, "read64")
 
     def write8(self, offset: int, value: int) -> None:
-        self._checked_store(offset, 1, value, "write8")
+        self._trapped_store(offset, 1, value, "write8")
 
     def write16(self, offset: int, value: int) -> None:
-        self._checked_store(offset, 2, value, "write16")
+        self._trapped_store(offset, 2, value, "write16")
 
     def write32(self, offset: int, value: int) -> None:
+        # _trapped_store inline: a doorbell is the hottest register write.
+        if (
+            offset.__class__ is int
+            and value.__class__ is int
+            and 0 <= offset <= self._size - 4
+            and not offset & 3
+            and 0 <= value <= 0xFFFF_FFFF
+            and self._writable
+            and not self._areas
+            and not self._closed
+        ):
+            try:
+                self._kernel.pwrite(self._fd, value.to_bytes(4, "little"), self._base + offset)
+            except OSError as exc:
+                raise errors.from_oserror(exc, "pwrite", f"{self.label} at {offset:#x}") from exc
+            return
         self._checked_store(offset, 4, value, "write32")
 
     def write64(self, offset: int, value: int) -> None:
-        self._checked_store(offset, 8, value, "write64")
+        self._trapped_store(offset, 8, value, "write64")
+
+    def _trapped_load(self, offset: int, width: int, what: str) -> int:
+        """One pread of `width` bytes; mmap'd areas, odd types and errors go the slow way."""
+        if (
+            offset.__class__ is int
+            and 0 <= offset <= self._size - width
+            and not offset % width
+            and self._readable
+            and not self._areas
+            and not self._closed
+        ):
+            try:
+                data = self._kernel.pread(self._fd, width, self._base + offset)
+            except OSError as exc:
+                raise errors.from_oserror(exc, "pread", f"{self.label} at {offset:#x}") from exc
+            return int.from_bytes(data, "little")
+        return self._checked_load(offset, width, what)
+
+    def _trapped_store(self, offset: int, width: int, value: int, what: str) -> None:
+        """One pwrite of `width` bytes; mmap'd areas, odd types and errors go the slow way."""
+        if (
+            offset.__class__ is int
+            and value.__class__ is int
+            and 0 <= offset <= self._size - width
+            and not offset % width
+            and 0 <= value < _LIMIT[width]
+            and self._writable
+            and not self._areas
+            and not self._closed
+        ):
+            try:
+                self._kernel.pwrite(self._fd, value.to_bytes(width, "little"), self._base + offset)
+            except OSError as exc:
+                raise errors.from_oserror(exc, "pwrite", f"{self.label} at {offset:#x}") from exc
+            return
+        self._checked_store(offset, width, value, what)
 
     def _checked_load(self, offset: int, width: int, what: str) -> int:
         if not (
