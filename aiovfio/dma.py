@@ -37,6 +37,8 @@ from ._resource import Resource, State
 from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, check_int, kcall_thread
 
+_OPEN = State.OPEN
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
@@ -613,6 +615,13 @@ class DmaBuffer(Resource):
     @property
     def iova(self) -> int:
         """The IO virtual address the device uses for `view[0]`."""
+        # Inline for the open case (every zero-copy command asks): the two
+        # property calls and two open checks below only explain a refusal.
+        m = self._mapping
+        if self._state == _OPEN and m is not None and m._state == _OPEN:
+            iova = m._iova
+            if iova is not None:
+                return iova
         return self.mapping.iova
 
     @property
