@@ -211,6 +211,8 @@ class FaultLog:
 
     def flush(self, stacklevel: int = 2) -> None:
         """Emit the warnings of faults recorded since the last flush."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
         for record in pending:
             warnings.warn(str(record), FAULT_KINDS[record.kind], stacklevel=stacklevel + 1)

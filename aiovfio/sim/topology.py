@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from attrs import define, field
 
+from .._uapi.vfio import PciRegion, RegionFlag
 from ..errors import DeviceNotFound
 from ..kernel.protocol import PciIds
 from ..kernel.viability import is_vfio_driver, keeps_group_viable
@@ -35,6 +36,9 @@ from .iommu import MemlockAccount, ProcessMemory, Type1Iommu
 from .irqs import DeviceIrqs
 from .model import DeviceModel, RegionSpec
 from .rules import Personality
+
+_BAR5 = int(PciRegion.BAR5)
+_REGION_WRITE = int(RegionFlag.WRITE)
 
 __all__ = ["RegionRam", "SimContainer", "SimDevice", "SimGroup", "Topology"]
 
@@ -134,6 +138,21 @@ class SimDevice:
     cdev: int | None = None
     #: the IOAS the device is attached to through its cdev
     ioas: Ioas | None = field(default=None, repr=False)
+    #: trapped BARs without mmap areas: index -> (size, writable, MSI-X table start, end),
+    #: as plain values for the register-access fast path (`kernel.device.device_rw`)
+    trapped_bars: dict[int, tuple[int, bool, int, int]] = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        table = self.config.msix_table
+        self.trapped_bars = {}
+        for index, spec in self.regions.items():
+            if index > _BAR5 or spec.mmap_areas:
+                continue
+            start = end = 0
+            if table is not None and table.bar == index:
+                start, end = table.offset, table.offset + table.size
+            writable = bool(int(spec.flags) & _REGION_WRITE)
+            self.trapped_bars[index] = (spec.size, writable, start, end)
 
     @property
     def vfio(self) -> bool:

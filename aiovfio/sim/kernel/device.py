@@ -52,6 +52,8 @@ _VGA = int(PciRegion.VGA)
 _ROM = int(PciRegion.ROM)
 _WRITE = int(RegionFlag.WRITE)
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: (1 << 64) - 1}
+_COMMAND = 0x04  # the COMMAND register's offset in config space
+_MEMORY_SPACE = int(Command.MEMORY)
 
 
 def device_ioctl(files: FileTable, d: SimDevice, nr: int, arg: Arg) -> int:
@@ -287,6 +289,28 @@ def device_rw(files: FileTable, d: SimDevice, offset: int, size: int, data: byte
     """vfio_pci_rw: pread (data None) or pwrite of `size` bytes at `offset`."""
     index = offset >> VFIO_PCI_OFFSET_SHIFT
     pos = offset & _OFFSET_MASK
+    bar = d.trapped_bars.get(index)
+    if bar is not None:
+        # The register-access fast path: one naturally aligned access of a width
+        # vfio-pci makes at once, inside a trapped BAR without mmap areas, outside
+        # the MSI-X table, with Memory Space on, reaches the model directly. The
+        # rules it passes are the ones the general path below checks; anything
+        # else takes that path and its errors.
+        bar_size, writable, table_start, table_end = bar
+        if (
+            size in _WIDTHS
+            and size <= files.topology.io_width
+            and not pos % size
+            and pos + size <= bar_size
+            and (writable or data is None)
+            and not table_start <= pos < table_end
+            and d.config.phys[_COMMAND] & _MEMORY_SPACE
+        ):
+            if data is None:
+                value = d.model.read(index, pos, size)
+                return (int(value) & _MASKS[size]).to_bytes(size, "little")
+            d.model.write(index, pos, size, int.from_bytes(data[:size], "little"))
+            return b""
     if index >= _NUM_REGIONS:
         raise rules.IO_BAD_REGION.error(f"offset {offset:#x} (index {index}) of {d.name}")
     if not size:

@@ -58,7 +58,7 @@ R = TypeVar("R")
 
 def _op(fn: Callable[Concatenate[SimKernel, P], R]) -> Callable[Concatenate[SimKernel, P], R]:
     """Count the call, fire injected faults first, serialise on the machine lock."""
-    name = fn.__name__
+    name = fn.__name__.strip("_")
 
     @functools.wraps(fn)
     def wrapper(self: SimKernel, /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -78,7 +78,7 @@ def _op(fn: Callable[Concatenate[SimKernel, P], R]) -> Callable[Concatenate[SimK
                 raise
             finally:
                 topo.depth -= 1
-            if _log.enabled():
+            if _log.state.is_configured:  # debug events are wanted (see aiovfio._log)
                 _log.logger.debug("kernel.sim", op=name, args=_brief(args), result=_brief(result))
             if injected is not None:  # close: the fd is gone, and the error is reported
                 raise injected
@@ -112,7 +112,10 @@ class SimKernel:
     # Register access (pread/pwrite of a device fd) is the hot path: it trusts
     # the fd table without the fstat that notices a device fd closed behind the
     # kernel's back with os.close and its number reused (every other call,
-    # and leaks(), still notice it). _fast_file names this trade.
+    # and leaks(), still notice it). `pread`/`pwrite` below do what `_op` does
+    # (count, injections, the lock, fault warnings, debug events) inline for a
+    # group device fd of a live machine with no injection armed; anything else
+    # goes through `_op` and the general `__pread`/`__pwrite`.
 
     # --- ioctl dispatch ------------------------------------------------------------------
 
@@ -324,13 +327,58 @@ class SimKernel:
 
     # --- device I/O ----------------------------------------------------------------------
 
-    @_op
     def pread(self, fd: int, size: int, offset: int) -> bytes:
+        topo = self._topo
+        with topo.lock:
+            f = self._files.files.get(fd)
+            injector = topo.injector
+            if type(f) is not DeviceFile or topo.closed or injector.injections or size < 0:
+                return self.__pread(fd, size, offset)
+            injector.calls["pread"] += 1
+            topo.depth += 1
+            try:
+                data = device_rw(self._files, f.device, offset, size, None)
+            except OSError as exc:
+                _log.debug("kernel.sim", op="pread", errno=exc.errno, error=str(exc))
+                raise
+            finally:
+                topo.depth -= 1
+            if _log.state.is_configured:
+                _log.logger.debug(
+                    "kernel.sim", op="pread", args=(fd, size, offset), result=_brief(data)
+                )
+            if not topo.depth:
+                topo.faults.flush(stacklevel=3)
+            return data
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        topo = self._topo
+        with topo.lock:
+            f = self._files.files.get(fd)
+            injector = topo.injector
+            if type(f) is not DeviceFile or topo.closed or injector.injections:
+                return self.__pwrite(fd, data, offset)
+            injector.calls["pwrite"] += 1
+            topo.depth += 1
+            try:
+                device_rw(self._files, f.device, offset, len(data), bytes(data))
+            except OSError as exc:
+                _log.debug("kernel.sim", op="pwrite", errno=exc.errno, error=str(exc))
+                raise
+            finally:
+                topo.depth -= 1
+            if _log.state.is_configured:
+                _log.logger.debug(
+                    "kernel.sim", op="pwrite", args=(fd, _brief(data), offset), result=None
+                )
+            if not topo.depth:
+                topo.faults.flush(stacklevel=3)
+            return None
+
+    @_op
+    def __pread(self, fd: int, size: int, offset: int) -> bytes:
         if size < 0:
             raise ValueError(f"negative read size {size}")  # as os.pread
-        f = self._files.files.get(fd)
-        if type(f) is DeviceFile:  # the hot path: no fstat (see _fast_file)
-            return device_rw(self._files, f.device, offset, size, None)
         f = self._files.lookup(fd)
         if isinstance(f, CdevFile) and f.bound is None:
             raise rules.CDEV_NOT_BOUND.error(f"pread of fd {fd}")
@@ -344,11 +392,7 @@ class SimKernel:
         return data
 
     @_op
-    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
-        f = self._files.files.get(fd)
-        if type(f) is DeviceFile:  # the hot path: no fstat (see _fast_file)
-            device_rw(self._files, f.device, offset, len(data), bytes(data))
-            return
+    def __pwrite(self, fd: int, data: bytes, offset: int) -> None:
         f = self._files.lookup(fd)
         if isinstance(f, CdevFile) and f.bound is None:
             raise rules.CDEV_NOT_BOUND.error(f"pwrite of fd {fd}")
