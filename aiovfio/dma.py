@@ -36,6 +36,7 @@ from ._iova import IovaAllocator
 from ._resource import Resource, State
 from ._uapi import vfio as uapi
 from ._util import PAGE_SIZE, check_int, kcall_thread
+from .kernel import lent
 
 _OPEN = State.OPEN
 
@@ -352,17 +353,22 @@ class DmaSpace(Resource, abc.ABC):
                 self._dma_avail -= 1
             self._pinned += mapping.size
 
+        # A kernel that can copy through a view of the memory (the simulator) may
+        # keep it instead of reading process memory by address (aiovfio.kernel.lent).
+        memory = mapping._pin if mapping._pin is not None else mapping._memory
+        mapping._memory = None  # lent for this call only: the owner's exports stay its own
         try:
-            await kcall_thread(
-                self.map_operation,
-                target,
-                self._kernel_map,
-                mapping.vaddr,
-                iova,
-                mapping.size,
-                mapping.readonly,
-                then=own,
-            )
+            with lent.lend(mapping.vaddr, mapping.size, memory):
+                await kcall_thread(
+                    self.map_operation,
+                    target,
+                    self._kernel_map,
+                    mapping.vaddr,
+                    iova,
+                    mapping.size,
+                    mapping.readonly,
+                    then=own,
+                )
         except errors.OutOfMemory as exc:
             alloc.release(iova, mapping.size)
             raise self._enomem(exc, mapping.size) from exc
@@ -505,6 +511,9 @@ class DmaMapping(Resource):
     dma_mask: int | None = None
     #: keeps the caller's buffer exported (un-resizable, un-closable) while mapped
     _pin: memoryview | None = field(default=None, alias="pin")
+    #: the mapped bytes when the mapping does not own them (a DmaBuffer's view): lent to
+    #: the kernel during the map call, as the pin is
+    _memory: memoryview | None = field(default=None, alias="memory")
     _iova: int | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
@@ -646,7 +655,12 @@ class DmaBuffer(Resource):
             if self.readonly:
                 populate_write(self._view, self.space.page_size)
             self._mapping = DmaMapping(
-                self.space, address, self.size, self.readonly, dma_mask=self.dma_mask
+                self.space,
+                address,
+                self.size,
+                self.readonly,
+                dma_mask=self.dma_mask,
+                memory=self._view,
             )
             await self._mapping.__aenter__()
         except BaseException:

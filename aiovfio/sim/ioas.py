@@ -14,13 +14,14 @@ the process's memlock account, as iommufd's default accounting does.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from attrs import define, field
 
 from .._uapi.iommufd import IoasMapFlag
 from . import rules
-from .iommu import DmaMapping, MemlockAccount, ProcessMemory, TranslationFault
+from .iommu import DmaMapping, MemlockAccount, ProcessMemory, TranslationFault, borrow_view
 
 __all__ = ["Ioas", "U64"]
 
@@ -40,6 +41,8 @@ class Ioas:
     mappings: list[DmaMapping] = field(factory=list)
     #: names of the devices attached to it
     devices: list[str] = field(factory=list)
+    #: the mappings' IOVAs, sorted as `mappings` is (for bisect)
+    _starts: list[int] = field(factory=list, repr=False)
 
     def label(self) -> str:
         return f"IOAS {self.id}"
@@ -99,8 +102,10 @@ class Ioas:
                 f"{self.memlock.locked:#x} bytes pinned, {length:#x} more, limit {limit:#x}"
             )
         self.memlock.locked += length
-        self.mappings.append(DmaMapping(iova, length, user_va, read, write))
-        self.mappings.sort(key=lambda m: m.iova)
+        m = DmaMapping(iova, length, user_va, read, write, view=borrow_view(user_va, length))
+        i = bisect.bisect_right(self._starts, iova)
+        self.mappings.insert(i, m)
+        self._starts.insert(i, iova)
         return iova
 
     def _pick(self, length: int, user_va: int) -> int:
@@ -141,7 +146,8 @@ class Ioas:
         return sum(m.size for m in targets)
 
     def _remove(self, m: DmaMapping) -> None:
-        self.mappings.remove(m)
+        i = self.mappings.index(m)
+        del self.mappings[i], self._starts[i]
         self.memlock.locked -= m.size
 
     def release(self) -> None:
@@ -155,12 +161,21 @@ class Ioas:
         end = start + size
         return [m for m in self.mappings if m.iova < end and start < m.end]
 
+    def lookup(self, iova: int) -> DmaMapping | None:
+        """The mapping holding `iova`: a binary search of the sorted starts (O(log n))."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            m = self.mappings[i]
+            if iova < m.end:
+                return m
+        return None
+
     def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
         """(vaddr, length) segments for a device access, or TranslationFault."""
         segments: list[tuple[int, int]] = []
         pos, end = iova, iova + size
         while pos < end:
-            m = next((m for m in self.mappings if m.iova <= pos < m.end), None)
+            m = self.lookup(pos)
             if m is None:
                 raise TranslationFault(pos, f"IOVA {pos:#x} is not mapped in {self.label()}")
             if write and not m.write:

@@ -8,21 +8,39 @@ and page sizes it reports, and the map/unmap rules of vfio_iommu_type1.c.
 Device DMA goes through `translate`: every byte of the access must be
 mapped with the permission (READ for a device read, WRITE for a device
 write), or the access is an IOMMU fault and nothing is copied. The bytes are
-then read or written through /proc/self/mem, which never crashes the
-process: memory the process unmapped after MAP_DMA reads as zeros and takes
-no writes (on Linux the device would still reach the pinned pages).
+then copied one of two ways, and neither can crash the process:
+
+* through the mapping's `view`, without a syscall, when the map call's
+  caller lent a memoryview of exactly that memory (`aiovfio.kernel.lent`:
+  the public layer lends a DmaMapping's pin and a DmaBuffer's view). This is
+  safe for as long as the view is not released: the buffer protocol keeps
+  the memory behind an unreleased memoryview allocated and mapped (an mmap
+  with exports refuses to close, a bytearray to resize), and a released
+  one raises ValueError on every access instead of touching memory; the
+  machine then drops the view and falls back to the second way. Each copy
+  is one C call made under the GIL (`Struct.unpack_from` to read, a slice
+  assignment to write), so the lender cannot release the view half-way
+  through a copy; on a free-threaded build the view is never used.
+* through /proc/self/mem, for any other memory (a raw Kernel user's
+  address): memory the process unmapped after MAP_DMA reads as zeros and
+  takes no writes (on Linux the device would still reach the pinned pages),
+  recorded as a device fault.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 import resource
+import struct
+import sys
 from collections.abc import Sequence
 
 from attrs import define, field
 
 from .._uapi.vfio import DmaMapFlag, DmaUnmapFlag
+from ..kernel import lent
 from . import rules
 
 __all__ = [
@@ -48,10 +66,14 @@ class DmaMapping:
     read: bool
     write: bool
     vaddr_valid: bool = True
+    #: the memory as a byte view lent by the map call's caller (see the module
+    #: docstring), None to go through /proc/self/mem
+    view: memoryview | None = field(default=None, repr=False)
+    #: iova + size, kept as a plain attribute for the translation hot path
+    end: int = field(init=False, repr=False)
 
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
+    def __attrs_post_init__(self) -> None:
+        self.end = self.iova + self.size
 
     def __str__(self) -> str:
         perm = ("R" if self.read else "-") + ("W" if self.write else "-")
@@ -92,6 +114,60 @@ class MemlockAccount:
 
     limit: int | None
     locked: int = 0
+
+
+#: one `Struct(f"{n}s")` per copy size seen, for reading through a lent view (bounded)
+_READERS: dict[int, struct.Struct] = {}
+_MAX_READERS = 256
+#: whether the GIL serialises threads (CPython's free-threaded build may run without it)
+_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+
+
+def borrow_view(vaddr: int, size: int) -> memoryview | None:
+    """The byte view lent for [vaddr, vaddr+size) by the map call in progress, if usable."""
+    view = lent.borrow(vaddr, size)
+    if view is None or not _GIL:
+        return None
+    try:
+        if (
+            view.readonly
+            or view.format != "B"
+            or view.ndim != 1
+            or not view.c_contiguous
+            or view.nbytes != size
+        ):
+            return None
+        anchor = ctypes.c_char.from_buffer(view)
+        try:
+            address = ctypes.addressof(anchor)
+        finally:
+            del anchor
+    except (ValueError, TypeError, BufferError):  # released, or not exportable
+        return None
+    return view if address == vaddr else None
+
+
+def view_read(view: memoryview, offset: int, size: int) -> bytes | None:
+    """`size` bytes at `offset` of a lent view in one C call; None once it is released."""
+    reader = _READERS.get(size)
+    if reader is None:
+        reader = struct.Struct(f"{size}s")
+        if len(_READERS) < _MAX_READERS:
+            _READERS[size] = reader
+    try:
+        data: bytes = reader.unpack_from(view, offset)[0]
+    except ValueError:
+        return None
+    return data
+
+
+def view_write(view: memoryview, offset: int, data: bytes) -> bool:
+    """Copy `data` into a lent view at `offset` (one C call); False once it is released."""
+    try:
+        view[offset : offset + len(data)] = data
+    except ValueError:
+        return False
+    return True
 
 
 class ProcessMemory:
@@ -217,6 +293,7 @@ class Type1Iommu:
                 raise rules.MAP_VADDR_MISMATCH.error(str(dma))
             dma.vaddr = vaddr
             dma.vaddr_valid = True
+            dma.view = borrow_view(vaddr, size)  # the new memory, as the sim reads by vaddr
             return
         if overlap:
             raise rules.MAP_OVERLAP.error(f"IOVA {iova:#x}+{size:#x} overlaps {overlap[0]}")
@@ -236,7 +313,7 @@ class Type1Iommu:
             )
         self.memlock.locked += size
         self.dma_avail -= 1
-        m = DmaMapping(iova, size, vaddr, read, write)
+        m = DmaMapping(iova, size, vaddr, read, write, view=borrow_view(vaddr, size))
         i = bisect.bisect_right(self._starts, iova)
         self.mappings.insert(i, m)
         self._starts.insert(i, iova)
@@ -298,6 +375,10 @@ class Type1Iommu:
             self._remove(m)
 
     # --- device DMA --------------------------------------------------------------------------
+
+    def lookup(self, iova: int) -> DmaMapping | None:
+        """The mapping holding `iova` (for the machine's one-mapping DMA fast path)."""
+        return self._find(iova)
 
     def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
         """(vaddr, length) segments for a device access, or TranslationFault."""

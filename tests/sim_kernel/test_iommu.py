@@ -9,7 +9,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from aiovfio._uapi.vfio import DmaMapFlag, DmaUnmapFlag, Extension
-from aiovfio.sim import IommuFault
+from aiovfio.kernel import lent
+from aiovfio.sim import IommuFault, Machine
 
 from .rig import GROUP, NAME, PAGE, Rig, buffer
 
@@ -173,3 +174,96 @@ def test_memlock_is_shared_by_containers(rig: Rig) -> None:
     rig.map(c2, addr, 0, PAGE)
     assert rig.machine._memlock.locked == 3 * PAGE
     assert GROUP == 10
+
+
+# --- memory lent by the map call's caller (aiovfio.kernel.lent) -------------------------------
+
+
+def _no_syscalls(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("the copy went through /proc/self/mem")
+
+    monkeypatch.setattr(rig.machine.topology.memory, "read", refuse)
+    monkeypatch.setattr(rig.machine.topology.memory, "write", refuse)
+
+
+@_FAULTS_ON_PURPOSE
+def test_lent_memory_is_copied_without_a_syscall_until_released(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer(2)
+    view = memoryview(buf)
+    with lent.lend(addr, 2 * PAGE, view):
+        rig.map(c, addr, IOVA, 2 * PAGE)
+    with monkeypatch.context() as patch:
+        _no_syscalls(rig, patch)
+        buf[PAGE - 2 : PAGE + 2] = b"abcd"
+        assert ctx(rig).dma_read(IOVA + PAGE - 2, 4) == b"abcd"  # across a page
+        ctx(rig).dma_write(IOVA + 10, b"device")
+        assert buf[10:16] == b"device"
+        with pytest.raises(IommuFault, match="not mapped"):  # past the end: the checked path
+            ctx(rig).dma_read(IOVA + 2 * PAGE - 2, 4)
+    view.release()  # the lender lets go: the machine reads by address again
+    assert ctx(rig).dma_read(IOVA + 10, 6) == b"device"
+    buf.close()  # nothing holds the memory now; the device must not crash the process
+    assert ctx(rig).dma_read(IOVA, 4) == bytes(4)
+    assert rig.machine.faults.count("device") == 1
+    assert rig.machine.faults.count("iommu") == 1
+
+
+@_FAULTS_ON_PURPOSE
+def test_lent_memory_keeps_the_mapping_permissions(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer()
+    buf[:4] = b"keep"
+    with lent.lend(addr, PAGE, memoryview(buf)):
+        rig.map(c, addr, IOVA, PAGE, DmaMapFlag.READ)
+    with pytest.raises(IommuFault, match="without WRITE"):
+        ctx(rig).dma_write(IOVA, b"over")
+    assert buf[:4] == b"keep"
+    rig.cfg_write(d, 4, 2, rig.cfg_read(d, 4, 2) & ~0x4)  # Bus Master off
+    with pytest.raises(IommuFault, match="Bus Master"):
+        ctx(rig).dma_read(IOVA, 4)
+    assert rig.machine.faults.counts == {"iommu": 1, "bus_master": 1}
+
+
+def test_a_view_of_other_memory_is_not_used(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer()
+    other, _ = buffer()
+    buf[:4], other[:4] = b"real", b"fake"
+    with lent.lend(addr, PAGE, memoryview(other)):  # lent under buf's address: refused
+        rig.map(c, addr, IOVA, PAGE)
+    assert ctx(rig).dma_read(IOVA, 4) == b"real"
+    assert rig.machine.topology.containers[0].iommu.mappings[0].view is None  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_the_public_layer_lends_its_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DmaBuffer's and a map_dma pin's memory reach the device without a syscall."""
+    import aiovfio
+    from aiovfio.sim.models import Edu
+
+    with Machine(clock="manual") as machine:
+        machine.add_device(Edu(), name=NAME)
+        async with aiovfio.open_device(NAME, kernel=machine.kernel) as dev:
+            dev.config.enable()
+            own = mmap.mmap(-1, PAGE)
+            async with dev.dma_buffer(PAGE) as buf, dev.map_dma(own) as mapping:
+                memory = machine.topology.memory
+                monkeypatch.setattr(memory, "read", None)  # any use is a TypeError
+                monkeypatch.setattr(memory, "write", None)
+                ctx = machine.model(NAME)._ctx  # type: ignore[attr-defined]
+                buf.view[:5] = b"lent!"
+                assert ctx.dma_read(buf.iova, 5) == b"lent!"
+                ctx.dma_write(mapping.iova + 7, b"pin")
+                assert own[7:10] == b"pin"
+                monkeypatch.undo()
+            own.close()  # the pin went with the mapping
+        assert machine.leaks() == []
