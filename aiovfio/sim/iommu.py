@@ -259,7 +259,7 @@ class Type1Iommu:
         end = start + size
         return [m for m in self.mappings if m.iova < end and start < m.end]
 
-    def _find(self, iova: int) -> DmaMapping | None:
+    def lookup(self, iova: int) -> DmaMapping | None:
         """The mapping holding `iova`: a binary search of the sorted starts (O(log n))."""
         i = bisect.bisect_right(self._starts, iova) - 1
         if i >= 0:
@@ -267,6 +267,8 @@ class Type1Iommu:
             if iova < m.end:
                 return m
         return None
+
+    _find = lookup
 
     # --- VFIO_IOMMU_MAP_DMA ----------------------------------------------------------------
 
@@ -375,10 +377,6 @@ class Type1Iommu:
             self._remove(m)
 
     # --- device DMA --------------------------------------------------------------------------
-
-    def lookup(self, iova: int) -> DmaMapping | None:
-        """The mapping holding `iova` (for the machine's one-mapping DMA fast path)."""
-        return self._find(iova)
 
     def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
         """(vaddr, length) segments for a device access, or TranslationFault."""

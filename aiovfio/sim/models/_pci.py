@@ -32,6 +32,8 @@ __all__ = [
 MSG_CTRL_OFFSET = 2
 #: Capability pointers are dword aligned; the low two bits are reserved.
 _CAP_POINTER_MASK = 0xFC
+#: The Enable bits as plain ints (an IntFlag `&` is a Python-level call, made per interrupt).
+_MSI_ENABLE, _MSIX_ENABLE = int(MsiCtrl.ENABLE), int(MsixCtrl.ENABLE)
 #: The list cannot hold more entries than there are dwords after the header.
 _MAX_CAPS = (CONFIG_SPACE_SIZE - 0x40) // 4
 
@@ -71,14 +73,14 @@ class CapabilityFinder:
         cap = self.offset(ctx, CapId.MSI)
         if cap is None:
             return False
-        return bool(ctx.config_read(cap + MSG_CTRL_OFFSET, 2) & MsiCtrl.ENABLE)
+        return bool(ctx.config_read(cap + MSG_CTRL_OFFSET, 2) & _MSI_ENABLE)
 
     def msix_enabled(self, ctx: DeviceContext) -> bool:
         """MSI-X Enable in the device's MSI-X capability (False without one)."""
         cap = self.offset(ctx, CapId.MSIX)
         if cap is None:
             return False
-        return bool(ctx.config_read(cap + MSG_CTRL_OFFSET, 2) & MsixCtrl.ENABLE)
+        return bool(ctx.config_read(cap + MSG_CTRL_OFFSET, 2) & _MSIX_ENABLE)
 
 
 def vfio_pci_irqs(*, intx: bool, msi: int, msix: int, pcie: bool) -> tuple[IrqSpec, ...]:

@@ -106,6 +106,7 @@ _FEATURES: dict[int, tuple[int, int]] = {
 _LBA_FORMATS = ((0, 9), (8, 9), (16, 9), (64, 9), (0, 12), (8, 12), (16, 12), (64, 12))
 _REGISTERS = struct.Struct("<QIIIIIIIIQQ")  # CAP .. ACQ, as NvmeBar lays them out
 _REGISTER_FILE = 0x1000
+_CSTS, _CC = int(Reg.CSTS), int(Reg.CC)
 #: Identify Controller constants that are QEMU's.
 _MODEL_NUMBER = "QEMU NVMe Ctrl"
 _NQN_PREFIX = "nqn.2019-08.org.qemu:"
@@ -175,6 +176,17 @@ class _SubmissionQueue:
     #: commands fetched whose completion is not posted yet (QEMU's requests)
     outstanding: int = 0
     scheduled: bool = False
+
+
+@define(eq=False)
+class _Usage:
+    """The SMART log's counters (a plain class: the model's own attributes pay attrs'
+    validating __setattr__, and these change on every command)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reads: int = 0
+    writes: int = 0
 
 
 @define(eq=False)
@@ -273,10 +285,7 @@ class Nvme(DeviceModel):
     _async_config: int = field(default=0, init=False, repr=False)
     _temp_over: int = field(default=_TEMPERATURE_WARNING, init=False, repr=False)
     _temp_under: int = field(default=0, init=False, repr=False)
-    _bytes_read: int = field(default=0, init=False, repr=False)
-    _bytes_written: int = field(default=0, init=False, repr=False)
-    _reads: int = field(default=0, init=False, repr=False)
-    _writes: int = field(default=0, init=False, repr=False)
+    _usage: _Usage = field(factory=_Usage, init=False, repr=False)
     # BAR0 layout, as QEMU computes it from max_ioqpairs and msix_qsize
     _table_offset: int = field(init=False, repr=False)
     _pba_offset: int = field(init=False, repr=False)
@@ -356,6 +365,11 @@ class Nvme(DeviceModel):
         """Registers (any width), doorbells (read 0), MSI-X table and PBA."""
         if region != PciRegion.BAR0 or not 0 <= offset <= self._bar_size - size:
             return 0
+        if size == 4:  # the registers a driver polls, without packing the register file
+            if offset == _CSTS:
+                return self._csts
+            if offset == _CC:
+                return self._cc
         if offset < _REGISTER_FILE:
             if offset + size > _REGISTER_FILE:
                 return 0
@@ -699,11 +713,15 @@ class Nvme(DeviceModel):
         segments = self._map_prp(command.prp1, command.prp2, len(data))
         if isinstance(segments, int):
             return segments
-        position = 0
+        ctx = self._context
         try:
+            if len(segments) == 1:
+                ctx.dma_write(segments[0][0], data)  # PRP1 alone: no copy of the slice
+                return Status.SUCCESS
+            position = 0
             for address, length in segments:
                 if length:
-                    self._context.dma_write(address, data[position : position + length])
+                    ctx.dma_write(address, data[position : position + length])
                 position += length
         except IommuFault:
             return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
@@ -1011,28 +1029,32 @@ class Nvme(DeviceModel):
         return self._store.size // self.lba_size
 
     def _read_write(self, command: Command, *, write: bool) -> _Result:
-        slba, nlb = self._lba_range(command)
-        length = nlb * self.lba_size
-        status = self._check_mdts(length)
-        if status:
-            return _Result(status)
-        if slba + nlb > self._blocks:
+        # _lba_range, _check_mdts and _blocks, inline: this runs for every I/O
+        slba, nlb = command.cdw11 << 32 | command.cdw10, (command.cdw12 & _U16) + 1
+        lba_size = self.lba_size
+        length = nlb * lba_size
+        if length > self._page_size << self.mdts:
+            return _fail(Status.INVALID_FIELD)
+        if slba + nlb > self._store.size // lba_size:
             return _fail(Status.LBA_OUT_OF_RANGE)
         if command.psdt:
             return _fail(Status.INVALID_FIELD)  # SGLs are not offered (Identify SGLS = 0)
-        offset = slba * self.lba_size
+        offset = slba * lba_size
         if write:
             data = self._from_host(command, length)
             if isinstance(data, int):
                 return _Result(data)
             self._store.write(offset, data)
-            self._bytes_written += length
-            self._writes += 1
+            usage = self._usage
+            usage.bytes_written += length
+            usage.writes += 1
             return _OK
         status = self._to_host(command, self._store.read(offset, length))
         if not status:
-            self._bytes_read += length
-            self._reads += 1
+            usage = self._usage
+            usage.bytes_read += length
+            usage.reads += 1
+            return _OK
         return _Result(status)
 
     def _write_zeroes(self, command: Command) -> _Result:
@@ -1097,10 +1119,11 @@ class Nvme(DeviceModel):
             data[offset : offset + 16] = value.to_bytes(16, "little")
 
         struct.pack_into("<H", data, Smart.TEMPERATURE, _TEMPERATURE)
-        put128(Smart.DATA_UNITS_READ, -(-self._bytes_read // _SMART_UNIT))
-        put128(Smart.DATA_UNITS_WRITTEN, -(-self._bytes_written // _SMART_UNIT))
-        put128(Smart.HOST_READ_COMMANDS, self._reads)
-        put128(Smart.HOST_WRITE_COMMANDS, self._writes)
+        usage = self._usage
+        put128(Smart.DATA_UNITS_READ, -(-usage.bytes_read // _SMART_UNIT))
+        put128(Smart.DATA_UNITS_WRITTEN, -(-usage.bytes_written // _SMART_UNIT))
+        put128(Smart.HOST_READ_COMMANDS, usage.reads)
+        put128(Smart.HOST_WRITE_COMMANDS, usage.writes)
         return bytes(data)
 
 
