@@ -6,8 +6,10 @@ Two kinds:
   runs due callbacks in order, each under the machine lock. While a device
   is open (`hold`) it waits for the next callback instead of exiting, so a
   command does not pay for a thread start; with nothing open and nothing
-  pending there is no thread. `close()`
-  drops what is pending and joins the thread.
+  pending there is no thread. The worker sleeps on a lock used as a wake-up
+  token (released by `schedule` only while it sleeps), not on a Condition:
+  a Condition's wait and notify are a dozen Python-level calls per wake-up,
+  paid on every command. `close()` drops what is pending and joins the thread.
 * ``"manual"``: machine time stands still; nothing runs until the test calls
   `advance(seconds)` or `run_until_idle()`. Deterministic tests use it.
 
@@ -57,6 +59,11 @@ class Clock:
         #: runs each callback (the machine's: marks it busy, then flushes fault warnings)
         self._runner: Callable[[Callable[[], None]], None] = runner or _call
         self._cond = threading.Condition(threading.Lock())
+        #: the sleeping worker's wake-up token: held while no wake-up is pending
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        #: the worker is (about to be) blocked on `_wake`; guarded by `_cond`
+        self._sleeping = False
         # Times are integer nanoseconds, so manual steps add up exactly.
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
@@ -106,36 +113,49 @@ class Clock:
                 if self._thread is None:
                     self._start_worker()
                 else:
-                    self._cond.notify_all()
+                    self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        """Release the token once per sleep (the caller holds `_cond`)."""
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.release()
 
     # --- thread kind -----------------------------------------------------------------------
 
     def _worker(self) -> None:
+        cond, heap, wake, clock = self._cond, self._heap, self._wake, time.monotonic_ns
         while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        break
-                    if not self._heap:
-                        if self._busy:
-                            self._busy = False
-                            self._cond.notify_all()  # wait_idle: nothing pending now
-                        if not self._holds:
-                            break
-                        self._cond.wait()  # a device is open: stay warm for its next command
-                        continue
-                    wait = self._heap[0][0] - self._now_ns()
+            timeout = -1.0  # seconds to sleep; -1: until woken
+            with cond:
+                self._sleeping = False
+                if self._closed:
+                    callback = None
+                elif not heap:
+                    if self._busy:
+                        self._busy = False
+                        cond.notify_all()  # wait_idle: nothing pending now
+                    callback = None
+                    if self._holds:  # a device is open: stay warm for its next command
+                        self._sleeping = True
+                else:
+                    wait = heap[0][0] - (clock() - self._start)
                     if wait <= 0:
-                        _, _, callback = heapq.heappop(self._heap)
+                        _, _, callback = heapq.heappop(heap)
                         self._busy = True
-                        break
-                    self._cond.wait(wait / 1e9)
-                if self._closed or not self._busy:
+                    else:
+                        callback = None
+                        timeout = min(wait / 1e9, threading.TIMEOUT_MAX)
+                        self._sleeping = True
+                if callback is None and not self._sleeping:
                     self._thread = None
                     self._busy = False
-                    self._cond.notify_all()
+                    cond.notify_all()
                     return
-            self._run(callback)
+            if callback is not None:
+                self._run(callback)
+            else:
+                wake.acquire(True, timeout)
 
     def hold(self) -> None:
         """Keep the worker thread alive while idle (a device is open); pair with release()."""
@@ -147,7 +167,7 @@ class Clock:
     def release(self) -> None:
         with self._cond:
             self._holds = max(0, self._holds - 1)
-            self._cond.notify_all()
+            self._wake_worker()  # an idle worker exits when nothing holds it
 
     def _start_worker(self) -> None:
         self._thread = threading.Thread(target=self._worker, name="aiovfio-sim-clock", daemon=True)
@@ -230,6 +250,7 @@ class Clock:
         with self._cond:
             self._closed = True
             self._heap.clear()
+            self._wake_worker()
             self._cond.notify_all()
             workers = list(self._workers)
         for thread in workers:
