@@ -159,7 +159,8 @@ class FaultLog:
     counts: Counter[str] = field(factory=Counter)
     #: kind -> how many expect() scopes declare it
     _declared: Counter[str] = field(factory=Counter, repr=False)
-    _pending: list[FaultRecord] = field(factory=list, repr=False)
+    #: recorded and not yet emitted as warnings (`flush` empties it)
+    pending: list[FaultRecord] = field(factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -188,7 +189,7 @@ class FaultLog:
     def clear(self) -> None:
         self.records.clear()
         self.counts.clear()
-        self._pending.clear()
+        self.pending.clear()
 
     def add(self, record: FaultRecord) -> None:
         if record.kind not in FAULT_KINDS:
@@ -207,13 +208,13 @@ class FaultLog:
                 write=record.write,
             )
         if not record.declared:
-            self._pending.append(record)
+            self.pending.append(record)
 
     def flush(self, stacklevel: int = 2) -> None:
         """Emit the warnings of faults recorded since the last flush."""
-        if not self._pending:
+        if not self.pending:
             return
-        pending, self._pending = self._pending, []
+        pending, self.pending = self.pending, []
         for record in pending:
             warnings.warn(str(record), FAULT_KINDS[record.kind], stacklevel=stacklevel + 1)
 

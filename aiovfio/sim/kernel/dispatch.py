@@ -347,7 +347,7 @@ class SimKernel:
                 _log.logger.debug(
                     "kernel.sim", op="pread", args=(fd, size, offset), result=_brief(data)
                 )
-            if not topo.depth:
+            if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return data
 
@@ -371,7 +371,7 @@ class SimKernel:
                 _log.logger.debug(
                     "kernel.sim", op="pwrite", args=(fd, _brief(data), offset), result=None
                 )
-            if not topo.depth:
+            if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return None
 
