@@ -452,14 +452,7 @@ class Region(Resource):
             and not self._closed
         ):
             raise self._bad(offset, width, what)
-        if self._areas or not self._readable:
-            return self._load(offset, width)
-        # trapped: _load's pread, inline (one Python frame less per register read)
-        try:
-            data = self._kernel.pread(self._fd, width, self._base + offset)
-        except OSError as exc:
-            raise errors.from_oserror(exc, "pread", f"{self.label} at {offset:#x}") from exc
-        return int.from_bytes(data, "little")
+        return self._load(offset, width)
 
     def _checked_store(self, offset: int, width: int, value: int, what: str) -> None:
         if not (
@@ -471,24 +464,7 @@ class Region(Resource):
             and not self._closed
         ):
             raise self._bad(offset, width, what)
-        if (
-            self._areas
-            or not self._writable
-            or not isinstance(value, int)
-            or value is True
-            or value is False
-        ):
-            self._store(offset, width, value)
-            return
-        # trapped: _store's pwrite, inline (one Python frame less per register write)
-        try:
-            data = value.to_bytes(width, "little")
-        except OverflowError:
-            raise self._bad_value(value, width, offset) from None
-        try:
-            self._kernel.pwrite(self._fd, data, self._base + offset)
-        except OSError as exc:
-            raise errors.from_oserror(exc, "pwrite", f"{self.label} at {offset:#x}") from exc
+        self._store(offset, width, value)
 
     # --- bulk ----------------------------------------------------------------------
 
