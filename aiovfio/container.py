@@ -8,7 +8,6 @@ left). Groups get a `Type1Attachment`, never the container itself.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 from typing import TYPE_CHECKING
@@ -18,10 +17,9 @@ from attrs import define, field
 
 from . import _ki, _log, errors
 from ._resource import FdResource
-from ._uapi import caps
 from ._uapi import vfio as uapi
-from ._util import PAGE_SIZE, check_int, check_kernel, kcall
-from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space
+from ._util import check_int, check_kernel, kcall
+from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space, query_type1_info
 from .group import Group
 from .kernel import Kernel, default_kernel
 from .noiommu import NoiommuSpace
@@ -86,11 +84,9 @@ class Type1Attachment:
 
     def _new_space(self) -> DmaSpace:
         """The address space SET_IOMMU just created."""
+        info = query_type1_info(self.kernel, self.container_fd, self.label)
         return Type1Space(
-            kernel=self.kernel,
-            info=self._query_info(),
-            name=self.label,
-            container_fd=self.container_fd,
+            kernel=self.kernel, info=info, name=self.label, container_fd=self.container_fd
         )
 
     async def leave(self, group_fd: int, group_label: str) -> None:
@@ -134,34 +130,6 @@ class Type1Attachment:
     @property
     def group_count(self) -> int:
         return len(self._groups)
-
-    def _query_info(self) -> IommuInfo:
-        head = ctypes.sizeof(uapi.vfio_iommu_type1_info)
-        buf = bytearray(head)
-        info = uapi.vfio_iommu_type1_info.from_buffer(buf)
-        info.argsz = head
-        del info
-        op = "VFIO_IOMMU_GET_INFO"
-        fd = self.container_fd
-        kcall(op, self.label, self.kernel.iommu_get_info, fd, buf)
-        need = uapi.vfio_iommu_type1_info.from_buffer_copy(buf).argsz
-        if need > head:
-            buf = bytearray(need)
-            info = uapi.vfio_iommu_type1_info.from_buffer(buf)
-            info.argsz = need
-            del info
-            kcall(op, self.label, self.kernel.iommu_get_info, fd, buf)
-        info_c = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
-        ranges: tuple[tuple[int, int], ...] = ((0, (1 << 64) - 1),)
-        avail: int | None = None
-        if info_c.flags & uapi.IommuInfoFlag.CAPS and info_c.cap_offset:
-            for cap in caps.walk(buf, info_c.cap_offset, start=head):
-                if cap.id == uapi.IommuInfoCap.IOVA_RANGE:
-                    ranges = tuple(caps.iova_ranges(cap))
-                elif cap.id == uapi.IommuInfoCap.DMA_AVAIL:
-                    avail = caps.dma_avail(cap)
-        sizes = info_c.iova_pgsizes if info_c.flags & uapi.IommuInfoFlag.PGSIZES else PAGE_SIZE
-        return IommuInfo(page_sizes=sizes, iova_ranges=ranges, dma_avail=avail)
 
 
 @define(eq=False, repr=False, slots=False)

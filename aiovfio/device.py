@@ -128,6 +128,7 @@ class Device(FdResource):
             # GET_DEVICE_FD may reset the function (vfio-pci's open path): a thread.
             self._fd = await self._get_fd()
             self._info = self._query_info()
+            self.dma_space.device_attached()  # its domain may narrow the IOVA ranges
         except BaseException:
             self._state = State.CLOSING
             with anyio.CancelScope(shield=True):

@@ -34,8 +34,9 @@ from attrs import define, field, frozen
 from . import _fork, _ki, _log, errors
 from ._iova import IovaAllocator
 from ._resource import Resource, State
+from ._uapi import caps
 from ._uapi import vfio as uapi
-from ._util import PAGE_SIZE, check_int, kcall_thread
+from ._util import PAGE_SIZE, check_int, kcall, kcall_thread
 from .kernel import lent
 
 _OPEN = State.OPEN
@@ -243,6 +244,39 @@ class DmaSpace(Resource, abc.ABC):
         return IommuInfo(
             page_sizes=info.page_sizes, iova_ranges=info.iova_ranges, dma_avail=self._dma_avail
         )
+
+    def device_attached(self) -> None:
+        """Re-read the space's IOVA ranges after a device joined it.
+
+        A device's domain can narrow them: iommufd reserves the MSI window, and
+        iommufd's emulation of the legacy container attaches the domain only when
+        a device fd is opened (before that it allows any IOVA, past the IOMMU's
+        aperture). The allocator is rebuilt over the new ranges with every live
+        mapping still reserved; if one no longer fits (the kernel would have
+        refused the attach), the old ranges stay.
+        """
+        info = self._query_info()
+        if info is None or info.iova_ranges == self.info.iova_ranges:
+            return
+        old = self._allocator
+        fresh = IovaAllocator(info.iova_ranges, max(info.min_page_size, PAGE_SIZE), floor=old.floor)
+        try:
+            for start, end in old.used:
+                fresh.reserve(start, end - start)
+        except errors.VfioError as exc:
+            _log.logger.warning("dma.ranges_kept", space=self.name, why=str(exc))
+            return
+        self.info = IommuInfo(
+            page_sizes=info.page_sizes, iova_ranges=info.iova_ranges, dma_avail=self.info.dma_avail
+        )
+        self._allocator = fresh
+        _log.debug(
+            "dma.ranges", space=self.name, ranges=[f"{s:#x}-{e:#x}" for s, e in info.iova_ranges]
+        )
+
+    def _query_info(self) -> IommuInfo | None:
+        """The kernel's description of the space now; None where it cannot change."""
+        return None
 
     def translate(self, address: int, length: int) -> tuple[int, bool] | None:
         """(IOVA, readonly) of process memory [address, address+length) if one live
@@ -480,6 +514,38 @@ class Type1Space(DmaSpace):
         )
         self.kernel.unmap_dma(self.container_fd, arg)
         return int(arg.size)
+
+    def _query_info(self) -> IommuInfo:
+        return query_type1_info(self.kernel, self.container_fd, self.name)
+
+
+def query_type1_info(kernel: Kernel, container_fd: int, label: str) -> IommuInfo:
+    """VFIO_IOMMU_GET_INFO of a container: page sizes, IOVA ranges, DMA entries left."""
+    head = ctypes.sizeof(uapi.vfio_iommu_type1_info)
+    buf = bytearray(head)
+    info = uapi.vfio_iommu_type1_info.from_buffer(buf)
+    info.argsz = head
+    del info
+    op = "VFIO_IOMMU_GET_INFO"
+    kcall(op, label, kernel.iommu_get_info, container_fd, buf)
+    need = uapi.vfio_iommu_type1_info.from_buffer_copy(buf).argsz
+    if need > head:
+        buf = bytearray(need)
+        info = uapi.vfio_iommu_type1_info.from_buffer(buf)
+        info.argsz = need
+        del info
+        kcall(op, label, kernel.iommu_get_info, container_fd, buf)
+    info_c = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
+    ranges: tuple[tuple[int, int], ...] = ((0, (1 << 64) - 1),)
+    avail: int | None = None
+    if info_c.flags & uapi.IommuInfoFlag.CAPS and info_c.cap_offset:
+        for cap in caps.walk(buf, info_c.cap_offset, start=head):
+            if cap.id == uapi.IommuInfoCap.IOVA_RANGE:
+                ranges = tuple(caps.iova_ranges(cap))
+            elif cap.id == uapi.IommuInfoCap.DMA_AVAIL:
+                avail = caps.dma_avail(cap)
+    sizes = info_c.iova_pgsizes if info_c.flags & uapi.IommuInfoFlag.PGSIZES else PAGE_SIZE
+    return IommuInfo(page_sizes=sizes, iova_ranges=ranges, dma_avail=avail)
 
 
 def check_iova_args(iova: int | None, dma_mask: int | None) -> None:

@@ -30,7 +30,6 @@ import anyio
 from attrs import define, field
 
 from . import _ki, _log, errors
-from ._iova import IovaAllocator
 from ._resource import FdResource, State
 from ._threads import run_sync
 from ._uapi import iommufd as iuapi
@@ -99,24 +98,10 @@ class IoasSpace(DmaSpace):
         self.kernel.ioas_unmap(self.iommufd, arg)
         return int(arg.length)
 
-    def refresh_ranges(self) -> None:
-        """Re-read the allowed ranges (an attached device's domain narrows them).
-
-        The allocator is rebuilt over the new ranges with every live mapping
-        still reserved in it (the kernel refused the attach if one were now
-        in a reserved range).
-        """
+    def _query_info(self) -> IommuInfo:
+        """IOMMU_IOAS_IOVA_RANGES now (an attached device's domain narrows them)."""
         ranges = ioas_iova_ranges(self.kernel, self.iommufd, self.ioas_id)
-        if ranges == self.info.iova_ranges:
-            return
-        old = self._allocator
-        self.info = IommuInfo(page_sizes=self.info.page_sizes, iova_ranges=ranges, dma_avail=None)
-        self._allocator = IovaAllocator(ranges, self.page_size, floor=old.floor)
-        for start, end in old.used:
-            self._allocator.reserve(start, end - start)
-        _log.debug(
-            "iommufd.ranges", ioas=self.ioas_id, ranges=[f"{s:#x}-{e:#x}" for s, e in ranges]
-        )
+        return IommuInfo(page_sizes=self.info.page_sizes, iova_ranges=ranges, dma_avail=None)
 
 
 def _kernel_or_default(kernel: Kernel | None) -> Kernel:
@@ -335,9 +320,6 @@ class CdevDevice(Device):
             attach,
         )
         self._attached = True
-        space = self.dma_space
-        if isinstance(space, IoasSpace):
-            space.refresh_ranges()  # the device's domain reserves ranges (the MSI window)
         _log.debug("iommufd.attach", device=self.name, cdev=self.cdev, ioas=self.ioas_id)
 
     async def _release(self) -> None:

@@ -191,6 +191,13 @@ class Doctor:
         missing = [m for m in wanted if not self.sysfs.module_loaded(m)]
         if self.sysfs.driver_loaded(VFIO_DRIVER) and "vfio_pci" in missing:
             missing.remove("vfio_pci")  # built in without parameters
+        if "vfio_iommu_type1" in missing and (self.roots.dev / "iommu").exists():
+            # CONFIG_IOMMUFD_VFIO_CONTAINER: iommufd serves /dev/vfio/vfio, no type1 driver
+            missing.remove("vfio_iommu_type1")
+            if not missing:
+                return Check(
+                    "modules", Status.OK, "vfio, vfio_pci loaded; iommufd serves the container"
+                )
         if not missing:
             return Check("modules", Status.OK, "vfio, vfio_pci, vfio_iommu_type1 loaded")
         return Check(

@@ -137,7 +137,7 @@ class Machine:
     (RLIMIT_MEMLOCK, or no limit with CAP_IPC_LOCK). `clock` is "thread"
     (real time, a worker thread while work is pending) or "manual" (time
     moves only with `advance`/`run_until_idle`). `linux` is the kernel
-    personality ("6.12" or "6.1", `aiovfio.sim.rules.PERSONALITY`): every
+    personality ("6.12", "6.1" or "6.12-iommufd", `aiovfio.sim.rules.PERSONALITY`): every
     behaviour where the kernels differ follows that kernel. `io_width` is the
     widest access vfio-pci makes for pread/pwrite of a BAR (None: the
     personality's, 8 on 6.12 and 4 on 6.1; a wider access reaches the model
@@ -402,7 +402,7 @@ class Machine:
 
     @property
     def linux(self) -> str:
-        """The kernel this machine behaves as ("6.12" or "6.1")."""
+        """The kernel this machine behaves as ("6.12", "6.1" or "6.12-iommufd")."""
         return self.personality.linux
 
     @property

@@ -535,10 +535,13 @@ RULES: tuple[Rule, ...] = tuple(v for v in list(globals().values()) if isinstanc
 
 # --- kernel personalities -------------------------------------------------------------------
 
-#: The kernels the project proves in the QEMU guest, oldest first.
-KERNELS: tuple[str, ...] = ("6.1", "6.12")
-#: What `Machine()` simulates unless told otherwise.
-NEWEST_KERNEL = KERNELS[-1]
+#: The kernels the project proves in the QEMU guest, oldest first. "6.12-iommufd"
+#: is the 6.12 kernel the harness builds (aiovfio.testing.vm_kernel): iommufd
+#: serves /dev/vfio/vfio (CONFIG_IOMMUFD_VFIO_CONTAINER), so its container answers
+#: as drivers/iommu/iommufd/vfio_compat.c does, not as vfio_iommu_type1.c.
+KERNELS: tuple[str, ...] = ("6.1", "6.12", "6.12-iommufd")
+#: What `Machine()` simulates unless told otherwise (Debian's newest kernel).
+NEWEST_KERNEL = "6.12"
 
 
 @frozen
@@ -558,50 +561,51 @@ PERSONALITY: tuple[PersonalityRow, ...] = (
     PersonalityRow(
         "msix_noresize",
         "VFIO_DEVICE_GET_IRQ_INFO(MSI-X) has NORESIZE (no dynamic MSI-X)",
-        {"6.1": True, "6.12": False},
+        {"6.1": True, "6.12": False, "6.12-iommufd": False},
         "vfio_pci_core.c: vfio_pci_ioctl_get_irq_info (!vdev->has_dyn_msix; dynamic MSI-X "
         "since 6.5)"),
     PersonalityRow(
         "msix_dynamic",
         "vectors past those allocated can be hooked while MSI-X is enabled",
-        {"6.1": False, "6.12": True},
+        {"6.1": False, "6.12": True, "6.12-iommufd": True},
         "vfio_pci_intrs.c: vfio_msi_set_vector_signal / vfio_msi_alloc_irq (has_dyn_msix)"),
     PersonalityRow(
         "msix_loopback_unallocated",
         "a DATA_NONE/BOOL trigger of a vector never allocated: 0 (ignored) or EINVAL",
-        {"6.1": "EINVAL", "6.12": 0},
+        {"6.1": "EINVAL", "6.12": 0, "6.12-iommufd": 0},
         "vfio_pci_intrs.c: vfio_pci_set_msi_trigger (6.1: start + count > num_ctx; 6.12: "
         "vfio_irq_ctx_get is NULL, skipped)"),
     PersonalityRow(
         "iommu_info_cap_align",
         "each VFIO_IOMMU_GET_INFO capability is padded to this many bytes (argsz 116 or 120)",
-        {"6.1": 1, "6.12": 8},
+        {"6.1": 1, "6.12": 8, "6.12-iommufd": 8},
         "vfio_main.c: vfio_info_cap_add (ALIGN(size, sizeof(u64)) from 6.8)"),
     PersonalityRow(
         "bar_io_width",
         "the widest single access vfio-pci's pread/pwrite makes to a BAR",
-        {"6.1": 4, "6.12": 8},
+        {"6.1": 4, "6.12": 8, "6.12-iommufd": 8},
         "vfio_pci_rdwr.c: vfio_pci_core_do_io_rw (8-byte ioread64/iowrite64 from 6.11)"),
     PersonalityRow(
         "type1_nesting",
         "CHECK_EXTENSION(VFIO_TYPE1_NESTING_IOMMU)",
-        {"6.1": 1, "6.12": 1},
-        "vfio_iommu_type1.c: vfio_iommu_type1_check_extension (removed in 6.13)"),
+        {"6.1": 1, "6.12": 1, "6.12-iommufd": 0},
+        "vfio_iommu_type1.c: vfio_iommu_type1_check_extension (removed in 6.13); "
+        "iommufd/vfio_compat.c: iommufd_vfio_check_extension (obsolete: 0)"),
     PersonalityRow(
         "update_vaddr_before_set_iommu",
         "CHECK_EXTENSION(VFIO_UPDATE_VADDR) on a container without an IOMMU",
-        {"6.1": 0, "6.12": 0},
+        {"6.1": 0, "6.12": 0, "6.12-iommufd": 0},
         "vfio_iommu_type1.c: vfio_iommu_type1_check_extension (iommu && ...)"),
     PersonalityRow(
         "command_after_open",
         "PCI COMMAND right after the first open (I/O, Memory, SERR; Bus Master clear)",
-        {"6.1": 0x0103, "6.12": 0x0103},
+        {"6.1": 0x0103, "6.12": 0x0103, "6.12-iommufd": 0x0103},
         "vfio_pci_core.c: vfio_pci_core_enable (pci_enable_device, pci_clear_master; "
         "the firmware's I/O and SERR stay)"),
     PersonalityRow(
         "msix_rehook_failure",
         "re-hooking an enabled MSI-X block with a bad eventfd unhooks start..the failing one",
-        {"6.1": "unhooked", "6.12": "unhooked"},
+        {"6.1": "unhooked", "6.12": "unhooked", "6.12-iommufd": "unhooked"},
         "vfio_pci_intrs.c: vfio_msi_set_block (the error path sets every vector from start "
         "up to the failing one to -1)"),
 )
@@ -644,13 +648,19 @@ class Personality:
 
 
 def personality_name(release: str) -> str:
-    """The personality for a kernel release: "6.12.95+deb12-amd64" or "6.12-iommufd" -> "6.12".
+    """The personality for a kernel release: "6.12.95+deb12-amd64" -> "6.12".
 
-    A release between two proven kernels gets the older one's personality;
-    an unknown one raises InvalidArgument.
+    The kernel the harness builds with iommufd ("6.12-iommufd", or its release
+    "6.12.117-aiovfio") gets "6.12-iommufd". A release between two proven
+    kernels gets the older one's personality; an unknown one raises
+    InvalidArgument.
     """
     from ..errors import InvalidArgument
 
+    if release in KERNELS:
+        return release
+    if release.endswith(("-iommufd", "-aiovfio")):
+        return "6.12-iommufd"
     head = release.split("-", 1)[0].split("+", 1)[0].split(".")
     try:
         version = (int(head[0]), int(head[1]))
@@ -658,7 +668,8 @@ def personality_name(release: str) -> str:
         raise InvalidArgument(
             f"{release!r} is not a kernel release like 6.12 or 6.1.0-57"
         ) from None
-    known = [k for k in KERNELS if tuple(int(x) for x in k.split(".")) <= version]
+    numbered = [k for k in KERNELS if "-" not in k]
+    known = [k for k in numbered if tuple(int(x) for x in k.split(".")) <= version]
     if not known:
         raise InvalidArgument(
             f"kernel {release} is older than the oldest the sim knows ({KERNELS[0]})"

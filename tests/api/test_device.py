@@ -176,7 +176,7 @@ async def test_container_must_be_entered(sim_machine: Target) -> None:
 
 
 @pytest.mark.kernel
-async def test_nvme_msix_reset_bulk_config_and_dma_budget(vfio_target: Target) -> None:
+async def test_nvme_msix_reset_and_bulk_config(vfio_target: Target) -> None:
     if vfio_target.nvme is None:
         pytest.fail("the target has no nvme device")
     async with aiovfio.open_device(
@@ -208,6 +208,14 @@ async def test_nvme_msix_reset_bulk_config_and_dma_budget(vfio_target: Target) -
         await dev.reset()
         dev.config.enable()
         assert dev.bar(0).read32(0x1C) & 1 == 0  # CSTS.RDY clear after the reset
+    assert vfio_target.leaks() == []
+
+
+@pytest.mark.kernel
+@pytest.mark.needs_iommu("noiommu has no DMA entry budget: iommu_info.dma_avail is None")
+@pytest.mark.needs_container("an IOAS has no DMA entry budget: iommu_info.dma_avail is None")
+async def test_dma_budget_counts_live_mappings(vfio_target: Target) -> None:
+    async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
         budget = dev.iommu_info.dma_avail
         assert budget is not None and budget > 0
         async with dev.dma_buffer(4096), dev.dma_buffer(4096):

@@ -320,6 +320,24 @@ def test_doctor_iommufd_and_hugepages(fake: FakeKernel, capsys: pytest.CaptureFi
     }
 
 
+def test_doctor_on_a_kernel_where_iommufd_serves_the_container(
+    fake: FakeKernel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # CONFIG_IOMMUFD_VFIO_CONTAINER: no vfio_iommu_type1, /dev/iommu serves /dev/vfio/vfio
+    import shutil
+
+    shutil.rmtree(fake.sysfs / "module" / "vfio_iommu_type1")
+    code, out, _ = run(capsys, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert (code, checks["modules"]["status"]) == (1, "fail")
+    assert "vfio_iommu_type1" in checks["modules"]["summary"]
+    (fake.dev / "iommu").touch()
+    code, out, _ = run(capsys, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert (code, checks["modules"]["status"]) == (0, "ok"), checks["modules"]
+    assert "iommufd serves the container" in checks["modules"]["summary"]
+
+
 # --- info ----------------------------------------------------------------------------
 
 

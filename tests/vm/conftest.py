@@ -24,7 +24,9 @@ reason at the end of the run, never skipped silently):
 * `@pytest.mark.needs_type1("why")`: only where /dev/vfio/vfio is the real
   type1 container, not iommufd's emulation of it (the 6.12-iommufd kernel);
 * `@pytest.mark.needs_iommufd("why")`: only on a kernel with iommufd (not
-  Debian's).
+  Debian's);
+* `@pytest.mark.needs_container("why")`: only where `open_device` takes the
+  legacy container (not the setup that opens devices through their cdev).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _not_here() -> dict[str, str]:
         lacks["needs_type1"] = "/dev/vfio/vfio is iommufd's emulation of type1 here"
     else:
         lacks["needs_iommufd"] = "Debian's kernel has no iommufd"
+    if os.environ.get("AIOVFIO_BACKEND") == "iommufd":
+        lacks["needs_container"] = "open_device takes the device cdev and an IOAS here"
     return lacks
 
 

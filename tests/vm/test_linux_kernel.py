@@ -418,10 +418,46 @@ def _dma_avail(linux: LinuxKernel, container: int) -> int:
     return caps.dma_avail(chain[uapi.IommuInfoCap.DMA_AVAIL])
 
 
+@pytest.mark.needs_type1(
+    "iommufd's emulation has no IOMMU domain until a device fd is open, and an IOAS "
+    "without a domain takes any IOVA alignment (test_iommufd_container_aligns_once_a_device_opens)"
+)
 def test_unaligned_map_is_einval(linux: LinuxKernel, attached: int, dma_buffer: mmap.mmap) -> None:
     with pytest.raises(OSError) as caught:
         linux.map_dma(attached, _dma_map(IOVA + 1, _address(dma_buffer), PAGE))
     assert caught.value.errno == errno.EINVAL
+
+
+@pytest.mark.needs_iommufd("the legacy container served by iommufd (CONFIG_IOMMUFD_VFIO_CONTAINER)")
+def test_iommufd_container_aligns_once_a_device_opens(
+    linux: LinuxKernel, attached: int, edu_group: int, edu_bdf: str, dma_buffer: mmap.mmap
+) -> None:
+    # No device fd yet: the IOAS has no domain, so it takes an unaligned IOVA.
+    linux.map_dma(attached, _dma_map(IOVA + 1, _address(dma_buffer), PAGE))
+    unmap = _dma_unmap(IOVA + 1, PAGE)
+    linux.unmap_dma(attached, unmap)
+    assert unmap.size == PAGE
+    # GET_DEVICE_FD attaches the device to the IOAS: its domain sets the alignment,
+    # and narrows the IOVA ranges to the domain's aperture.
+    before = _iova_ranges(linux, attached)
+    fd = linux.group_get_device_fd(edu_group, edu_bdf)
+    try:
+        with pytest.raises(OSError) as caught:
+            linux.map_dma(attached, _dma_map(IOVA + 1, _address(dma_buffer), PAGE))
+        assert caught.value.errno == errno.EINVAL
+        after = _iova_ranges(linux, attached)
+        assert after != before and max(e for _, e in after) < max(e for _, e in before)
+    finally:
+        linux.close(fd)
+
+
+def _iova_ranges(linux: LinuxKernel, container: int) -> list[tuple[int, int]]:
+    size = ctypes.sizeof(uapi.vfio_iommu_type1_info)
+    buf = bytearray(uapi.vfio_iommu_type1_info(argsz=4096)) + bytes(4096 - size)
+    linux.iommu_get_info(container, buf)
+    info = uapi.vfio_iommu_type1_info.from_buffer_copy(buf)
+    chain = {c.id: c for c in caps.walk(buf, info.cap_offset, start=size)}
+    return list(caps.iova_ranges(chain[uapi.IommuInfoCap.IOVA_RANGE]))
 
 
 def test_edu_dma_both_ways(

@@ -20,8 +20,7 @@ from aiovfio.testing.target import SIM_EDU, SIM_NVME, real_target
 
 pytestmark = [
     pytest.mark.kernel,
-    pytest.mark.needs_iommu("the rows are about the type1 container and vfio-pci with an IOMMU"),
-    pytest.mark.needs_type1("iommufd's emulation of the container is not the type1 driver"),
+    pytest.mark.needs_iommu("the rows are about the container and vfio-pci with an IOMMU"),
 ]
 
 LINUX = personality_name(os.environ.get("AIOVFIO_VM_KERNEL") or os.uname().release)
