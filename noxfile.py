@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import nox
 
@@ -17,10 +22,10 @@ nox.options.error_on_missing_interpreters = True
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 #: The real-kernel setups of `nox -s vm` (names of aiovfio.testing.vm.SETUPS).
 VM_SETUPS = ("6.1", "6.12", "iommufd", "iommufd-compat", "noiommu")
-#: What `nox -s vm` (and so CI) runs when no setup is named: the setups whose
-#: guest suite passes. The three on the iommufd kernel still fail a few tests
-#: each (issue 12 is open); name them to run them: `nox -s vm -- iommufd`.
-VM_DEFAULT = ("6.1", "6.12")
+#: What `nox -s vm` (and so CI) runs when no setup is named: all five.
+VM_DEFAULT = VM_SETUPS
+#: Longest first, so that guests run side by side finish close together.
+VM_ORDER = ("iommufd", "noiommu", "iommufd-compat", "6.1", "6.12")
 
 
 def _group(name: str) -> list[str]:
@@ -58,8 +63,12 @@ def vm(session: nox.Session) -> None:
     iommufd through the device cdev, through the legacy API iommufd serves, and
     in noiommu mode. Provisions the guest first (root: apt packages, Debian's
     kernels and the iommufd kernel's build, all cached). Without a setup named
-    it runs VM_DEFAULT (the Debian kernels); `nox -s vm -- 6.12 noiommu` runs
-    those setups only; other arguments go to pytest (`nox -s vm -- 6.1 -k dma`).
+    it runs all five; `nox -s vm -- 6.12 noiommu` runs those setups only; other
+    arguments go to pytest (`nox -s vm -- 6.1 -k dma`).
+
+    A guest's pytest keeps one vCPU busy, so $AIOVFIO_VM_JOBS guests (default:
+    half the CPUs, at least 1) run side by side, each one's output printed
+    whole when it ends; the session fails if any setup fails.
     """
     session.install("-e", ".[trio,uvloop]", *_group("test"))
     setups = [s for s in VM_SETUPS if s in session.posargs] or list(VM_DEFAULT)
@@ -72,8 +81,59 @@ def vm(session: nox.Session) -> None:
     guest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
     guest += [*_kernel_test_paths(), "-m", "kernel", "-o", "addopts=-ra --strict-markers", "-q"]
     guest += pytest_args
-    for setup in setups:
-        session.run("python", "-m", "aiovfio.testing.vm", "--on", setup, "--", *guest)
+    jobs = int(os.environ.get("AIOVFIO_VM_JOBS") or max(1, (os.cpu_count() or 1) // 2))
+    ordered = sorted(setups, key=VM_ORDER.index)
+    runs = {s: [python, "-m", "aiovfio.testing.vm", "--on", s, "--", *guest] for s in ordered}
+    failed = _run_side_by_side(session, runs, jobs)
+    if failed:
+        session.error(f"the guest suite failed on: {', '.join(failed)}")
+
+
+def _run_side_by_side(session: nox.Session, runs: dict[str, list[str]], jobs: int) -> list[str]:
+    """Run each command, `jobs` at once; print each one's output whole when it ends.
+
+    Returns the names whose command failed. An interrupt stops them all.
+    """
+    waiting = list(runs.items())
+    running: dict[str, tuple[subprocess.Popen[bytes], BinaryIO, float]] = {}
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="aiovfio-nox-vm.") as logs:
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    name, argv = waiting.pop(0)
+                    session.log(f"guest suite on {name}: started")
+                    out: BinaryIO = open(os.path.join(logs, name), "wb")  # noqa: SIM115
+                    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+                    running[name] = (proc, out, time.monotonic())
+                for name, (proc, out, started) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[name]
+                    out.close()
+                    with open(os.path.join(logs, name), encoding="utf-8", errors="replace") as f:
+                        sys.stdout.write(f.read())
+                    took = time.monotonic() - started
+                    session.log(f"guest suite on {name}: exit {proc.returncode} in {took:.0f} s")
+                    if proc.returncode != 0:
+                        failed.append(name)
+                time.sleep(0.5)
+        finally:
+            # SIGINT: aiovfio vm then kills its QEMU (which leads its own session)
+            for proc, _, _ in running.values():
+                proc.send_signal(signal.SIGINT)
+            for proc, _, _ in running.values():
+                _reap(proc)
+    return failed
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for an interrupted guest run; kill it if it does not stop within 30 s."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _kernel_test_paths() -> list[str]:
