@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import os
 import sys
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
@@ -27,7 +26,7 @@ from .device import Device
 from .iommufd import Iommufd
 from .kernel import Kernel, default_kernel
 from .kernel.hints import missing_device
-from .noiommu import NOIOMMU_RISK
+from .noiommu import NOIOMMU_RISK, opted_in
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio's dependency there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -93,10 +92,6 @@ def _watches_req(device: Device) -> bool:
     return info.count > 0 and bool(info.flags & 1)  # VFIO_IRQ_INFO_EVENTFD
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "yes", "true", "on")
-
-
 def choose_backend(
     kernel: Kernel, name: str, group: int, backend: Backend | None, noiommu: bool
 ) -> Literal["iommufd", "container", "noiommu"]:
@@ -114,7 +109,7 @@ def choose_backend(
     if backend not in BACKENDS:
         raise errors.InvalidArgument(f"{source}{backend!r}: choose one of {', '.join(BACKENDS)}")
     if kcall("sysfs", f"IOMMU group {group}", kernel.noiommu_group, group):
-        if not (noiommu or _env_flag("AIOVFIO_NOIOMMU")):
+        if not opted_in(noiommu):
             raise errors.NoiommuRefused(
                 f"{name} is in noiommu group {group} (/dev/vfio/noiommu-{group}): VFIO runs "
                 f"it without an IOMMU. Opening it needs an explicit opt-in "
@@ -185,13 +180,8 @@ async def open_device(
     number = _find_group(k, name)
     chosen = choose_backend(k, name, number, backend, bool(noiommu))
     _log.logger.debug("device.backend", device=name, group=number, backend=chosen)
-    if chosen == "noiommu":
+    if chosen == "noiommu":  # the container warns (NoiommuWarning) when the group joins
         _log.logger.warning("device.noiommu", device=name, group=number, risk=NOIOMMU_RISK)
-        warnings.warn(
-            f"{name} is driven without an IOMMU (noiommu): {NOIOMMU_RISK}",
-            errors.NoiommuWarning,
-            stacklevel=3,
-        )
     async with _tree(k, name, number, chosen, dma_mask) as device:
         if on_release_request == "ignore" or not _watches_req(device):
             yield device

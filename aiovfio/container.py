@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import warnings
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,7 +23,7 @@ from ._util import check_int, check_kernel, kcall
 from .dma import DmaBuffer, DmaMapping, DmaSpace, IommuInfo, Type1Space, query_type1_info
 from .group import Group
 from .kernel import Kernel, default_kernel
-from .noiommu import NoiommuSpace
+from .noiommu import NOIOMMU_RISK, NoiommuSpace, opted_in
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -155,7 +156,9 @@ class Container(FdResource):
     """
 
     kernel: Kernel = field(factory=default_kernel, converter=_kernel_or_default)
-    #: a container for noiommu groups (VFIO_NOIOMMU_IOMMU: `aiovfio.noiommu`)
+    #: a container for noiommu groups only (VFIO_NOIOMMU_IOMMU: `aiovfio.noiommu`). A
+    #: default container takes IOMMU groups, and noiommu groups too when
+    #: $AIOVFIO_NOIOMMU=1 opts in: the first group decides the container's kind.
     noiommu: bool = False
     _attachment: Type1Attachment | NoiommuAttachment | None = field(default=None, init=False)
 
@@ -231,6 +234,14 @@ class Container(FdResource):
                     "the container does not offer VFIO_NOIOMMU_IOMMU: boot with "
                     "vfio.enable_unsafe_noiommu_mode=1 on a kernel built with CONFIG_VFIO_NOIOMMU"
                 )
+            if not has_v2 and opted_in():  # noiommu groups only, by the opt-in
+                has_v2 = kcall(
+                    "VFIO_CHECK_EXTENSION",
+                    self.label,
+                    k.check_extension,
+                    self._fd,
+                    uapi.Extension.NOIOMMU_IOMMU,
+                )
             if not has_v2:
                 raise errors.IommuTypeUnsupported(
                     "the container does not offer the Type1v2 IOMMU: enable the IOMMU "
@@ -239,10 +250,6 @@ class Container(FdResource):
         except BaseException:
             self._abort_open()
             raise
-        if self.noiommu:
-            self._attachment = NoiommuAttachment(self.kernel, self._fd, self.label)
-        else:
-            self._attachment = Type1Attachment(self.kernel, self._fd, self.label)
         self._opened()
         _log.debug("container.open", fd=self._fd, kernel=self.kernel.name)
         return self
@@ -282,14 +289,56 @@ class Container(FdResource):
         """Attach IOMMU group `number` (an async context manager yielding the Group)."""
         self._check_open()
         check_int("an IOMMU group number", number, minimum=0)
-        assert self._attachment is not None
+        noiommu = self._is_noiommu(number)
+        attachment = self._attachment_for(number, noiommu)
+        if noiommu:
+            warnings.warn(
+                f"group {number} (/dev/vfio/noiommu-{number}) is driven without an IOMMU "
+                f"(noiommu): {NOIOMMU_RISK}",
+                errors.NoiommuWarning,
+                stacklevel=2,
+            )
         return Group(
             kernel=self.kernel,
             number=number,
-            attachment=self._attachment,
-            noiommu=self.noiommu,
+            attachment=attachment,
+            noiommu=noiommu,
             owner=self._children,
         )
+
+    def _is_noiommu(self, number: int) -> bool:
+        """Whether group `number` is a noiommu one; refused without the opt-in."""
+        k = self.kernel
+        if not kcall("sysfs", f"IOMMU group {number}", k.noiommu_group, number):
+            if self.noiommu:
+                raise errors.InvalidArgument(
+                    f"group {number} is an IOMMU group and this is a noiommu container "
+                    "(`Container(noiommu=True)`): attach it to a default `Container()`"
+                )
+            return False
+        if not opted_in(self.noiommu):
+            raise errors.NoiommuRefused(
+                f"group {number} is a noiommu group (/dev/vfio/noiommu-{number}): opt in with "
+                "`Container(noiommu=True)` or $AIOVFIO_NOIOMMU=1, which risks this: "
+                f"{NOIOMMU_RISK}"
+            )
+        return True
+
+    def _attachment_for(self, number: int, noiommu: bool) -> Type1Attachment:
+        """The container's attachment; the first group decides its kind."""
+        kind = NoiommuAttachment if noiommu else Type1Attachment
+        a = self._attachment
+        if a is not None and type(a) is not kind:
+            if a.group_count:
+                held, this = ("IOMMU", "noiommu") if noiommu else ("noiommu", "IOMMU")
+                raise errors.InvalidArgument(
+                    f"group {number} is a {this} group and this container holds {held} "
+                    "groups: one container holds one kind; open another container for it"
+                )
+            a = None
+        if a is None:
+            a = self._attachment = kind(self.kernel, self._fd, self.label)
+        return a
 
     # --- DMA ---------------------------------------------------------------------
 

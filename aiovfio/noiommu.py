@@ -19,6 +19,7 @@ buffer for `map_dma` does not), it is refused with `NoiommuDmaError`.
 from __future__ import annotations
 
 import mmap
+import os
 
 import anyio
 from attrs import define, field
@@ -32,6 +33,7 @@ __all__ = [
     "NOIOMMU_RISK",
     "NoiommuBuffer",
     "NoiommuSpace",
+    "opted_in",
     "physical_run",
 ]
 
@@ -41,6 +43,14 @@ NOIOMMU_RISK = (
     "or a misprogrammed DMA corrupts the kernel or other processes, and nothing isolates "
     "the device (CAP_SYS_RAWIO is needed, and the kernel is tainted)"
 )
+
+
+def opted_in(explicit: bool = False) -> bool:
+    """The noiommu opt-in: `explicit` (noiommu=True) or $AIOVFIO_NOIOMMU=1 (`--noiommu`)."""
+    flag = os.environ.get("AIOVFIO_NOIOMMU", "").strip().lower()
+    return explicit or flag in ("1", "yes", "true", "on")
+
+
 #: Pages tried per DMA buffer when looking for a physically contiguous run.
 POOL_PAGES = 256
 

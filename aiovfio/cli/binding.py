@@ -26,7 +26,8 @@ from pathlib import Path
 from attrs import define, frozen
 
 from .. import _log
-from ..errors import InvalidArgument, SetupError, VfioUnavailable
+from ..errors import InvalidArgument, NoiommuRefused, SetupError, VfioUnavailable
+from ..noiommu import NOIOMMU_RISK, opted_in
 from .sysfs import VFIO_DRIVER, PciFunction, Roots, Sysfs
 
 __all__ = [
@@ -247,7 +248,16 @@ class Binder:
                 f"{name!r} is not a driver name: write one of {self.sysfs.pci_drivers_dir}"
             )
 
-    def _require_group(self, function: PciFunction) -> int:
+    def _require_group(self, function: PciFunction) -> int | None:
+        """The function's IOMMU group; None for one that gets a noiommu group when bound."""
+        if function.iommu_group is None and self.sysfs.noiommu_mode():
+            if opted_in():
+                return None  # vfio-pci's probe gives it a noiommu group
+            raise NoiommuRefused(
+                f"{function.address} has no IOMMU group and VFIO's unsafe noiommu mode is on: "
+                "binding it to vfio-pci gives it a noiommu group, and pass --noiommu to "
+                f"allow that, which risks this: {NOIOMMU_RISK}"
+            )
         if function.iommu_group is None:
             raise VfioUnavailable(
                 f"{function.address} has no IOMMU group ({self.sysfs.path(function.address)}"
@@ -299,6 +309,8 @@ class Binder:
         """The functions `--group` acts on: the group's members except bridges."""
         function = self.sysfs.function(address)
         number = self._require_group(function)
+        if number is None:  # noiommu: a group of its own once bound
+            return [address]
         return [
             m.address
             for m in self.sysfs.group(number).members

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DeviceNotFound, SetupError, VfioError
+from ..noiommu import opted_in
 from . import pciids
 from . import sysfs as _sysfs
 from .binding import Binder, BindResult
@@ -251,6 +252,11 @@ def _why_not_open(
     if not group.viable:
         return f"group {group.number} is not viable (`aiovfio doctor {f.address}`)"
     node = roots.dev / "vfio" / str(group.number)
+    noiommu = roots.dev / "vfio" / f"noiommu-{group.number}"
+    if not node.exists() and noiommu.exists():
+        if not opted_in():
+            return f"it is in noiommu group {group.number}: pass --noiommu to open it"
+        node = noiommu
     if not node.exists():
         return f"{node} does not exist"
     if not os.access(node, os.R_OK | os.W_OK):

@@ -116,6 +116,16 @@ class Doctor:
     def check_iommu(self) -> Check:
         units = sorted(p.name for p in _entries(self.roots.sysfs / "class" / "iommu"))
         groups = self.sysfs.groups()
+        noiommu = self.sysfs.noiommu_groups()
+        if groups and not units and len(noiommu) == len(groups):
+            return Check(
+                "iommu",
+                Status.WARN,
+                f"no IOMMU: {len(noiommu)} noiommu group(s) (VFIO's unsafe noiommu mode: "
+                "the devices' DMA is not isolated)",
+                "give the machine an IOMMU for isolation; to drive these devices anyway, "
+                "pass --noiommu (`open_device(..., noiommu=True)`)",
+            )
         if groups:
             where = f" ({', '.join(units)})" if units else ""
             return Check(
@@ -167,7 +177,7 @@ class Doctor:
             )
         if flags:
             return Check("cmdline", Status.OK, " ".join(flags))
-        if self.sysfs.groups():
+        if set(self.sysfs.groups()) - set(self.sysfs.noiommu_groups()):
             return Check(
                 "cmdline", Status.OK, "no IOMMU options (the kernel enables it by default)"
             )
@@ -225,8 +235,12 @@ class Doctor:
                 f"`chmod 0666 {container}` (the kernel's default)",
             )
         group_nodes = sorted(
-            (p for p in _entries(self.roots.dev / "vfio") if p.name.isdigit()),
-            key=lambda p: int(p.name),
+            (
+                p
+                for p in _entries(self.roots.dev / "vfio")
+                if p.name.removeprefix("noiommu-").isdigit()
+            ),
+            key=lambda p: int(p.name.removeprefix("noiommu-")),
         )
         denied = [n for n in group_nodes if not os.access(n, os.R_OK | os.W_OK)]
         if denied:
@@ -347,7 +361,7 @@ class Doctor:
         )
 
     def check_noiommu(self) -> Check:
-        path = self.roots.sysfs / "module" / "vfio" / "parameters" / "enable_unsafe_noiommu_mode"
+        path = self.sysfs.noiommu_param
         value = _read(path)
         if value is None:
             return Check("noiommu", Status.OK, "unsafe no-IOMMU mode is not built in")

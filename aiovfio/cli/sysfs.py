@@ -320,6 +320,10 @@ class Sysfs:
     def groups(self) -> tuple[int, ...]:
         return tuple(sorted(int(p.name) for p in _entries(self.groups_dir) if p.name.isdigit()))
 
+    def noiommu_groups(self) -> tuple[int, ...]:
+        """The groups VFIO made for devices without an IOMMU (their name is vfio-noiommu)."""
+        return tuple(n for n in self.groups() if _is_noiommu_group(self.groups_dir / str(n)))
+
     # drivers and modules
     def driver_loaded(self, name: str) -> bool:
         """Whether /sys/bus/pci/drivers/NAME exists (a plain name: no path tricks)."""
@@ -333,6 +337,18 @@ class Sysfs:
 
     def module_loaded(self, name: str) -> bool:
         return (self.roots.sysfs / "module" / name.replace("-", "_")).is_dir()
+
+    @property
+    def noiommu_param(self) -> Path:
+        return self.roots.sysfs / "module" / "vfio" / "parameters" / "enable_unsafe_noiommu_mode"
+
+    def noiommu_mode(self) -> bool:
+        """Whether VFIO's unsafe noiommu mode is on (vfio-pci then gives a device
+        without an IOMMU a noiommu group when it binds it)."""
+        try:
+            return self.noiommu_param.read_text().strip().upper() in ("Y", "1")
+        except OSError:
+            return False
 
     # device details
     def reset_methods(self, address: str) -> tuple[str, ...] | None:
@@ -481,3 +497,10 @@ def _interface_up(entry: Path) -> bool:
         with contextlib.suppress(ValueError):
             return bool(int(flags, 16) & 0x1)  # IFF_UP
     return _read(entry / "operstate") in ("up", "unknown")
+
+
+def _is_noiommu_group(group_dir: Path) -> bool:
+    try:
+        return (group_dir / "name").read_text().strip() == "vfio-noiommu"
+    except OSError:
+        return False

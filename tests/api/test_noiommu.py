@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -16,6 +17,7 @@ import structlog
 
 import aiovfio
 from aiovfio import errors
+from aiovfio._uapi import vfio as uapi
 from aiovfio.sim import Machine
 from aiovfio.sim.models import Edu
 
@@ -118,3 +120,60 @@ async def test_memory_above_the_dma_mask_is_refused(recwarn: pytest.WarningsReco
                 mem.close()
         assert m.leaks() == []
     assert len(_noiommu_warnings(recwarn)) == 1
+
+
+async def test_a_default_container_takes_a_noiommu_group_by_the_opt_in(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    number = machine.kernel.iommu_group(EDU)
+    assert number is not None
+    async with aiovfio.Container(kernel=machine.kernel) as container:
+        with pytest.raises(errors.NoiommuRefused, match=r"AIOVFIO_NOIOMMU=1.*physical memory"):
+            container.group(number)
+        assert container.groups == () and _noiommu_warnings(recwarn) == []
+        monkeypatch.setenv("AIOVFIO_NOIOMMU", "1")
+        async with container.group(number) as group, group.open_device(EDU) as dev:
+            assert "UNSAFE noiommu" in repr(container.dma_space)
+            async with dev.dma_buffer(4096, dma_mask=EDU_MASK) as buf:
+                assert buf.iova + buf.size - 1 <= EDU_MASK  # a physical address
+    (warned,) = _noiommu_warnings(recwarn)
+    assert f"group {number}" in warned and "without an IOMMU" in warned
+
+
+class _MixedKernel:
+    """The sim's kernel, claiming noiommu mode is on and group `fake` is a noiommu group."""
+
+    def __init__(self, inner: Any, fake: int) -> None:
+        self._inner, self._fake = inner, fake
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def check_extension(self, fd: int, extension: int) -> int:
+        if extension == uapi.Extension.NOIOMMU_IOMMU:
+            return 1
+        return int(self._inner.check_extension(fd, extension))
+
+    def noiommu_group(self, group: int) -> bool:
+        return group == self._fake
+
+
+async def test_one_container_holds_one_kind_of_group(
+    monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    monkeypatch.setenv("AIOVFIO_NOIOMMU", "1")
+    with Machine() as m:
+        m.add_device(Edu(), name=EDU)
+        number = m.kernel.iommu_group(EDU)
+        assert number is not None
+        k = _MixedKernel(m.kernel, fake=number + 1)
+        async with aiovfio.Container(kernel=k, noiommu=True) as container:
+            with pytest.raises(errors.InvalidArgument, match="is an IOMMU group"):
+                container.group(number)
+        async with aiovfio.Container(kernel=k) as container:
+            async with container.group(number):
+                assert "noiommu" not in repr(container.dma_space)
+                with pytest.raises(errors.InvalidArgument, match="holds IOMMU groups"):
+                    container.group(number + 1)
+        assert m.leaks() == []
+    assert _noiommu_warnings(recwarn) == []

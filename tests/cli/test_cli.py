@@ -338,6 +338,55 @@ def test_doctor_on_a_kernel_where_iommufd_serves_the_container(
     assert "iommufd serves the container" in checks["modules"]["summary"]
 
 
+def _noiommu_mode(fake: FakeKernel) -> None:
+    """No IOMMU, VFIO's unsafe noiommu mode on: edu in noiommu group 0, as Linux shows it."""
+    import shutil
+
+    shutil.rmtree(fake.sysfs / "class" / "iommu")
+    (fake.sysfs / "module" / "vfio" / "parameters" / "enable_unsafe_noiommu_mode").write_text("Y\n")
+    (fake.proc / "cmdline").write_text("console=ttyS0 vfio.enable_unsafe_noiommu_mode=1\n")
+
+
+def test_bind_in_noiommu_mode_takes_the_opt_in(
+    fake: FakeKernel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # without an IOMMU a device gets its (noiommu) group only when vfio-pci binds it
+    monkeypatch.delenv("AIOVFIO_NOIOMMU", raising=False)
+    _noiommu_mode(fake)
+    fake.add_function("0000:00:06.0", (0x1B36, 0x0010), 0x010802, group=None, driver="nvme")
+    code, _, err = run(capsys, "bind", "06.0")
+    assert code == 1
+    line = one_error_line(err)
+    assert "noiommu group" in line and "--noiommu" in line and "physical memory" in line
+    assert fake.driver_of("0000:00:06.0") == "nvme"
+    code, out, err = run(capsys, "--noiommu", "bind", "06.0")
+    assert code == 0, err
+    assert out.strip() == "0000:00:06.0: nvme -> vfio-pci"
+
+
+def test_doctor_and_info_in_noiommu_mode(
+    fake: FakeKernel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIOVFIO_NOIOMMU", raising=False)
+    _noiommu_mode(fake)
+    for group in fake.sysfs.joinpath("kernel", "iommu_groups").iterdir():
+        (group / "name").write_text("vfio-noiommu\n")
+        node = fake.dev / "vfio" / group.name
+        if node.exists():
+            node.rename(fake.dev / "vfio" / f"noiommu-{group.name}")
+    code, out, _ = run(capsys, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["iommu"]["status"] == "warn", checks["iommu"]
+    assert "noiommu group" in checks["iommu"]["summary"]
+    assert "--noiommu" in checks["iommu"]["fix"]
+    assert checks["noiommu"]["status"] == "warn"
+    assert checks["cmdline"]["status"] != "ok"  # no "the kernel enables it by default"
+    code, out, _ = run(capsys, "info", "--json", "04.0")
+    data = json.loads(out)
+    assert (code, data["source"]) == (0, "sysfs")
+    assert data["why_sysfs"] == "it is in noiommu group 4: pass --noiommu to open it"
+
+
 # --- info ----------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ apply to one says why with a marker, and is deselected there (listed with its
 reason at the end of the run, never skipped silently):
 
 * `@pytest.mark.needs_iommu("why")`: not under noiommu (`--iommu none`);
+* `@pytest.mark.needs_noiommu("why")`: only under noiommu;
 * `@pytest.mark.needs_type1("why")`: only where /dev/vfio/vfio is the real
   type1 container, not iommufd's emulation of it (the 6.12-iommufd kernel);
 * `@pytest.mark.needs_iommufd("why")`: only on a kernel with iommufd (not
@@ -55,6 +56,8 @@ def _not_here() -> dict[str, str]:
     lacks = {}
     if os.environ.get("AIOVFIO_VM_IOMMU") == "none":
         lacks["needs_iommu"] = "no IOMMU in this guest (noiommu)"
+    else:
+        lacks["needs_noiommu"] = "this guest has an IOMMU (not VFIO's noiommu mode)"
     if os.environ.get("AIOVFIO_VM_KERNEL", "").endswith("-iommufd"):
         lacks["needs_type1"] = "/dev/vfio/vfio is iommufd's emulation of type1 here"
     else:
