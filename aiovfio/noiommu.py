@@ -27,7 +27,7 @@ from attrs import define, field
 from . import _ki, _log, errors
 from ._resource import State
 from ._util import PAGE_SIZE, kcall, kcall_thread
-from .dma import DmaBuffer, DmaMapping, DmaSpace, allocate_memory, buffer_address
+from .dma import _HUGE_PAGE, DmaBuffer, DmaMapping, DmaSpace, allocate_memory, buffer_address
 
 __all__ = [
     "NOIOMMU_RISK",
@@ -181,33 +181,68 @@ class NoiommuBuffer(DmaBuffer):
 
     _pool: mmap.mmap | None = field(default=None, init=False)
 
+    async def _contiguous(
+        self, count: int, page: int, *, hugepages: bool, quiet: bool = False
+    ) -> tuple[memoryview, int] | None:
+        """Fresh memory holding `count` physically contiguous pages below the mask:
+        (a view of all of it, the run's first page), kept as `_mem`; None if it has none.
+
+        `quiet`: a failing hugetlb mmap (none reserved or free) is None, not an error.
+        """
+        k = self.space.kernel
+        size = max(POOL_PAGES, 4 * count) * page
+        if hugepages:
+            size = -(-count * page // _HUGE_PAGE) * _HUGE_PAGE
+        try:
+            mem = allocate_memory(size, hugepages=hugepages)
+        except errors.VfioError:
+            if quiet:
+                return None
+            raise
+        view = memoryview(mem)
+        try:
+            base, _ = buffer_address(view)
+            for i in range(size // page):  # fault every page in, so each has a frame
+                view[i * page] = 0
+            phys = await kcall_thread(
+                "/proc/self/pagemap", self.label, k.physical_pages, base, size
+            )
+        except BaseException:
+            view.release()
+            mem.close()
+            raise
+        start = physical_run(phys, count, self.dma_mask, page)
+        if start is None:
+            view.release()
+            mem.close()
+            return None
+        self._mem = mem
+        return view, start
+
     async def __aenter__(self) -> DmaBuffer:
         self._begin_open()
         try:
             await anyio.lowlevel.checkpoint()
             space = self.space
-            k = space.kernel
             page = space.page_size
             count = self.size // page
-            pool_pages = max(POOL_PAGES, 4 * count)
-            self._mem = allocate_memory(pool_pages * page, hugepages=self.hugepages)
-            view = memoryview(self._mem)
-            base, _ = buffer_address(view)
-            for i in range(pool_pages):  # fault every page in, so each has a frame
-                view[i * page] = 0
-            phys = await kcall_thread(
-                "/proc/self/pagemap", self.label, k.physical_pages, base, pool_pages * page
-            )
-            start = physical_run(phys, count, self.dma_mask, page)
-            if start is None:
-                view.release()
+            found = await self._contiguous(count, page, hugepages=self.hugepages)
+            if found is None and not self.hugepages and self.size <= _HUGE_PAGE:
+                # a hugetlb page is physically contiguous: the fallback when the
+                # buddy allocator's 4 KiB pages gave no run (memory fragments)
+                found = await self._contiguous(count, page, hugepages=True, quiet=True)
+            if found is None:
                 raise errors.NoiommuDmaError(
-                    f"noiommu DMA: none of {pool_pages} fresh pages gives {count} physically "
-                    f"contiguous page(s)"
+                    f"noiommu DMA: none of {max(POOL_PAGES, 4 * count)} fresh pages gives "
+                    f"{count} physically contiguous page(s)"
                     + (f" below the DMA mask {self.dma_mask:#x}" if self.dma_mask else "")
-                    + "; a device without an IOMMU needs that: use a smaller buffer or "
-                    "hugepages, or boot with less memory above the mask"
+                    + ", and no free hugepage did either; a device without an IOMMU needs "
+                    "that: use a smaller buffer, reserve hugepages "
+                    "(/proc/sys/vm/nr_hugepages, or hugepages=N at boot), or boot with less "
+                    "memory above the mask"
                 )
+            view, start = found
+            base, _ = buffer_address(view)
             self._view = view[start * page : (start + count) * page]
             view.release()
             self._mapping = DmaMapping(

@@ -135,7 +135,9 @@ IOMMU_MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("-device", "intel-iommu,intremap=on,caching-mode=on"),
         ("intel_iommu=on", "iommu=pt"),
     ),
-    "none": ((), ("vfio.enable_unsafe_noiommu_mode=1",)),
+    # Without an IOMMU a DMA buffer must be physically contiguous: hugepages
+    # reserved at boot are the noiommu DMA allocator's fallback (as DPDK's).
+    "none": ((), ("vfio.enable_unsafe_noiommu_mode=1", "hugepages=24")),
 }
 #: Character devices in the initramfs: path -> (major, minor).
 _INIT_NODES = {

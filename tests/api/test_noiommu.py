@@ -177,3 +177,53 @@ async def test_one_container_holds_one_kind_of_group(
                     container.group(number + 1)
         assert m.leaks() == []
     assert _noiommu_warnings(recwarn) == []
+
+
+class _FragmentedKernel:
+    """The sim's kernel, whose 4 KiB pages are never physically contiguous (pagemap)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.huge: set[int] = set()  # addresses of hugetlb allocations
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def physical_pages(self, vaddr: int, size: int) -> tuple[int, ...]:
+        real: tuple[int, ...] = self._inner.physical_pages(vaddr, size)
+        if any(start <= vaddr < start + (2 << 20) for start in self.huge):
+            return real
+        return tuple(p + (i % 2) * (64 << 20) for i, p in enumerate(real))  # scattered
+
+
+async def test_noiommu_falls_back_to_a_hugepage_when_pages_are_fragmented(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    import aiovfio.noiommu as noiommu_module
+    from aiovfio.dma import allocate_memory, buffer_address
+
+    k = _FragmentedKernel(machine.kernel)
+    asked: list[bool] = []
+    free_hugepages = [1]
+
+    def allocate(size: int, *, hugepages: bool = False) -> mmap.mmap:
+        asked.append(hugepages)
+        if hugepages and not free_hugepages[0]:
+            raise errors.OutOfMemory(12, "mmap of a hugetlb page failed: none free")
+        mem = allocate_memory(size)  # the host reserves no hugepages: stand in for one
+        if hugepages:
+            free_hugepages[0] -= 1
+            k.huge.add(buffer_address(memoryview(mem))[0])
+        return mem
+
+    monkeypatch.setattr(noiommu_module, "allocate_memory", allocate)
+    async with aiovfio.open_device(EDU, kernel=k, noiommu=True) as dev:
+        async with dev.dma_buffer(8192, dma_mask=EDU_MASK) as buf:
+            assert asked == [False, True]  # 4 KiB pages first, then the hugepage
+            assert buf.iova + buf.size - 1 <= EDU_MASK
+        asked.clear()
+        with pytest.raises(errors.NoiommuDmaError, match="reserve hugepages"):
+            async with dev.dma_buffer(8192, dma_mask=EDU_MASK):
+                pass
+        assert asked == [False, True]
+    assert machine.leaks() == []
