@@ -66,9 +66,9 @@ def vm(session: nox.Session) -> None:
     it runs all five; `nox -s vm -- 6.12 noiommu` runs those setups only; other
     arguments go to pytest (`nox -s vm -- 6.1 -k dma`).
 
-    A guest's pytest keeps one vCPU busy, so $AIOVFIO_VM_JOBS guests (default:
-    half the CPUs, at least 1) run side by side, each one's output printed
-    whole when it ends; the session fails if any setup fails.
+    A guest's pytest keeps about one vCPU busy, so $AIOVFIO_VM_JOBS guests
+    (default: 2, or 1 on a one-CPU machine) run side by side, each one's output
+    printed whole when it ends; the session fails if any setup fails.
     """
     session.install("-e", ".[trio,uvloop]", *_group("test"))
     setups = [s for s in VM_SETUPS if s in session.posargs] or list(VM_DEFAULT)
@@ -81,7 +81,7 @@ def vm(session: nox.Session) -> None:
     guest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
     guest += [*_kernel_test_paths(), "-m", "kernel", "-o", "addopts=-ra --strict-markers", "-q"]
     guest += pytest_args
-    jobs = int(os.environ.get("AIOVFIO_VM_JOBS") or max(1, (os.cpu_count() or 1) // 2))
+    jobs = int(os.environ.get("AIOVFIO_VM_JOBS") or min(2, os.cpu_count() or 1))
     ordered = sorted(setups, key=VM_ORDER.index)
     runs = {s: [python, "-m", "aiovfio.testing.vm", "--on", s, "--", *guest] for s in ordered}
     failed = _run_side_by_side(session, runs, jobs)

@@ -16,8 +16,12 @@ that both see the same machine; the best round is the least disturbed one):
   fcntl.ioctl with the same buffer (this kernel has no VFIO, so the same code
   path runs FIONREAD on a pipe).
 * a 1 MiB copy into a DmaBuffer's view, against memoryview slice assignment.
+* in the guest (`aiovfio vm -- python benchmarks/run.py --vfio-only`): a real
+  VFIO ioctl (GROUP_GET_STATUS), and a one-page DMA map+unmap on each DMA
+  backend the kernel has (the legacy container; an iommufd IOAS), through the
+  Kernel boundary against raw fcntl.ioctl calls.
 
-Targets: wake <= 1.15x raw, read32/write32 <= 2x raw, ioctl <= 1.3x raw,
+Targets: wake <= 1.15x raw, read32/write32 <= 2x raw, ioctl and map <= 1.3x raw,
 copy >= 0.95x raw (throughput). A figure that misses its target is printed
 as MISS; the script exits 0 either way (benchmarks inform, tests decide).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import ctypes
 import fcntl
 import mmap
 import os
@@ -197,6 +202,103 @@ def bench_vfio_ioctl(rows: list[Row], n: int) -> None:
     assert arg.flags & uapi.GroupFlag.VIABLE
     rows.append(row)
     kernel.close(fd)
+
+
+def bench_dma_map(rows: list[Row], n: int) -> None:
+    """Map and unmap one page through the Kernel boundary vs raw ioctls, on each DMA backend.
+
+    The legacy container (type1, or iommufd's emulation of it) with the first
+    edu device's group, and an iommufd IOAS where /dev/iommu exists (a map
+    needs no attached device). Only inside `aiovfio vm`, and not under noiommu.
+    """
+    from aiovfio._uapi import iommufd as iuapi
+
+    kernel = LinuxKernel()
+    bdf = (os.environ.get("AIOVFIO_BENCH_BDF") or os.environ.get("AIOVFIO_VM_EDU", "")).split()
+    if not kernel.vfio_available() or not bdf or os.environ.get("AIOVFIO_VM_IOMMU") == "none":
+        print("(no IOMMU-backed VFIO device here: the DMA map figures need `aiovfio vm`)")
+        return
+    mem = allocate_memory(mmap.PAGESIZE)
+    mem[0] = 1
+    vaddr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    iova = 0x100000
+
+    def measure(name: str, api: Callable[[], None], raw: Callable[[], None]) -> None:
+        row = Row(name, "ns", "<= 1.3x", "lower")
+        for _ in range(ROUNDS):
+            row.api.append(_timeit(api, n))
+            row.raw.append(_timeit(raw, n))
+        rows.append(row)
+
+    container = kernel.open_container()
+    group = kernel.open_group(kernel.iommu_group(bdf[0]) or 0)
+    try:
+        kernel.group_set_container(group, container)
+        kernel.set_iommu(container, uapi.Extension.TYPE1v2_IOMMU)
+        m = uapi.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map),
+            flags=uapi.DmaMapFlag.READ | uapi.DmaMapFlag.WRITE,
+            vaddr=vaddr,
+            iova=iova,
+            size=mmap.PAGESIZE,
+        )
+        u = uapi.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=mmap.PAGESIZE
+        )
+
+        def api() -> None:
+            for _ in range(n):
+                kernel.map_dma(container, m)
+                kernel.unmap_dma(container, u)
+
+        def raw() -> None:
+            for _ in range(n):
+                fcntl.ioctl(container, uapi.Ioctl.IOMMU_MAP_DMA, m, True)
+                fcntl.ioctl(container, uapi.Ioctl.IOMMU_UNMAP_DMA, u, True)
+
+        measure("DMA map+unmap 4 KiB, container", api, raw)
+    finally:
+        kernel.close(group)
+        kernel.close(container)
+    if not os.path.exists("/dev/iommu"):
+        print("(no /dev/iommu: this kernel has no iommufd, so no IOAS figure)")
+        mem.close()
+        return
+    fd = kernel.open_iommufd()
+    try:
+        alloc = iuapi.iommu_ioas_alloc(size=ctypes.sizeof(iuapi.iommu_ioas_alloc))
+        kernel.ioas_alloc(fd, alloc)
+        im = iuapi.iommu_ioas_map(
+            size=ctypes.sizeof(iuapi.iommu_ioas_map),
+            flags=iuapi.IoasMapFlag.FIXED_IOVA
+            | iuapi.IoasMapFlag.READABLE
+            | iuapi.IoasMapFlag.WRITEABLE,
+            ioas_id=alloc.out_ioas_id,
+            user_va=vaddr,
+            length=mmap.PAGESIZE,
+            iova=iova,
+        )
+        iu = iuapi.iommu_ioas_unmap(
+            size=ctypes.sizeof(iuapi.iommu_ioas_unmap),
+            ioas_id=alloc.out_ioas_id,
+            iova=iova,
+            length=mmap.PAGESIZE,
+        )
+
+        def ioas_api() -> None:
+            for _ in range(n):
+                kernel.ioas_map(fd, im)
+                kernel.ioas_unmap(fd, iu)
+
+        def ioas_raw() -> None:
+            for _ in range(n):
+                fcntl.ioctl(fd, iuapi.IommufdIoctl.IOAS_MAP, im, True)
+                fcntl.ioctl(fd, iuapi.IommufdIoctl.IOAS_UNMAP, iu, True)
+
+        measure("DMA map+unmap 4 KiB, iommufd IOAS", ioas_api, ioas_raw)
+    finally:
+        kernel.close(fd)
+        mem.close()
 
 
 # --- DMA buffer copy ----------------------------------------------------------------------
@@ -494,6 +596,7 @@ def main() -> int:
         anyio.run(bench_copy, rows, 2000 // scale)
         bench_wake(rows, 5000 // scale)
     bench_vfio_ioctl(rows, 20_000 // scale)
+    bench_dma_map(rows, 2_000 // scale)
     _print(rows)
     if not args.vfio_only:
         bench_instructions(100_000 // scale)
