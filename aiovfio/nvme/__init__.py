@@ -10,9 +10,11 @@
 This module only re-exports; each name lives in a module named after its job:
 `spec` (constants, Identify layouts), `prp` (PRP entries and lists), `queue`
 (one queue pair), `controller` (bring-up, watchdog, shutdown), `namespace`
-(block I/O), `errors`, and `cli` (`aiovfio nvme identify|perf`).
+(block I/O), `batch` (many commands from one task), `errors`, and `cli`
+(`aiovfio nvme identify|perf`).
 """
 
+from .batch import Batch as Batch
 from .controller import Controller as Controller
 from .controller import open_controller as open_controller
 from .errors import ControllerFailed as ControllerFailed
@@ -27,6 +29,7 @@ from .spec import IdentifyController as IdentifyController
 from .spec import IdentifyNamespace as IdentifyNamespace
 
 __all__ = [
+    "Batch",
     "Controller",
     "ControllerFailed",
     "ControllerNotReady",

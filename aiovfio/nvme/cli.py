@@ -2,7 +2,8 @@
 
     aiovfio nvme identify 0000:01:00.0 [--json]
     aiovfio nvme perf 0000:01:00.0 --qd 32 --size 4k --pattern randread --seconds 10
-                      [--queues Q] [--poll | --hybrid US] [--backend asyncio|uvloop|trio]
+                      [--queues Q] [--poll | --hybrid US] [--tasks]
+                      [--backend asyncio|uvloop|trio]
     aiovfio nvme identify --sim        # a simulated QEMU nvme controller
 
 `add_parser(subparsers)` registers `nvme` on the `aiovfio` command line; `run`
@@ -68,6 +69,11 @@ def add_parser(subparsers: Any) -> None:
         metavar="US",
         help="poll US microseconds after each completion, then sleep on the interrupt",
     )
+    p.add_argument(
+        "--tasks",
+        action="store_true",
+        help="one task per command (`await ns.read_into`); default: one batch per queue",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     nvme.set_defaults(handler=run, nvme_tool=None, nvme_parser=nvme)
 
@@ -75,9 +81,11 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace, roots: object = None, *, out: TextIO | None = None) -> int:
     """The `aiovfio nvme` handler: runs the tool `args` names; returns the exit status."""
     stream = out if out is not None else sys.stdout
-    if args.nvme_tool is None:
-        args.nvme_parser.print_help(sys.stderr)
-        return 1
+    if args.nvme_tool is None:  # argparse's own usage error: the usage, a reason, exit 2
+        parser = args.nvme_parser
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: choose a tool: identify, perf", file=sys.stderr)
+        return 2
     if not args.sim and not args.bdf:
         raise errors.InvalidArgument("give the controller's PCI address (BDF), or --sim")
     backend, options = args.backend, {}
@@ -176,6 +184,7 @@ async def _perf(args: argparse.Namespace, out: TextIO) -> int:
     async with _controller(args) as (dev, ctrl):
         ns = ctrl.namespace(args.nsid)
         mode = "poll" if args.poll else (f"hybrid {args.hybrid:g} us" if args.hybrid else "irq")
+        mode += ", tasks" if args.tasks else ", batch"
         print(
             f"{ctrl.identify.model} ({dev.name}) ns {ns.nsid}: {args.pattern} {args.size} "
             f"qd {args.qd}, {len(ctrl.queues)} queue(s), {mode}, {args.seconds:g} s, "
@@ -190,6 +199,7 @@ async def _perf(args: argparse.Namespace, out: TextIO) -> int:
             pattern=args.pattern,
             seconds=args.seconds,
             progress=progress,
+            tasks=args.tasks,
         )
     if tty:
         print(file=sys.stderr)

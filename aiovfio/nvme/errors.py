@@ -42,6 +42,8 @@ class NvmeStatusError(NvmeError):
     sc: int
     name: str
     command: str
+    #: for a batch command (`Namespace.batch`), the tag it was submitted with
+    tag: object = None
 
     def __init__(self, status: int, command: str = "command") -> None:
         self.status = status

@@ -22,6 +22,7 @@ from attrs import define
 
 from .. import errors
 from ..dma import DmaBuffer
+from .batch import Batch
 from .errors import NvmeStatusError, TransferOutOfRange
 from .spec import IdentifyNamespace, IoOpcode
 
@@ -259,6 +260,14 @@ class Namespace:
             n = min(step, count - done)
             await self._io(opcode, lba + done, n, iova + done * bs, n * bs)
             done += n
+
+    def batch(self, depth: int | None = None) -> Batch:
+        """`async with ns.batch(depth) as batch:` many commands in flight from one task.
+
+        `depth` commands at most (default: the queue's depth) on one I/O queue;
+        see `aiovfio.nvme.batch`.
+        """
+        return Batch(self, depth)
 
     async def flush(self) -> None:
         """Make written data durable (NVM Flush)."""

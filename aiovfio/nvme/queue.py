@@ -29,7 +29,7 @@ from .._log import logger
 from .prp import build_prp
 from .spec import SQE, SQE_SIZE
 
-__all__ = ["QueuePair", "running_trio"]
+__all__ = ["QueuePair", "Sink", "running_trio"]
 
 _U16 = 0xFFFF
 
@@ -41,6 +41,22 @@ def running_trio() -> bool:
     except RuntimeError:
         return True
     return False
+
+
+@define(eq=False, repr=False)
+class Sink:
+    """Where a batch's completions go (`aiovfio.nvme.batch`): no task per command.
+
+    The reap loop appends the CID of each successful completion to `done`
+    and (CID, status) of each error to `errors`, keeping the CID out of the
+    free list (the batch owns it); after the loop it wakes the batch's one
+    `waiter` (an asyncio Future or a trio task), if any.
+    """
+
+    done: list[int] = field(factory=list)
+    errors: list[tuple[int, int]] = field(factory=list)
+    waiter: Any = None
+    failure: BaseException | None = None
 
 
 @define(eq=False, repr=False)
@@ -91,6 +107,8 @@ class QueuePair:
     #: trio's reschedule and outcome.Value (the reap loop calls them directly)
     _reschedule: Callable[[Any, Any], None] | None = field(default=None, init=False)
     _value_of: Any = field(default=None, init=False)
+    #: the batches submitting on this queue (their sinks)
+    sinks: list[Sink] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         depth = self.size - 1
@@ -273,6 +291,55 @@ class QueuePair:
             except Exception as exc:  # a closed region, a dead device: the watchdog sees it
                 logger.warning("nvme.doorbell_failed", qid=self.qid, error=str(exc))
 
+    def put(
+        self,
+        waiter: Any,
+        cid: int,
+        opcode: int,
+        nsid: int,
+        prp1: int,
+        prp2: int,
+        cdw10: int,
+        cdw11: int,
+        cdw12: int,
+    ) -> None:
+        """Write an entry at the tail for `waiter` without ringing (a batch rings once)."""
+        self._waiters[cid] = waiter
+        tail = self._tail
+        SQE.pack_into(
+            self.sq,
+            tail * SQE_SIZE,
+            opcode,
+            0,
+            cid,
+            nsid,
+            0,
+            prp1,
+            prp2,
+            cdw10,
+            cdw11,
+            cdw12,
+            0,
+            0,
+            0,
+        )
+        tail += 1
+        if tail == self.size:
+            tail = 0
+        self._tail = tail
+        self.inflight += 1
+        seq = self.submitted + 1
+        self.submitted = seq
+        self._seq[cid] = seq
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            self.wake(idle, 0)
+
+    def ring(self) -> None:
+        """Ring the SQ tail doorbell now (after `put`)."""
+        self.write32(self.sq_doorbell, self._tail)
+
     async def _run_asyncio(
         self,
         cid: int,
@@ -385,12 +452,12 @@ class QueuePair:
         reschedule, value_of = self._reschedule, self._value_of
         free = self._free
         slot_waiters = self._slot_waiters
-        n = 0
+        n = completed = 0
         while True:
-            w3 = cq[head * 4 + 3]
+            slot = head * 4
+            w3 = cq[slot + 3]
             if (w3 >> 16) & 1 != phase:
                 break
-            value = (w3 >> 17) << 32 | cq[head * 4]
             cid = w3 & _U16
             head += 1
             if head == size:
@@ -403,7 +470,14 @@ class QueuePair:
             if waiter is None:
                 continue  # failed and released already
             waiters[cid] = None
-            self.inflight -= 1
+            completed += 1
+            if waiter.__class__ is Sink:  # a batch's: it keeps the CID
+                if w3 >> 17:
+                    waiter.errors.append((cid, w3 >> 17))
+                else:
+                    waiter.done.append(cid)
+                continue
+            value = (w3 >> 17) << 32 | cq[slot]
             if reschedule is not None:  # trio
                 reschedule(waiter, value_of(value))
             elif not waiter.done():  # asyncio
@@ -413,10 +487,21 @@ class QueuePair:
             else:
                 free.append(cid)
         if n:
+            self.inflight -= completed
             self._head = head
             self._phase = phase
             self.write32(self.cq_doorbell, head)
+            for sink in self.sinks:
+                if sink.waiter is not None and (sink.done or sink.errors):
+                    self._wake_sink(sink)
         return n
+
+    def _wake_sink(self, sink: Sink) -> None:
+        waiter, sink.waiter = sink.waiter, None
+        if self.trio:
+            self.wake(waiter, 0)
+        elif not waiter.done():
+            waiter.set_result(0)
 
     def in_flight(self) -> set[tuple[int, int]]:
         """(CID, submission number) of every command in flight (the watchdog's view)."""
@@ -429,9 +514,16 @@ class QueuePair:
         for cid, waiter in enumerate(self._waiters):
             if waiter is not None:
                 self._waiters[cid] = None
+                if waiter.__class__ is Sink:
+                    continue  # the batch keeps its CIDs; it sees `failure` below
                 _throw(waiter, exc, trio=self.trio)
                 self._free.append(cid)
         self.inflight = 0
+        for sink in self.sinks:
+            if sink.failure is None:
+                sink.failure = exc
+            if sink.waiter is not None:
+                self._wake_sink(sink)
         slots, self._slot_waiters = self._slot_waiters, deque()
         for waiter in slots:
             _throw(waiter, exc, trio=self.trio)

@@ -26,7 +26,7 @@ def test_identify_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "2097152 blocks of 512 B (1.00 GiB)" in out
 
 
-@pytest.mark.parametrize("mode", [[], ["--poll"], ["--hybrid", "50"]])
+@pytest.mark.parametrize("mode", [[], ["--poll"], ["--hybrid", "50"], ["--tasks"]])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_perf_on_the_sim(capsys: pytest.CaptureFixture[str], mode: list[str], backend: str) -> None:
     argv = ["nvme", "perf", "--sim", "--qd", "4", "--seconds", "0.3", "--queues", "2"]
@@ -46,3 +46,9 @@ def test_perf_table_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "multiple of the block size" in capsys.readouterr().err
     assert main(["nvme", "identify"]) != 0  # neither BDF nor --sim
     assert "--sim" in capsys.readouterr().err
+
+
+def test_nvme_without_a_tool_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nvme"]) == 2  # as argparse exits for a usage error
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "choose a tool: identify, perf" in err

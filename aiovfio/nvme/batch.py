@@ -1,0 +1,300 @@
+"""Many commands in flight from one task: submit without awaiting, collect completions.
+
+    async with ns.batch(depth=32) as batch:
+        for buf in buffers:
+            batch.read_into(next_lba(), buf)           # queued, no await
+        while batch.inflight:
+            for buf in await batch.completions():      # one wake for all that completed
+                batch.read_into(next_lba(), buf)
+
+The per-command path (`await ns.read_into(...)`) costs a task, a sleep and a
+wake per command; a batch costs none of them: submitting writes the entry
+into the SQ and returns, the doorbell is rung once when the task waits
+(`completions()`), and the queue's reaper appends every completion it finds
+to the batch and wakes its one task once. It is the queue-depth-N loop of a
+benchmark or a bulk copier.
+
+A batch takes `depth` CIDs of one I/O queue when entered (waiting for them
+if other tasks hold them) and gives them back when left. Commands move at
+most MDTS and take a DmaBuffer or a slice of one's view, checked as
+`Namespace.read_into`/`write_from` check them. An error status is raised
+by `completions()` as `NvmeStatusError` with the command's `tag`; the
+completions beside it are handed over first. Leaving the block (an
+exception or a cancellation included) rings what was queued and waits,
+shielded, until every command in flight has completed: the device owns
+their buffers until then (bounded by the controller's command timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+import anyio.lowlevel
+
+from .. import errors
+from ..dma import DmaBuffer
+from .errors import NvmeStatusError
+from .queue import Sink
+from .spec import IoOpcode
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .namespace import DmaTarget, Namespace
+    from .queue import QueuePair
+
+__all__ = ["Batch"]
+
+_U32 = 0xFFFF_FFFF
+_READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
+
+
+class Batch:
+    """Commands on one namespace and one I/O queue, from one task: made by `Namespace.batch`."""
+
+    def __init__(self, ns: Namespace, depth: int | None) -> None:
+        self.ns = ns
+        self._depth_asked = depth
+        self.depth = 0
+        self._q: QueuePair | None = None
+        self._sink = Sink()
+        self._free: list[int] = []
+        self._cids: list[int] = []
+        self._tags: list[Any] = []
+        # the namespace's facts the fast path checks (fixed while the controller is open)
+        self._block_size = ns.info.block_size
+        self._blocks = ns.info.nsze
+        self._nsid = ns.nsid
+        self._max_transfer = 0
+        #: submitted and not yet handed out by completions()
+        self.inflight = 0
+        self._ring = False
+        self._open = False
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<nvme.Batch ns {self.ns.nsid} depth={self.depth} inflight={self.inflight} {state}>"
+
+    # --- entering and leaving ---------------------------------------------------------
+
+    async def __aenter__(self) -> Batch:
+        ctrl = self.ns.controller
+        ctrl._check_usable()
+        q = ctrl.pick_queue()
+        depth = q.depth if self._depth_asked is None else self._depth_asked
+        if type(depth) is not int or not 0 < depth <= q.depth:
+            raise errors.InvalidArgument(
+                f"a batch's depth must be an int from 1 to the queue depth {q.depth}, not {depth!r}"
+            )
+        cids = self._cids
+        try:
+            while len(cids) < depth:
+                cid = q.try_take()
+                cids.append(await q.take() if cid is None else cid)
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            for cid in cids:
+                q.release(cid)
+            cids.clear()
+            raise
+        self._q, self.depth = q, depth
+        self._max_transfer = ctrl.max_transfer
+        self._tags = [None] * q.depth
+        self._free = cids[::-1]
+        q.sinks.append(self._sink)
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Ring what is queued, wait (shielded) for what is in flight, give the CIDs back."""
+        if not self._open:
+            return
+        self._open = False
+        q = self._q
+        assert q is not None
+        sink = self._sink
+        native_cancel = False
+        try:
+            if self._ring and q.failure is None:
+                self._ring = False
+                q.ring()
+            with anyio.CancelScope(shield=True):
+                while sink.failure is None and self.inflight > len(sink.done) + len(sink.errors):
+                    try:
+                        await self._sleep()
+                    except asyncio.CancelledError:  # noqa: PERF203 (asyncio's own Task.cancel: wait on)
+                        native_cancel = True
+        finally:
+            q.sinks.remove(sink)
+            sink.done.clear()
+            sink.errors.clear()
+            self._tags = []
+            self.inflight = 0
+            for cid in self._cids:
+                q.release(cid)
+            self._cids.clear()
+            self._free.clear()
+        if native_cancel:
+            raise asyncio.CancelledError
+
+    # --- submitting ---------------------------------------------------------------------
+
+    def read_into(self, lba: int, buffer: DmaTarget, tag: object = None) -> None:
+        """Queue a read of `buffer`'s length from `lba`; `tag` (default: `buffer`) comes back."""
+        if type(buffer) is not DmaBuffer or buffer.readonly:
+            self._slow(_READ, lba, buffer, tag)
+            return
+        self._put(_READ, lba, buffer.iova, buffer.size, buffer if tag is None else tag)
+
+    def write_from(self, lba: int, buffer: DmaTarget, tag: object = None) -> None:
+        """Queue a write of `buffer` at `lba`; `tag` (default: `buffer`) comes back."""
+        if type(buffer) is not DmaBuffer:
+            self._slow(_WRITE, lba, buffer, tag)
+            return
+        self._put(_WRITE, lba, buffer.iova, buffer.size, buffer if tag is None else tag)
+
+    def _put(self, opcode: int, lba: int, iova: int, nbytes: int, tag: object) -> None:
+        """The hot path: checks inline, the entry written, no doorbell (one per batch)."""
+        count, rest = divmod(nbytes, self._block_size)
+        q = self._q
+        free = self._free
+        if (
+            rest
+            or iova & 3
+            or not free
+            or q is None
+            or nbytes > self._max_transfer
+            or lba.__class__ is not int
+            or lba < 0
+            or not 0 < count <= self._blocks - lba
+            or q.failure is not None
+        ):
+            self._explain(lba, iova, nbytes)
+        cid = free.pop()
+        page = q.page
+        if nbytes <= page - (iova & (page - 1)):  # one page: PRP1 alone
+            prp1, prp2 = iova, 0
+        else:
+            prp1, prp2 = q.prp(cid, iova, nbytes)
+        self._tags[cid] = tag
+        q.put(self._sink, cid, opcode, self._nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1)
+        self.inflight += 1
+        self._ring = True
+
+    def _slow(self, opcode: int, lba: int, buffer: object, tag: object) -> None:
+        """A slice of a view, or a buffer the fast path refuses: resolved and checked."""
+        self._check_state()
+        iova, nbytes = self.ns._resolve(buffer, device_writes=opcode == _READ)
+        self._put(opcode, lba, iova, nbytes, buffer if tag is None else tag)
+
+    def _check_state(self) -> None:
+        if not self._open:
+            raise errors.ClosedResourceError(
+                f"{self!r} is not open: use it as `async with ns.batch() as batch:`"
+            )
+        if self._sink.failure is not None:
+            raise self._sink.failure
+        if not self._free:
+            raise errors.BusyResourceError(
+                f"{self!r} has {self.depth} commands in flight, its depth: "
+                f"take completions (`await batch.completions()`) before submitting more"
+            )
+
+    def _explain(self, lba: int, iova: int, nbytes: int) -> NoReturn:
+        ns = self.ns
+        self._check_state()
+        count = ns._blocks_of(nbytes, "the buffer")
+        ns._check_range(lba, count)
+        ns.controller._check_usable()
+        assert self._q is not None
+        if self._q.failure is not None:
+            raise self._q.failure
+        if iova & 3:
+            raise errors.AlignmentError(
+                f"the buffer's IOVA {iova:#x} is not dword aligned (NVMe PRP1 rule)"
+            )
+        limit = ns.controller.max_transfer
+        raise errors.InvalidArgument(
+            f"a batch command moves at most MDTS = {limit} bytes, not {nbytes}: split it, "
+            f"or use ns.read_into/write_from, which split"
+        )
+
+    def ring(self) -> None:
+        """Send what is queued to the controller now (`completions()` does it before waiting)."""
+        if self._ring and self._q is not None and self._q.failure is None:
+            self._ring = False
+            self._q.ring()
+
+    # --- completions ----------------------------------------------------------------------
+
+    async def completions(self) -> list[Any]:
+        """Wait until a command completes; return the tags of all that completed since.
+
+        Returns [] at once (after a checkpoint) when nothing is in flight. An
+        error status raises NvmeStatusError (its `tag` says which command);
+        a failed controller raises its ControllerFailed.
+        """
+        if self._ring:
+            self.ring()
+        sink = self._sink
+        if sink.done or sink.errors or not self.inflight or sink.failure is not None:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._sleep()
+        return self._take()
+
+    async def _sleep(self) -> None:
+        """Sleep until the reap loop wakes us (cancellable; nothing to undo)."""
+        q = self._q
+        assert q is not None
+        sink = self._sink
+        if q.trio:
+            import trio
+
+            sink.waiter = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                sink.waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return
+        assert q._loop is not None
+        fut = q._loop.create_future()
+        sink.waiter = fut
+        try:
+            await fut
+        finally:
+            if sink.waiter is fut:
+                sink.waiter = None
+
+    def _take(self) -> list[Any]:
+        sink = self._sink
+        done = sink.done
+        if done:
+            sink.done = []
+            self._free += done
+            self.inflight -= len(done)
+            tags = self._tags
+            return [tags[cid] for cid in done]
+        if sink.errors:  # after the successes: they are handed over first
+            cid, status = sink.errors.pop(0)
+            self._free.append(cid)
+            self.inflight -= 1
+            error = NvmeStatusError(status, f"a batch command on namespace {self._nsid}")
+            error.tag = self._tags[cid]
+            raise error
+        if sink.failure is not None:
+            raise sink.failure
+        return []
