@@ -250,6 +250,7 @@ CQE = struct.Struct("<IIHHHH")
 
 _PSDT_SHIFT, _PSDT_WIDTH = 6, 2  # in the flags byte (DW0 bits 15:14)
 _FUSE_WIDTH = 2  # DW0 bits 9:8
+_FUSE_MASK, _PSDT_MASK = (1 << _FUSE_WIDTH) - 1, (1 << _PSDT_WIDTH) - 1
 
 
 @frozen
@@ -275,8 +276,8 @@ class Command:
         opcode, flags, cid, nsid, _mptr, prp1, prp2, *cdw = SQE.unpack(raw)
         return cls(
             opcode,
-            field_get(flags, 0, _FUSE_WIDTH),
-            field_get(flags, _PSDT_SHIFT, _PSDT_WIDTH),
+            flags & _FUSE_MASK,  # field_get, inline: every command is decoded
+            flags >> _PSDT_SHIFT & _PSDT_MASK,
             cid,
             nsid,
             prp1,

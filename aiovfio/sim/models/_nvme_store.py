@@ -42,6 +42,10 @@ class SparseStore:
     _chunks: dict[int, bytearray] = field(factory=dict, init=False, repr=False)
 
     def read(self, offset: int, length: int) -> bytes:
+        index, within = divmod(offset, _CHUNK)
+        if within + length <= _CHUNK:  # inside one chunk: one copy (or none, for zeros)
+            chunk = self._chunks.get(index)
+            return bytes(length) if chunk is None else bytes(chunk[within : within + length])
         out = bytearray(length)
         pos = 0
         while pos < length:

@@ -1002,7 +1002,7 @@ class Nvme(DeviceModel):
         # QEMU 7.2's order (checked against it): the broadcast NSID passes the
         # validity check and, except for Flush, then names no namespace.
         nsid = command.nsid
-        if not self._nsid_valid(nsid):
+        if nsid == 0 or (nsid != NSID_BROADCAST and nsid > _MAX_NAMESPACES):  # _nsid_valid
             return _fail(Status.INVALID_NSID)
         if command.opcode == IoOpcode.FLUSH and nsid == NSID_BROADCAST:
             self._store.flush()
