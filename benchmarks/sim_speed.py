@@ -18,7 +18,10 @@ thread clock. Rows:
 * QD1 wall time per command (submit, ring, wait for the MSI-X interrupt,
   reap), on the machine's own kernel (no timing wrapper);
 * the same QD1 with 1,000 extra live DMA mappings (translation cost against
-  the number of mappings).
+  the number of mappings);
+* for scale, not a target: the floor of a QD1 command on the thread clock,
+  a bare round trip through a worker thread, an eventfd and the event loop
+  with no device, kernel or driver code (`_handoff_floor`).
 
 The I/O queue pair has `--entries` slots (64 by default: one page of SQEs);
 QD is how many commands are in flight. A queue only QD+1 deep (the
@@ -33,12 +36,14 @@ QD1 flat in the number of live mappings (ratio <= 1.2).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import os
 import random
 import struct
 import sys
+import threading
 import time
 from typing import Any
 
@@ -97,6 +102,55 @@ def _clock_read_cost() -> float:
             total += clock() - a
         best = min(best, total / n)
     return best
+
+
+async def _handoff_floor(n: int) -> float:
+    """us per bare round trip of what a QD1 command on the thread clock cannot avoid.
+
+    The loop thread wakes a worker thread (a lock released as a token, as the
+    clock's), the worker writes an eventfd, the loop's reader wakes the
+    waiting task, which wakes the worker again: two thread hand-offs, two GIL
+    hand-offs and one event-loop wake-up, with no device, kernel or driver.
+    """
+    loop = asyncio.get_running_loop()
+    token = threading.Lock()
+    token.acquire()
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    stop = False
+
+    def worker() -> None:
+        while True:
+            token.acquire()
+            if stop:
+                return
+            os.eventfd_write(efd, 1)
+
+    waiter: asyncio.Future[None] | None = None
+
+    def readable() -> None:
+        os.eventfd_read(efd)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    loop.add_reader(efd, readable)
+    try:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                waiter = loop.create_future()
+                token.release()
+                await waiter
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        return best
+    finally:
+        loop.remove_reader(efd)
+        stop = True
+        token.release()
+        thread.join()
+        os.close(efd)
 
 
 async def _trapped(n: int) -> float:
@@ -242,6 +296,7 @@ def main() -> int:
         return min(runs, key=lambda r: r[key])
 
     trapped = anyio.run(_trapped, 5000)
+    floor = anyio.run(_handoff_floor, 2000)
     qd32 = best(32, 0, "model_us", timed=True)
     qd1 = best(1, 0, "wall_us", timed=False)
     qd1_maps = best(1, 1000, "wall_us", timed=False)
@@ -251,6 +306,7 @@ def main() -> int:
         ("model CPU per command, QD32 (us)", qd32["model_us"], TARGETS["qd32"]),
         ("  (process CPU per command, QD32)", qd32["process_us"], None),
         ("QD1 wall per command (us)", qd1["wall_us"], TARGETS["qd1"]),
+        ("  (floor: bare thread/eventfd/loop trip)", floor, None),
         ("QD1 wall, 1000 live mappings (us)", qd1_maps["wall_us"], None),
         ("  ratio 1000 mappings / none", flat, TARGETS["flat"]),
     ]
