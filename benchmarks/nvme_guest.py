@@ -6,7 +6,9 @@ Inside the aiovfio guest (QEMU's nvme, a sparse image backing, TCG): 4 KiB
 random reads at QD1 and QD32,
 
 * aiovfio.nvme on the controller bound to vfio-pci, in each completion mode
-  (interrupt, polled, hybrid), through `aiovfio.nvme.perf.run_workload`;
+  (interrupt, polled, hybrid), through `aiovfio.nvme.perf.run_workload`: one
+  task keeping the queue full through `Namespace.batch`, and (rows "tasks")
+  one task per command, `await ns.read_into`;
 * then the controller rebound to the kernel's nvme driver and fio
   (`--direct=1 --ioengine=io_uring --rw=randread --bs=4k`) on /dev/nvme0n1;
 * then rebound to vfio-pci; `--rounds` times, interleaved, best of each (the
@@ -98,14 +100,22 @@ def _fio(device: str, qd: int, seconds: float) -> tuple[float, float]:
     return job["read"]["iops"], cpu / ios * 1e6 if ios else 0.0
 
 
-async def _aiovfio(bdf: str, qd: int, poll: bool | float, seconds: float) -> PerfResult:
+async def _aiovfio(
+    bdf: str, qd: int, poll: bool | float, seconds: float, tasks: bool
+) -> PerfResult:
     async with aiovfio.open_device(bdf) as dev:
         async with open_controller(
             dev, queue_depth=max(qd, 2), poll=poll, command_timeout=120
         ) as ctrl:
             ctrl_ns = ctrl.namespace(1)
             return await run_workload(
-                dev, ctrl_ns, qd=qd, size=SIZE, pattern="randread", seconds=seconds
+                dev,
+                ctrl_ns,
+                qd=qd,
+                size=SIZE,
+                pattern="randread",
+                seconds=seconds,
+                tasks=tasks,
             )
 
 
@@ -114,6 +124,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--hybrid-us", type=float, default=200.0)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best of)")
+    parser.add_argument(
+        "--no-tasks", action="store_true", help="leave out the task-per-command rows"
+    )
     args = parser.parse_args()
     import logging
 
@@ -125,19 +138,24 @@ def main() -> int:
         print("run in the aiovfio guest with fio installed on the host (apt install fio)")
         return 2
     bdf = bdfs[0]
-    modes: dict[str, bool | float] = {
+    polls: dict[str, bool | float] = {
         "irq": False,
         "poll": True,
         f"hybrid {args.hybrid_us:g}us": args.hybrid_us / 1e6,
     }
+    modes: dict[str, tuple[bool | float, bool]] = {
+        f"{name} batch": (poll, False) for name, poll in polls.items()
+    }
+    if not args.no_tasks:
+        modes |= {f"{name} tasks": (poll, True) for name, poll in polls.items()}
     ours: dict[tuple[int, str], PerfResult] = {}
     kernel: dict[int, tuple[float, float]] = {}
     subprocess.run(["modprobe", "nvme"], check=True)
     # Interleaved rounds, best of each: the host's load swings (TCG shares its cores).
     for round_ in range(1, args.rounds + 1):
         for qd in (1, 32):
-            for name, poll in modes.items():
-                r = anyio.run(_aiovfio, bdf, qd, poll, args.seconds)
+            for name, (poll, tasks) in modes.items():
+                r = anyio.run(_aiovfio, bdf, qd, poll, args.seconds, tasks)
                 if (qd, name) not in ours or r.iops > ours[qd, name].iops:
                     ours[qd, name] = r
                 print(
@@ -163,7 +181,7 @@ def main() -> int:
         f"kernel {os.uname().release}, QEMU nvme ({bdf})"
     )
     print(
-        f"{'QD':>3} {'mode':<14} {'aiovfio IOPS':>13} {'kernel IOPS':>12} {'ratio':>7} "
+        f"{'QD':>3} {'mode':<20} {'aiovfio IOPS':>13} {'kernel IOPS':>12} {'ratio':>7} "
         f"{'aiovfio us/IO':>14} {'kernel us/IO':>13}  target"
     )
     for (qd, name), r in ours.items():
@@ -171,14 +189,16 @@ def main() -> int:
         ratio = r.iops / k_iops if k_iops else 0.0
         verdict = "ok" if ratio >= TARGETS[qd] else "MISS"
         print(
-            f"{qd:>3} {name:<14} {r.iops:>13.0f} {k_iops:>12.0f} {ratio:>6.2f}x "
+            f"{qd:>3} {name:<20} {r.iops:>13.0f} {k_iops:>12.0f} {ratio:>6.2f}x "
             f"{r.cpu_per_io_us:>14.1f} {k_cpu:>13.1f}  >= {TARGETS[qd]:g}x: {verdict}"
         )
     print("\n$ aiovfio nvme perf --qd 32 --size 4k --pattern randread --seconds 5 (best mode)")
     from aiovfio.nvme import cli
 
     best = max((m for m in ours if m[0] == 32), key=lambda m: ours[m].iops)[1]
-    flags = {"poll": ["--poll"], "irq": []}.get(best, ["--hybrid", f"{args.hybrid_us:g}"])
+    kind, style = best.split()[0], best.split()[-1]
+    flags = {"poll": ["--poll"], "irq": []}.get(kind, ["--hybrid", f"{args.hybrid_us:g}"])
+    flags += ["--tasks"] if style == "tasks" else []
     perf = ["perf", bdf, "--qd", "32", "--size", "4k", "--pattern", "randread", "--seconds", "5"]
     return cli.main([*perf, *flags])
 
