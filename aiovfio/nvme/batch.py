@@ -14,8 +14,8 @@ into the SQ and returns, the doorbell is rung once when the task waits
 to the batch and wakes its one task once. It is the queue-depth-N loop of a
 benchmark or a bulk copier.
 
-A batch takes `depth` CIDs of one I/O queue when entered (waiting for them
-if other tasks hold them) and gives them back when left. Commands move at
+A batch takes `depth` CIDs of one I/O queue when entered (all at once,
+waiting while other tasks hold them) and gives them back when left. Commands move at
 most MDTS and take a DmaBuffer or a slice of one's view, checked as
 `Namespace.read_into`/`write_from` check them. An error status is raised
 by `completions()` as `NvmeStatusError` with the command's `tag`; the
@@ -54,9 +54,11 @@ _READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 class Batch:
     """Commands on one namespace and one I/O queue, from one task: made by `Namespace.batch`."""
 
-    def __init__(self, ns: Namespace, depth: int | None) -> None:
+    def __init__(self, ns: Namespace, depth: int | None, *, greedy: bool = False) -> None:
         self.ns = ns
         self._depth_asked = depth
+        #: take at least one CID and whatever else is free up to `depth` (the MDTS splitter)
+        self._greedy = greedy
         self.depth = 0
         self._q: QueuePair | None = None
         self._sink = Sink()
@@ -90,15 +92,25 @@ class Batch:
             )
         cids = self._cids
         try:
-            while len(cids) < depth:
+            if self._greedy:
                 cid = q.try_take()
                 cids.append(await q.take() if cid is None else cid)
+                while len(cids) < depth and (cid := q.try_take()) is not None:
+                    cids.append(cid)
+            else:
+                # All `depth` at once, none held while waiting: two batches that each
+                # hold part of a queue's CIDs and wait for the rest would wait forever.
+                while q.free < depth and q.failure is None:  # noqa: ASYNC110 (no event for it)
+                    await anyio.sleep(0.001)  # commands in flight give theirs back
+                cids.extend(q.try_take() for _ in range(min(depth, q.free)))  # type: ignore[misc]
             await anyio.lowlevel.checkpoint()
+            ctrl._check_usable()
         except BaseException:
             for cid in cids:
                 q.release(cid)
             cids.clear()
             raise
+        depth = len(cids)
         self._q, self.depth = q, depth
         self._max_transfer = ctrl.max_transfer
         self._tags = [None] * q.depth

@@ -6,7 +6,10 @@ between the device and a `DmaBuffer` (or a slice of its `view`): the
 buffer's IOVA must be dword aligned (NVMe's rule for PRP1) and its length a
 whole number of blocks; anything else is refused, not bounced. Transfers
 longer than the controller's MDTS are split into commands of at most MDTS,
-issued one after another on one queue.
+all in flight at once (as many as the queue has free CIDs and, for
+read/write, the bounce pool has room): the first error status is raised
+once every piece in flight has completed, and a cancelled transfer waits
+for its pieces in flight (the device owns their memory) before it raises.
 
 Every range is checked against the namespace before anything is submitted
 (`TransferOutOfRange`); `command()` sends a raw I/O command unchecked, to
@@ -16,7 +19,7 @@ see what the controller itself answers.
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from attrs import define
 
@@ -155,17 +158,7 @@ class Namespace:
             finally:
                 pool.free(offset, nbytes)
         out = bytearray(count * bs)
-        done = 0
-        while done < count:
-            n = min(step, count - done)
-            nbytes = n * bs
-            offset = await pool.alloc(nbytes)
-            try:
-                await self._io(IoOpcode.READ, lba + done, n, pool.iova + offset, nbytes)
-                out[done * bs : done * bs + nbytes] = pool.view[offset : offset + nbytes]
-            finally:
-                pool.free(offset, nbytes)
-            done += n
+        await self._split(IoOpcode.READ, lba, count, None, memoryview(out))
         return bytes(out)
 
     async def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
@@ -178,20 +171,18 @@ class Namespace:
         pool = ctrl._pool
         assert pool is not None
         bs = self.block_size
-        step = ctrl.max_transfer // bs
-        done = 0
-        while done < count:
-            n = min(step, count - done)
-            nbytes = n * bs
-            offset = pool.try_alloc(nbytes)
-            if offset is None:
-                offset = await pool.alloc(nbytes)
-            try:
-                pool.view[offset : offset + nbytes] = src[done * bs : done * bs + nbytes]
-                await self._io(IoOpcode.WRITE, lba + done, n, pool.iova + offset, nbytes)
-            finally:
-                pool.free(offset, nbytes)
-            done += n
+        nbytes = count * bs
+        if nbytes > ctrl.max_transfer:
+            await self._split(IoOpcode.WRITE, lba, count, None, src)
+            return
+        offset = pool.try_alloc(nbytes)
+        if offset is None:
+            offset = await pool.alloc(nbytes)
+        try:
+            pool.view[offset : offset + nbytes] = src
+            await self._io(IoOpcode.WRITE, lba, count, pool.iova + offset, nbytes)
+        finally:
+            pool.free(offset, nbytes)
 
     async def read_into(self, lba: int, buffer: DmaTarget) -> None:
         """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
@@ -253,13 +244,71 @@ class Namespace:
         if nbytes <= max_transfer:
             await self._io(opcode, lba, count, iova, nbytes)
             return
+        await self._split(opcode, lba, count, iova, None)
+
+    async def _split(
+        self, opcode: int, lba: int, count: int, iova: int | None, data: memoryview | None
+    ) -> None:
+        """A transfer past MDTS as MDTS pieces, in flight together on one queue.
+
+        Zero copy (`iova` given) or bounced through the pool (`data`: the bytes
+        to write, or the buffer a read fills). The pieces go through a batch, so
+        leaving (an error status, a cancellation) first waits for those in flight.
+        """
+        ctrl = self.controller
         bs = self.block_size
-        step = max_transfer // bs
-        done = 0
-        while done < count:
-            n = min(step, count - done)
-            await self._io(opcode, lba + done, n, iova + done * bs, n * bs)
-            done += n
+        step = ctrl.max_transfer // bs
+        #: (first LBA, byte offset in the transfer, bytes) of each piece
+        pieces = [(lba + d, d * bs, min(step, count - d) * bs) for d in range(0, count, step)]
+        pool = ctrl._pool
+        assert pool is not None
+        held: dict[int, int] = {}  # piece -> its bounce pool offset
+        error: NvmeStatusError | None = None
+        read = opcode == IoOpcode.READ
+        try:
+            async with Batch(self, min(len(pieces), ctrl.queue_depth), greedy=True) as batch:
+                nxt = 0
+                while nxt < len(pieces) or batch.inflight:
+                    while nxt < len(pieces) and batch._free:
+                        first, start, nbytes = pieces[nxt]
+                        if iova is not None:
+                            batch._put(opcode, first, iova + start, nbytes, nxt)
+                        else:
+                            assert data is not None
+                            offset = pool.try_alloc(nbytes)
+                            if offset is None:
+                                if batch.inflight:
+                                    break  # room comes back as pieces complete
+                                offset = await pool.alloc(nbytes)
+                            held[nxt] = offset
+                            if not read:
+                                pool.view[offset : offset + nbytes] = data[start : start + nbytes]
+                            batch._put(opcode, first, pool.iova + offset, nbytes, nxt)
+                        nxt += 1
+                    try:
+                        done = await batch.completions()
+                    except NvmeStatusError as exc:  # the first error; the rest drain
+                        first, _, nbytes = pieces[cast(int, exc.tag)]
+                        error = error or NvmeStatusError(
+                            exc.status,
+                            f"{_NAMES.get(opcode, hex(opcode))} of {nbytes // bs} block(s) "
+                            f"at LBA {first} on namespace {self.nsid}",
+                        )
+                        nxt = len(pieces)
+                        continue
+                    for piece in done:
+                        offset = held.pop(piece, -1)
+                        if offset >= 0:
+                            _, start, nbytes = pieces[piece]
+                            if read:
+                                assert data is not None
+                                data[start : start + nbytes] = pool.view[offset : offset + nbytes]
+                            pool.free(offset, nbytes)
+        finally:  # the batch has waited: the device is done with every piece
+            for piece, offset in held.items():
+                pool.free(offset, pieces[piece][2])
+        if error is not None:
+            raise error
 
     def batch(self, depth: int | None = None) -> Batch:
         """`async with ns.batch(depth) as batch:` many commands in flight from one task.

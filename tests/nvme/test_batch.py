@@ -7,6 +7,7 @@ import os
 
 import anyio
 import pytest
+from attrs import define
 
 import aiovfio
 from aiovfio.nvme import ControllerFailed, NvmeStatusError, TransferOutOfRange, open_controller
@@ -202,4 +203,97 @@ async def test_batches_beside_single_commands_on_one_queue(make_target: MakeTarg
                     tg.start_soon(batched)
                 assert bytes(buf.view[:4096]) == b"z" * 4096
             assert ctrl.queues[0].free == 8
+    assert t.leaks() == []
+
+
+@define(eq=False, kw_only=True)
+class Counting(SlowIo):
+    """SlowIo that records the most I/O commands it held at once, and fails one LBA."""
+
+    most: int = 0
+    bad_lba: int = -1
+
+    def _process_sq(self, sq: object) -> None:
+        if getattr(sq, "qid", 0):
+            waiting = (sq.tail - sq.head) % sq.size  # type: ignore[attr-defined]
+            self.most = max(self.most, waiting)
+        super()._process_sq(sq)  # type: ignore[arg-type]
+
+    def _read_write(self, command: object, *, write: bool) -> object:
+        if self.bad_lba >= 0 and command.cdw10 == self.bad_lba:  # type: ignore[attr-defined]
+            return self._fail_unrecovered()
+        return super()._read_write(command, write=write)  # type: ignore[arg-type]
+
+    def _fail_unrecovered(self) -> object:
+        from aiovfio.sim.models._nvme_spec import Status
+        from aiovfio.sim.models.nvme import _fail
+
+        return _fail(Status.LBA_OUT_OF_RANGE)
+
+
+@pytest.mark.parametrize("how", ["read_into", "write_from then read", "write then read_into"])
+async def test_a_transfer_past_mdts_sends_its_pieces_together(
+    make_target: MakeTarget, how: str
+) -> None:
+    model = Counting(io_latency=0.01, size=16 << 20)
+    t = make_target(model=model)
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev, open_controller(dev) as ctrl:
+        ns = ctrl.namespace()
+        data = os.urandom(4 * ctrl.max_transfer + 4096)  # 5 pieces
+        blocks = len(data) // ns.block_size
+        async with dev.dma_buffer(len(data)) as buf:
+            if how == "read_into":
+                await ns.write(3, data)
+                await ns.read_into(3, buf)
+                assert bytes(buf.view) == data
+            elif how == "write_from then read":
+                buf.view[:] = data
+                await ns.write_from(3, buf)
+                assert await ns.read(3, blocks) == data
+            else:
+                await ns.write(3, data)
+                await ns.read_into(3, buf)
+                assert bytes(buf.view) == data
+        assert model.most >= 2  # more than one piece was in the SQ at once
+        assert ctrl.queues[0].free == ctrl.queue_depth
+    assert t.leaks() == []
+
+
+@pytest.mark.parametrize("bounced", [False, True])
+async def test_a_failed_piece_fails_the_transfer_after_the_others(
+    make_target: MakeTarget, bounced: bool
+) -> None:
+    model = Counting(io_latency=0.01, size=16 << 20)
+    t = make_target(model=model)
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev, open_controller(dev) as ctrl:
+        ns = ctrl.namespace()
+        step = ctrl.max_transfer // ns.block_size
+        model.bad_lba = 8 + 2 * step  # the third piece
+        async with dev.dma_buffer(4 * ctrl.max_transfer) as buf:
+            with pytest.raises(NvmeStatusError, match=f"at LBA {8 + 2 * step} on namespace 1"):
+                if bounced:
+                    await ns.read(8, 4 * step)
+                else:
+                    await ns.read_into(8, buf)
+            assert ctrl.queues[0].inflight == 0  # every piece completed first
+            assert ctrl.queues[0].free == ctrl.queue_depth
+        model.bad_lba = -1
+        assert await ns.read(0, 1) == bytes(512)  # still works
+    assert t.leaks() == []
+
+
+async def test_cancelling_a_split_transfer_waits_for_its_pieces(make_target: MakeTarget) -> None:
+    model = Counting(io_latency=0.05, size=16 << 20)
+    t = make_target(model=model)
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev, open_controller(dev) as ctrl:
+        ns = ctrl.namespace()
+        async with dev.dma_buffer(4 * ctrl.max_transfer) as buf:
+            for read in (ns.read_into(0, buf), ns.read(0, 4 * ctrl.max_transfer // 512)):
+                with anyio.move_on_after(0.01) as scope:
+                    await read
+                assert scope.cancelled_caught
+                assert ctrl.queues[0].inflight == 0  # the pieces in flight completed first
+                assert ctrl.queues[0].free == ctrl.queue_depth
+            assert ctrl._pool is not None and "0 in use" in repr(ctrl._pool)
+    assert ctrl.shutdown_clean is True
     assert t.leaks() == []
