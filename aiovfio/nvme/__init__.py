@@ -17,6 +17,7 @@ This module only re-exports; each name lives in a module named after its job:
 from .batch import Batch as Batch
 from .controller import Controller as Controller
 from .controller import open_controller as open_controller
+from .errors import CommandTimeout as CommandTimeout
 from .errors import ControllerFailed as ControllerFailed
 from .errors import ControllerNotReady as ControllerNotReady
 from .errors import NvmeError as NvmeError
@@ -30,6 +31,7 @@ from .spec import IdentifyNamespace as IdentifyNamespace
 
 __all__ = [
     "Batch",
+    "CommandTimeout",
     "Controller",
     "ControllerFailed",
     "ControllerNotReady",

@@ -304,6 +304,9 @@ class Batch:
             cid, status = sink.errors.pop(0)
             self._free.append(cid)
             self.inflight -= 1
+            if isinstance(status, BaseException):  # it timed out and was aborted
+                status.tag = self._tags[cid]  # type: ignore[attr-defined]
+                raise status
             error = NvmeStatusError(status, f"a batch command on namespace {self._nsid}")
             error.tag = self._tags[cid]
             raise error

@@ -12,8 +12,11 @@ CQ/SQ pair per queue; the active namespaces and their Identify data.
 
 While open, each queue's completions are reaped by its own task (woken by
 its interrupt, or polling), and a watchdog fails every in-flight command and
-disables the controller when CSTS.CFS is set, the device reads as gone, or a
-command exceeds `timeout`.
+disables the controller when CSTS.CFS is set or the device reads as gone. An
+I/O command that exceeds `command_timeout` is aborted (NVMe Abort) and fails
+with CommandTimeout, the controller going on; if the Abort does not end it
+within min(timeout, 5 s), or a late command is an admin one, the controller
+is failed.
 
 Completion modes (`poll=`), measured with benchmarks/nvme_guest.py: 4 KiB
 random reads on QEMU's nvme in the aiovfio guest (TCG, 6.12, a loaded 2-core
@@ -53,7 +56,13 @@ from attrs import define, field
 
 from .. import errors
 from .._log import logger
-from .errors import ControllerFailed, ControllerNotReady, NvmeStatusError, QueueLimitExceeded
+from .errors import (
+    CommandTimeout,
+    ControllerFailed,
+    ControllerNotReady,
+    NvmeStatusError,
+    QueueLimitExceeded,
+)
 from .pool import BouncePool
 from .prp import list_pages_needed
 from .queue import QueuePair, running_trio
@@ -601,9 +610,15 @@ class Controller:
                 return
 
     async def _watchdog(self) -> None:
+        """CSTS.CFS, a device gone, and commands late: an I/O command past the timeout is
+        aborted (NVMe Abort) and fails with CommandTimeout; the controller is failed only
+        when that does not end it (or a late command is an admin one)."""
         tick = min(0.25, self.command_timeout / 4)
+        grace = min(self.command_timeout, 5.0)
         #: (qid, cid, submission number) -> when the watchdog first saw it in flight
         seen: dict[tuple[int, int, int], float] = {}
+        #: the late commands an Abort was sent for -> when
+        aborted: dict[tuple[int, int, int], float] = {}
         while self._failure is None:
             await anyio.sleep(tick)
             csts = self._reg32(Reg.CSTS)
@@ -624,13 +639,51 @@ class Controller:
                 for cid, seq in q.in_flight()
             }
             seen = {key: seen.get(key, now) for key in current}
+            aborted = {key: when for key, when in aborted.items() if key in seen}
             late = [key for key, first in seen.items() if now - first > self.command_timeout]
-            if late:
-                self.fail(
-                    f"a command on queue {late[0][0]} of controller {self.device.name} did "
-                    f"not complete within {self.command_timeout:g} s"
+            for key in late:
+                qid = key[0]
+                where = f"a command on queue {qid} of controller {self.device.name}"
+                if qid == 0:  # an admin command: the admin queue itself is stuck
+                    self.fail(f"{where} did not complete within {self.command_timeout:g} s")
+                    return
+                if key not in aborted:
+                    aborted[key] = now
+                    if not await self._abort(key, where, grace):
+                        return
+                elif now - aborted[key] > grace:
+                    self.fail(
+                        f"{where} did not complete within {self.command_timeout:g} s, "
+                        f"nor {grace:g} s after an NVMe Abort"
+                    )
+                    return
+
+    async def _abort(self, key: tuple[int, int, int], where: str, limit: float) -> bool:
+        """Send an Abort for a late I/O command; False when the controller was failed."""
+        qid, cid, seq = key
+        q = self._queues[qid - 1]
+        if not q.still_in_flight(cid, seq):
+            return True  # it completed just now
+        q.expired[cid] = CommandTimeout(
+            f"{where} (CID {cid}) did not complete within {self.command_timeout:g} s: it was "
+            f"aborted (NVMe Abort) and failed; the controller goes on"
+        )
+        logger.warning("nvme.command_timeout", device=self.device.name, qid=qid, cid=cid)
+        with anyio.move_on_after(limit) as scope:
+            try:
+                await self.admin_command(
+                    AdminOpcode.ABORT,
+                    cdw10=qid | cid << 16,
+                    what=f"Abort of command {cid} on SQ {qid}",
                 )
-                return
+            except NvmeStatusError as exc:  # e.g. Abort Command Limit Exceeded: wait on
+                logger.warning("nvme.abort_refused", device=self.device.name, error=str(exc))
+        if scope.cancelled_caught and self._failure is None:
+            self.fail(
+                f"{where} did not complete within {self.command_timeout:g} s, and the "
+                f"Abort sent for it did not complete within {limit:g} s"
+            )
+        return self._failure is None
 
     def fail(self, why: str) -> None:
         """Declare the controller dead: fail every command, disable it (CC.EN=0)."""

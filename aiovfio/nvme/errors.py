@@ -4,6 +4,8 @@
 * `ControllerFailed`: the controller is dead (CSTS.CFS, a command timeout, a
   register read of all-ones); every in-flight command fails with it and the
   controller is disabled. Open it again to recover.
+* `CommandTimeout`: a command exceeded the command timeout and an NVMe Abort
+  ended it; the controller goes on.
 * `ControllerNotReady`: CSTS.RDY did not follow CC.EN within CAP.TO.
 * `TransferOutOfRange`, `QueueLimitExceeded`: bad arguments, refused before
   anything reaches the device (they are `InvalidArgument`s).
@@ -15,6 +17,7 @@ from ..errors import DeviceFault, InvalidArgument
 from .spec import status_name
 
 __all__ = [
+    "CommandTimeout",
     "ControllerFailed",
     "ControllerNotReady",
     "NvmeError",
@@ -66,6 +69,17 @@ class NvmeStatusError(NvmeError):
 
 class ControllerFailed(NvmeError):
     """The controller failed (fatal status, timeout, gone); it was disabled."""
+
+
+class CommandTimeout(NvmeError):
+    """A command did not complete in time; it was aborted (NVMe Abort) and failed.
+
+    The controller goes on working. (Had the Abort not ended it, the
+    controller would have been declared failed: ControllerFailed.)
+    """
+
+    #: for a batch command, the tag it was submitted with
+    tag: object = None
 
 
 class ControllerNotReady(NvmeError):

@@ -54,7 +54,8 @@ class Sink:
     """
 
     done: list[int] = field(factory=list)
-    errors: list[tuple[int, int]] = field(factory=list)
+    #: (CID, status) of an error status; (CID, exception) of a command that timed out
+    errors: list[tuple[int, int | BaseException]] = field(factory=list)
     waiter: Any = None
     failure: BaseException | None = None
 
@@ -109,6 +110,8 @@ class QueuePair:
     _value_of: Any = field(default=None, init=False)
     #: the batches submitting on this queue (their sinks)
     sinks: list[Sink] = field(factory=list, init=False)
+    #: CID -> the error its command ends with (it timed out and was aborted)
+    expired: dict[int, BaseException] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         depth = self.size - 1
@@ -452,6 +455,7 @@ class QueuePair:
         reschedule, value_of = self._reschedule, self._value_of
         free = self._free
         slot_waiters = self._slot_waiters
+        expired = self.expired
         n = completed = 0
         while True:
             slot = head * 4
@@ -471,6 +475,9 @@ class QueuePair:
                 continue  # failed and released already
             waiters[cid] = None
             completed += 1
+            if expired and cid in expired:  # timed out: it ends with the watchdog's error
+                self._expire(waiter, cid, expired.pop(cid))
+                continue
             if waiter.__class__ is Sink:  # a batch's: it keeps the CID
                 if w3 >> 17:
                     waiter.errors.append((cid, w3 >> 17))
@@ -496,12 +503,23 @@ class QueuePair:
                     self._wake_sink(sink)
         return n
 
+    def _expire(self, waiter: Any, cid: int, exc: BaseException) -> None:
+        if waiter.__class__ is Sink:
+            waiter.errors.append((cid, exc))
+            return
+        _throw(waiter, exc, trio=self.trio)
+        self.release(cid)
+
     def _wake_sink(self, sink: Sink) -> None:
         waiter, sink.waiter = sink.waiter, None
         if self.trio:
             self.wake(waiter, 0)
         elif not waiter.done():
             waiter.set_result(0)
+
+    def still_in_flight(self, cid: int, seq: int) -> bool:
+        """Whether submission number `seq` is the command in flight with `cid`."""
+        return self._waiters[cid] is not None and self._seq[cid] == seq
 
     def in_flight(self) -> set[tuple[int, int]]:
         """(CID, submission number) of every command in flight (the watchdog's view)."""
@@ -511,6 +529,7 @@ class QueuePair:
     def fail(self, exc: BaseException) -> None:
         """The controller died: wake every waiter with `exc`; later commands raise it."""
         self.failure = exc
+        self.expired.clear()
         for cid, waiter in enumerate(self._waiters):
             if waiter is not None:
                 self._waiters[cid] = None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
-from attrs import define
+from attrs import define, field
 
 import aiovfio
-from aiovfio.nvme import ControllerFailed, ControllerNotReady, open_controller
+from aiovfio.nvme import CommandTimeout, ControllerFailed, ControllerNotReady, open_controller
 from aiovfio.sim.models import Nvme
+from aiovfio.sim.models._nvme_spec import Command, Status
+from aiovfio.sim.models.nvme import _Completion, _Result
 
 from .conftest import MakeTarget
 
@@ -199,4 +202,72 @@ async def test_asyncio_task_cancel_mid_transfer(make_target: MakeTarget) -> None
                         await ns.read(0, 8)
                 assert ctrl.queues[0].inflight == 0
             await ns.read(0, 8)
+    assert t.leaks() == []
+
+
+@define(eq=False, kw_only=True)
+class HangsUntilAborted(Nvme):
+    """Never completes a read of LBA `hang_lba` by itself; an NVMe Abort ends it (or, with
+    `abortable=False`, is refused with "not aborted")."""
+
+    hang_lba: int = 77
+    abortable: bool = True
+    hung: set[tuple[int, int]] = field(factory=set)
+
+    def _process_sq(self, sq: Any) -> None:
+        if sq.qid and sq.head != sq.tail:
+            raw = self._context.dma_read(sq.base + sq.head * 64, 64)
+            command = Command.decode(raw)
+            if command.opcode == 0x02 and command.cdw10 == self.hang_lba:
+                sq.head = (sq.head + 1) % sq.size
+                sq.outstanding += 1
+                self.hung.add((sq.qid, command.cid))
+        super()._process_sq(sq)
+
+    def _abort(self, command: Any) -> Any:
+        key = (command.cdw10 & 0xFFFF, command.cdw10 >> 16)
+        if key not in self.hung:
+            return super()._abort(command)
+        if not self.abortable:
+            return _Result(result=1)  # DW0 bit 0: not aborted
+        self.hung.discard(key)
+        sq = self._sqs[key[0]]
+        cq = self._cqs[sq.cqid]
+        cq.held.append(_Completion(sq, key[1], int(Status.ABORT_REQUESTED), 0))
+        self._post(cq)
+        return _Result(result=0)
+
+
+async def test_a_late_command_is_aborted_and_fails_alone(make_target: MakeTarget) -> None:
+    model = HangsUntilAborted()
+    t = make_target(model=model)
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev:
+        async with open_controller(dev, command_timeout=0.3) as ctrl:
+            ns = ctrl.namespace()
+            async with dev.dma_buffer(4096) as buf:
+                with anyio.fail_after(10), pytest.raises(CommandTimeout, match="aborted"):
+                    await ns.read_into(model.hang_lba, buf)
+                assert ctrl.failure is None  # the controller goes on
+                assert ctrl.queues[0].inflight == 0 and ctrl.queues[0].expired == {}
+                await ns.read_into(0, buf)
+                async with ns.batch(depth=2) as batch:  # a batch command: the same, with its tag
+                    batch.read_into(model.hang_lba, buf, tag="hung")
+                    with anyio.fail_after(10), pytest.raises(CommandTimeout) as caught:
+                        while batch.inflight:
+                            await batch.completions()
+                    assert caught.value.tag == "hung"
+            assert await ns.read(1, 1) == bytes(512)
+        assert ctrl.shutdown_clean is True
+    assert t.leaks() == []
+
+
+async def test_a_late_command_the_abort_cannot_end_fails_the_controller(
+    make_target: MakeTarget,
+) -> None:
+    t = make_target(model=HangsUntilAborted(abortable=False))
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev:
+        async with open_controller(dev, command_timeout=0.3) as ctrl:
+            with anyio.fail_after(10), pytest.raises(ControllerFailed, match="after an NVMe Abort"):
+                await ctrl.namespace().read(77, 1)
+        assert ctrl.shutdown_clean is False
     assert t.leaks() == []
