@@ -74,6 +74,10 @@ def vm(session: nox.Session) -> None:
     setups = [s for s in VM_SETUPS if s in session.posargs] or list(VM_DEFAULT)
     pytest_args = [a for a in session.posargs if a not in VM_SETUPS]
     on = [w for s in setups for w in ("--on", s)]
+    # --install-only (CI makes the venv first): session.run skips, and returns None;
+    # the guests below are not session.run calls, so stop here
+    if session.run("python", "-c", "", silent=True) is None:
+        return
     session.run("python", "-m", "aiovfio.testing.vm", "--setup", *on)
     # The venv's own python: its resolved target would leave the venv behind.
     # hypothesis's pytest plugin imports all of hypothesis: 10 s under TCG.
