@@ -153,6 +153,16 @@ class QueuePair:
     def free(self) -> int:
         return len(self._free)
 
+    @property
+    def head(self) -> int:
+        """The CQ head: the next completion entry to look at."""
+        return self._head
+
+    @property
+    def phase(self) -> int:
+        """The phase tag a new entry at `head` carries."""
+        return self._phase
+
     # --- CIDs ----------------------------------------------------------------------
 
     def try_take(self) -> int | None:
