@@ -28,6 +28,8 @@ their buffers until then (bounded by the controller's command timeout).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
@@ -36,7 +38,7 @@ import anyio.lowlevel
 from .. import errors
 from ..dma import DmaBuffer
 from .errors import NvmeStatusError
-from .queue import Sink
+from .queue import POLL_SPIN, Sink
 from .spec import IoOpcode
 
 if TYPE_CHECKING:
@@ -267,10 +269,21 @@ class Batch:
         return self._take()
 
     async def _sleep(self) -> None:
-        """Sleep until the reap loop wakes us (cancellable; nothing to undo)."""
+        """Sleep until the reap loop wakes us (cancellable; nothing to undo).
+
+        On a polled queue the task polls itself (reap, spin, a checkpoint): no
+        hop through the reaper task and back.
+        """
         q = self._q
         assert q is not None
         sink = self._sink
+        if q.polled:
+            checkpoint = _checkpoint_for(q.trio)
+            clock = time.perf_counter
+            while not (sink.done or sink.errors or sink.failure is not None):
+                if not q.reap() and not q.spin(clock() + POLL_SPIN):
+                    await checkpoint()
+            return
         if q.trio:
             import trio
 
@@ -313,3 +326,15 @@ class Batch:
         if sink.failure is not None:
             raise sink.failure
         return []
+
+
+def _checkpoint_for(trio: bool) -> Callable[[], Awaitable[object]]:
+    if trio:
+        import trio as trio_
+
+        return trio_.lowlevel.checkpoint
+    return _sleep0
+
+
+async def _sleep0() -> None:
+    await asyncio.sleep(0)

@@ -65,7 +65,7 @@ from .errors import (
 )
 from .pool import BouncePool
 from .prp import list_pages_needed
-from .queue import QueuePair, running_trio
+from .queue import POLL_SPIN, QueuePair, running_trio
 from .spec import (
     CQE_SIZE,
     IDENTIFY_SIZE,
@@ -95,8 +95,6 @@ ADMIN_DEPTH = 16
 DEFAULT_QUEUE_DEPTH = 64
 #: The largest transfer when the controller sets no limit (MDTS 0).
 NO_MDTS_LIMIT = 2 * 1024 * 1024
-#: Polled and hybrid modes: seconds a reaper watches the CQ between event-loop turns.
-POLL_SPIN = 50e-6
 #: Default seconds a command may take before the controller is declared dead.
 DEFAULT_TIMEOUT = 30.0
 #: Bounce pool bounds.
@@ -544,7 +542,7 @@ class Controller:
                     if not q.inflight:
                         await q.wait_work()
                         continue
-                    if _spin(q, clock() + POLL_SPIN):
+                    if q.spin(clock() + POLL_SPIN):
                         continue  # reap it now, before giving the loop its turn
                 await checkpoint()
         # Hybrid: after the last completion, poll for `poll` seconds, then sleep.
@@ -557,7 +555,7 @@ class Controller:
                 await stream.receive()
                 last = clock()
                 continue
-            elif _spin(q, min(clock() + POLL_SPIN, last + window)):
+            elif q.spin(min(clock() + POLL_SPIN, last + window)):
                 continue
             await checkpoint()
 
@@ -796,21 +794,6 @@ def _views(stack: contextlib.AsyncExitStack, view: memoryview) -> Callable[..., 
         return part
 
     return cut
-
-
-def _spin(q: QueuePair, until: float) -> bool:
-    """Watch the next CQE's phase tag until `until` (perf_counter): whether it arrived.
-
-    A polling reaper spins this long between event-loop turns: each turn is an
-    epoll call and a pass over every ready callback, dearer than a completion
-    that is a few microseconds away.
-    """
-    cq, slot, phase = q.cq, q.head * 4 + 3, q.phase
-    clock = time.perf_counter
-    while (cq[slot] >> 16) & 1 != phase:
-        if clock() >= until:
-            return False
-    return True
 
 
 def _checkpoint_for(trio: bool) -> Callable[[], Awaitable[object]]:

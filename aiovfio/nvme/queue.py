@@ -18,6 +18,7 @@ with the error.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,11 @@ from .._log import logger
 from .prp import build_prp
 from .spec import SQE, SQE_SIZE
 
-__all__ = ["QueuePair", "Sink", "running_trio"]
+__all__ = ["POLL_SPIN", "QueuePair", "Sink", "running_trio"]
 
 _U16 = 0xFFFF
+#: Polled and hybrid modes: seconds a poller watches the CQ between event-loop turns.
+POLL_SPIN = 50e-6
 
 
 def running_trio() -> bool:
@@ -526,6 +529,20 @@ class QueuePair:
             self.wake(waiter, 0)
         elif not waiter.done():
             waiter.set_result(0)
+
+    def spin(self, until: float) -> bool:
+        """Watch the next CQE's phase tag until `until` (perf_counter): whether it arrived.
+
+        A poller spins this long between event-loop turns: each turn is an epoll
+        call and a pass over every ready callback, dearer than a completion that
+        is a few microseconds away.
+        """
+        cq, slot, phase = self.cq, self._head * 4 + 3, self._phase
+        clock = time.perf_counter
+        while (cq[slot] >> 16) & 1 != phase:
+            if clock() >= until:
+                return False
+        return True
 
     def still_in_flight(self, cid: int, seq: int) -> bool:
         """Whether submission number `seq` is the command in flight with `cid`."""
