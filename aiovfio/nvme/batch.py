@@ -188,7 +188,7 @@ class Batch:
             or not free
             or q is None
             or nbytes > self._max_transfer
-            or lba.__class__ is not int
+            or type(lba) is not int
             or lba < 0
             or not 0 < count <= self._blocks - lba
             or q.failure is not None

@@ -491,7 +491,7 @@ class QueuePair:
             if expired and cid in expired:  # timed out: it ends with the watchdog's error
                 self._expire(waiter, cid, expired.pop(cid))
                 continue
-            if waiter.__class__ is Sink:  # a batch's: it keeps the CID
+            if type(waiter) is Sink:  # a batch's: it keeps the CID
                 if w3 >> 17:
                     waiter.errors.append((cid, w3 >> 17))
                 else:
@@ -517,7 +517,7 @@ class QueuePair:
         return n
 
     def _expire(self, waiter: Any, cid: int, exc: BaseException) -> None:
-        if waiter.__class__ is Sink:
+        if type(waiter) is Sink:
             waiter.errors.append((cid, exc))
             return
         _throw(waiter, exc, trio=self.trio)
@@ -560,7 +560,7 @@ class QueuePair:
         for cid, waiter in enumerate(self._waiters):
             if waiter is not None:
                 self._waiters[cid] = None
-                if waiter.__class__ is Sink:
+                if type(waiter) is Sink:
                     continue  # the batch keeps its CIDs; it sees `failure` below
                 _throw(waiter, exc, trio=self.trio)
                 self._free.append(cid)
