@@ -280,9 +280,13 @@ class Batch:
         if q.polled:
             checkpoint = _checkpoint_for(q.trio)
             clock = time.perf_counter
+            yielded = False
             while not (sink.done or sink.errors or sink.failure is not None):
                 if not q.reap() and not q.spin(clock() + POLL_SPIN):
                     await checkpoint()
+                    yielded = True
+            if not yielded:  # a schedule point even when the device is that quick
+                await checkpoint()
             return
         if q.trio:
             import trio

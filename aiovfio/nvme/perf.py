@@ -117,7 +117,8 @@ async def run_workload(
     write = pattern.endswith("write")
     io = ns.write_from if write else ns.read_into
     rng = random.Random(seed)
-    rand = rng.randrange
+    rand = rng.random  # one C call per LBA (randrange is three Python frames)
+    randomly = pattern.startswith("rand")
     sequential = [0]
     latencies: list[int] = []
     record = latencies.append
@@ -126,8 +127,8 @@ async def run_workload(
     deadline = 0.0
 
     def next_lba() -> int:
-        if pattern.startswith("rand"):
-            return rand(slots) * blocks
+        if randomly:
+            return int(rand() * slots) * blocks
         slot = sequential[0]
         sequential[0] = (slot + 1) % slots
         return slot * blocks
