@@ -51,6 +51,7 @@ class Clock:
         lock: threading.RLock,
         *,
         runner: Callable[[Callable[[], None]], None] | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         if kind not in ("thread", "manual"):
             raise InvalidArgument(f"clock must be 'thread' or 'manual', not {kind!r}")
@@ -58,6 +59,9 @@ class Clock:
         self._lock = lock  # the machine lock, held while a callback runs
         #: runs each callback (the machine's: marks it busy, then flushes fault warnings)
         self._runner: Callable[[Callable[[], None]], None] = runner or _call
+        #: runs after each callback, once the machine lock is released (the machine's:
+        #: signals the interrupts the callback sent)
+        self._after = after
         self._cond = threading.Condition(threading.Lock())
         #: the sleeping worker's wake-up token: held while no wake-up is pending
         self._wake = threading.Lock()
@@ -185,6 +189,8 @@ class Clock:
                     _log.logger.error(
                         "sim.clock.callback_failed", callback=repr(callback), error=repr(exc)
                     )
+        if self._after is not None:
+            self._after()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Thread kind: block until nothing is pending; False on timeout."""
@@ -236,8 +242,12 @@ class Clock:
 
     def _run_manual(self, callback: Callable[[], None]) -> None:
         # In manual mode the test drives time, so a failing model fails the test.
-        with self._lock:
-            self._runner(callback)
+        try:
+            with self._lock:
+                self._runner(callback)
+        finally:
+            if self._after is not None:
+                self._after()
 
     def _need_manual(self, what: str) -> None:
         if self.kind != "manual":

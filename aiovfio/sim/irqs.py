@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 from attrs import define, field
@@ -58,6 +59,12 @@ def get_eventfd(fd: int) -> Trigger:
     return Trigger(user_fd=fd, fd=dup)
 
 
+#: Serialises signalling and releasing triggers: the machine signals the interrupts a
+#: clock callback sent after it has let go of the machine lock, so a release (under that
+#: lock) must not close, and let the process reuse, an fd being written.
+_TRIGGERS = threading.Lock()
+
+
 @define(eq=False)
 class Trigger:
     """A registered eventfd: the driver's fd number and the machine's own reference."""
@@ -66,16 +73,20 @@ class Trigger:
     fd: int = field(repr=False)
 
     def signal(self) -> None:
-        # not contextlib.suppress: two Python-level calls on every interrupt
-        try:  # noqa: SIM105
-            os.eventfd_write(self.fd, 1)
-        except BlockingIOError:  # the counter is saturated
-            pass
+        with _TRIGGERS:
+            if self.fd < 0:
+                return  # released since it was sent
+            # not contextlib.suppress: two Python-level calls on every interrupt
+            try:  # noqa: SIM105
+                os.eventfd_write(self.fd, 1)
+            except BlockingIOError:  # the counter is saturated
+                pass
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with _TRIGGERS:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 @define(eq=False)

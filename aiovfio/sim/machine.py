@@ -214,9 +214,11 @@ class Machine:
         self.iommufd = bool(iommufd)
         self.noiommu = bool(noiommu)
         self._lock = self._topo.lock
-        #: MSI/MSI-X eventfds a running clock callback sent, signalled when it ends
+        #: MSI/MSI-X eventfds the clock callbacks sent, signalled by `_deliver`
+        self._sent: list[Trigger] = []
+        #: `_sent` while a clock callback runs, else None (kernel calls signal at once)
         self._signals: list[Trigger] | None = None
-        self._clock = Clock(clock, self._lock, runner=self._device_work)
+        self._clock = Clock(clock, self._lock, runner=self._device_work, after=self._deliver)
         self._topo.on_device_use = self._device_use
         self._mmio32 = _MMIO_32
         self._mmio64 = _MMIO_64
@@ -489,25 +491,31 @@ class Machine:
     def _device_work(self, callback: Callable[[], None]) -> None:
         """Run a clock callback; its faults become warnings once it has finished.
 
-        The MSI and MSI-X messages it sends are signalled when it has finished
-        (still under the machine lock, whose holder decides where each goes):
-        a driver woken by the first one does not then wait for the lock while
-        the model finishes its batch.
+        The MSI and MSI-X messages it sends (checked and routed now, under the
+        machine lock) are signalled by `_deliver` once the clock has released
+        the lock: a driver woken by the first one neither waits for the lock
+        nor for the GIL while the model finishes its batch. What the driver
+        can observe is unchanged: the completion was written before the
+        interrupt arrives.
         """
         topo = self._topo
         topo.depth += 1
-        signals: list[Trigger] = []
-        self._signals = signals
+        self._signals = self._sent
         try:
             callback()
         finally:
             topo.depth -= 1
             self._signals = None
-            for trigger in signals:
-                if trigger.fd >= 0:  # not released by the callback itself
-                    trigger.signal()
         if not topo.depth:
             topo.faults.flush()
+
+    def _deliver(self) -> None:
+        """After a clock callback, outside the machine lock: signal the eventfds it sent."""
+        sent = self._sent
+        if sent:
+            self._sent = []
+            for trigger in sent:
+                trigger.signal()  # a trigger released meanwhile is skipped
 
     def _dropped_interrupt(self, name: str, message: str, kind: str = "interrupt") -> None:
         self.faults.add(FaultRecord(kind, name, message))
@@ -538,7 +546,12 @@ class Machine:
                     if container is not None:
                         iommu = container.iommu
                 m = iommu.lookup(iova) if iommu is not None and iova >= 0 else None
-                if m is not None and m.view is not None and iova + size <= m.end:
+                if (
+                    m is not None
+                    and m.view is not None
+                    and iova + size <= m.end
+                    and not m.zero_pages
+                ):
                     offset = iova - m.iova
                     if data is None:
                         if m.read:
@@ -600,7 +613,14 @@ class Machine:
                         self._gone(device, vaddr, n)
                         chunk = bytes(n)
                     parts.append(chunk)
-                return b"".join(parts)
+                got = b"".join(parts)
+                spans = iommu.zero_spans(iova, size)
+                if spans:  # pinned as the zero page (6.1): the process's writes are not seen
+                    patched = bytearray(got)
+                    for offset, n in spans:
+                        patched[offset : offset + n] = bytes(n)
+                    got = bytes(patched)
+                return got
             pos = 0
             for vaddr, n in segments:
                 if not self._topo.memory.write(vaddr, data[pos : pos + n]):
