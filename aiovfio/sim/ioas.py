@@ -170,6 +170,10 @@ class Ioas:
                 return m
         return None
 
+    def zero_spans(self, iova: int, size: int) -> list[tuple[int, int]]:
+        """None: iommufd pins as the kernels that unshare the zero page (see Type1Iommu)."""
+        return []
+
     def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
         """(vaddr, length) segments for a device access, or TranslationFault."""
         segments: list[tuple[int, int]] = []

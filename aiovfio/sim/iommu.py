@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import mmap
 import os
 import resource
 import struct
@@ -69,6 +70,10 @@ class DmaMapping:
     #: the memory as a byte view lent by the map call's caller (see the module
     #: docstring), None to go through /proc/self/mem
     view: memoryview | None = field(default=None, repr=False)
+    #: pages (indexes from `vaddr`, of the process's page size) pinned as the shared zero
+    #: page (the 6.1 personality's read-only pin of never-written memory): the device
+    #: reads zeros there whatever the process writes
+    zero_pages: frozenset[int] = field(default=frozenset(), repr=False)
     #: iova + size, kept as a plain attribute for the translation hot path
     end: int = field(init=False, repr=False)
 
@@ -170,6 +175,34 @@ def view_write(view: memoryview, offset: int, data: bytes) -> bool:
     return True
 
 
+_PFN_MASK = (1 << 55) - 1
+_zero: list[int] = []
+
+
+def _zero_pfn() -> int:
+    """The shared zero page's PFN, 0 when this process may not read PFNs (found once)."""
+    if not _zero:
+        pfn = 0
+        probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            probe[0]  # a read fault maps the zero page
+            anchor = ctypes.c_char.from_buffer(probe)
+            address = ctypes.addressof(anchor)
+            del anchor
+            try:
+                with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                    (entry,) = struct.unpack(
+                        "<Q", os.pread(f.fileno(), 8, address // mmap.PAGESIZE * 8)
+                    )
+                pfn = entry & _PFN_MASK if entry >> 63 & 1 else 0
+            except OSError:
+                pfn = 0
+        finally:
+            probe.close()
+        _zero.append(pfn)
+    return _zero[0]
+
+
 class ProcessMemory:
     """This process's memory, read and written through /proc/self/mem."""
 
@@ -211,6 +244,46 @@ class ProcessMemory:
             return f"cannot read /proc/self/maps: {exc}"
         return f"{pos:#x} is not mapped in the process"
 
+    @staticmethod
+    def zero_page_pins(vaddr: int, size: int) -> frozenset[int]:
+        """Pages of [vaddr, vaddr+size) a read-only long-term pin maps to the zero page on 6.1.
+
+        Those in a private anonymous mapping that were never written: not
+        present in /proc/self/pagemap (nor swapped), or present as the
+        zero page (recognised by its PFN, which only a CAP_SYS_ADMIN process
+        reads; without it only never-touched pages are found). Indexes count
+        pages from `vaddr`.
+        """
+        page = mmap.PAGESIZE
+        first, count = vaddr // page, -(-(vaddr % page + size) // page)
+        private_anon: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    low_s, high_s = fields[0].split("-")
+                    low, high = int(low_s, 16), int(high_s, 16)
+                    if high <= vaddr or low >= vaddr + size:
+                        continue
+                    anonymous = fields[4] == "0" and (len(fields) < 6 or fields[5][0] == "[")
+                    if fields[1][3] == "p" and anonymous:
+                        private_anon.append((low, high))
+            with open("/proc/self/pagemap", "rb", buffering=0) as f:
+                raw = os.pread(f.fileno(), 8 * count, 8 * first)
+        except OSError:
+            return frozenset()
+        zero_pfn = _zero_pfn()
+        pinned = set()
+        for i, (entry,) in enumerate(struct.iter_unpack("<Q", raw)):
+            address = (first + i) * page
+            if not any(low <= address < high for low, high in private_anon):
+                continue
+            present, swapped = entry >> 63 & 1, entry >> 62 & 1
+            pfn = entry & _PFN_MASK
+            if (not present and not swapped) or (present and zero_pfn and pfn == zero_pfn):
+                pinned.add(i)
+        return frozenset(pinned)
+
     def read(self, vaddr: int, size: int) -> bytes | None:
         """The bytes, or None when the process no longer maps them."""
         try:
@@ -245,6 +318,9 @@ class Type1Iommu:
     memlock: MemlockAccount
     memory: ProcessMemory
     mappings: list[DmaMapping] = field(factory=list)
+    #: a READ-only pin of never-written private anonymous memory gets the zero page
+    #: (the `ro_pin_zero_page` personality row: 6.1)
+    zero_page_pin: bool = False
     #: the mappings' IOVAs, sorted as `mappings` is (for bisect)
     _starts: list[int] = field(factory=list, repr=False)
 
@@ -315,7 +391,14 @@ class Type1Iommu:
             )
         self.memlock.locked += size
         self.dma_avail -= 1
-        m = DmaMapping(iova, size, vaddr, read, write, view=borrow_view(vaddr, size))
+        zero = (
+            ProcessMemory.zero_page_pins(vaddr, size)
+            if self.zero_page_pin and not write
+            else frozenset()
+        )
+        m = DmaMapping(
+            iova, size, vaddr, read, write, view=borrow_view(vaddr, size), zero_pages=zero
+        )
         i = bisect.bisect_right(self._starts, iova)
         self.mappings.insert(i, m)
         self._starts.insert(i, iova)
@@ -377,6 +460,26 @@ class Type1Iommu:
             self._remove(m)
 
     # --- device DMA --------------------------------------------------------------------------
+
+    def zero_spans(self, iova: int, size: int) -> list[tuple[int, int]]:
+        """(offset in the access, length) of a translated access that falls on zero-page pins."""
+        spans: list[tuple[int, int]] = []
+        page = mmap.PAGESIZE
+        pos, end = iova, iova + size
+        while pos < end:
+            m = self._find(pos)
+            if m is None:
+                break
+            stop = min(end, m.end)
+            if m.zero_pages:
+                while pos < stop:
+                    index = (m.vaddr + pos - m.iova) // page - m.vaddr // page
+                    n = min(stop, pos + page - (m.vaddr + pos - m.iova) % page) - pos
+                    if index in m.zero_pages:
+                        spans.append((pos - iova, n))
+                    pos += n
+            pos = stop
+        return spans
 
     def translate(self, iova: int, size: int, *, write: bool) -> list[tuple[int, int]]:
         """(vaddr, length) segments for a device access, or TranslationFault."""

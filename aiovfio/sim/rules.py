@@ -603,6 +603,14 @@ PERSONALITY: tuple[PersonalityRow, ...] = (
         "vfio_pci_core.c: vfio_pci_core_enable (pci_enable_device, pci_clear_master; "
         "the firmware's I/O and SERR stay)"),
     PersonalityRow(
+        "ro_pin_zero_page",
+        "a READ-only MAP_DMA of never-written private anonymous memory pins the shared zero "
+        "page: the device still reads zeros after the process writes there",
+        {"6.1": "zero page", "6.12": "coherent", "6.12-iommufd": "coherent"},
+        "mm/gup.c: __get_user_pages, from vfio_iommu_type1.c: vaddr_get_pfns (FOLL_LONGTERM "
+        "without FOLL_WRITE); a R/O long-term pin unshares COW pages, the zero page too, from "
+        "6.2 ('mm/gup: reliable R/O long-term pinning in COW mappings')"),
+    PersonalityRow(
         "msix_rehook_failure",
         "re-hooking an enabled MSI-X block with a bad eventfd unhooks start..the failing one",
         {"6.1": "unhooked", "6.12": "unhooked", "6.12-iommufd": "unhooked"},
@@ -625,6 +633,7 @@ class Personality:
     type1_nesting: int
     update_vaddr_before_set_iommu: int
     command_after_open: int
+    ro_pin_zero_page: object
     msix_rehook_failure: object
 
     @classmethod

@@ -313,6 +313,7 @@ class Topology:
             dma_avail=self.dma_entry_limit,
             memlock=self.memlock,
             memory=self.memory,
+            zero_page_pin=self.personality.ro_pin_zero_page == "zero page",
         )
 
     def drop_container_if_unused(self, container: SimContainer) -> None:

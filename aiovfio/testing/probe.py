@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 
 from .._uapi import caps
@@ -187,6 +189,71 @@ def command_after_open(kernel: Kernel, msix_device: str, edu: str) -> object:
         return struct.unpack("<H", kernel.pread(d, 2, _CONFIG + 4))[0]
 
 
+def _edu_dma(kernel: Kernel, d: int, src: int, dst: int, count: int, cmd: int) -> None:
+    """One edu DMA (4-byte register writes: 6.1 splits wider ones), waited for."""
+    for reg, value in ((0x80, src), (0x88, dst), (0x90, count), (0x98, cmd)):
+        kernel.pwrite(d, struct.pack("<I", value), _BAR0 + reg)
+    deadline = time.monotonic() + 30
+    while struct.unpack("<I", kernel.pread(d, 4, _BAR0 + 0x98))[0] & 1:  # RUN
+        if time.monotonic() > deadline:
+            raise TimeoutError("edu's DMA did not finish in 30 s")
+        time.sleep(0.001)
+
+
+def _map(kernel: Kernel, c: int, address: int, iova: int, size: int, flags: int) -> None:
+    arg = uapi.vfio_iommu_type1_dma_map(
+        argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map),
+        flags=flags,
+        vaddr=address,
+        iova=iova,
+        size=size,
+    )
+    kernel.map_dma(c, arg)
+
+
+def _unmap(kernel: Kernel, c: int, iova: int, size: int) -> None:
+    arg = uapi.vfio_iommu_type1_dma_unmap(
+        argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=size
+    )
+    kernel.unmap_dma(c, arg)
+
+
+def ro_pin_zero_page(kernel: Kernel, msix_device: str, edu: str) -> object:
+    """Pin a never-written private page READ-only, write it, let edu DMA it out and back."""
+    page = mmap.PAGESIZE
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    pinned, landing = mmap.mmap(-1, page, flags=private), mmap.mmap(-1, page, flags=private)
+    try:
+        landing[:4] = b"\xee" * 4  # written: a real page
+        addresses = []
+        for m in (pinned, landing):  # from_buffer touches no page
+            anchor = ctypes.c_char.from_buffer(m)
+            addresses.append(ctypes.addressof(anchor))
+            del anchor
+        with _opened(kernel, edu) as (c, d):
+            read, both = uapi.DmaMapFlag.READ, uapi.DmaMapFlag.READ | uapi.DmaMapFlag.WRITE
+            _map(kernel, c, addresses[0], 0x10_0000, page, read)
+            _map(kernel, c, addresses[1], 0x20_0000, page, both)
+            try:
+                pinned[:4] = b"seen"  # after the pin: 6.1 copies the page away from the device
+                command = struct.unpack("<H", kernel.pread(d, 2, _CONFIG + 4))[0]
+                kernel.pwrite(d, struct.pack("<H", command | 0x4), _CONFIG + 4)  # Bus Master
+                _edu_dma(kernel, d, 0x10_0000, 0x40000, 4, 0x1)  # RAM -> edu's buffer
+                _edu_dma(kernel, d, 0x40000, 0x20_0000, 4, 0x3)  # edu's buffer -> RAM
+                got = bytes(landing[:4])
+            finally:
+                _unmap(kernel, c, 0x20_0000, page)
+                _unmap(kernel, c, 0x10_0000, page)
+        if got == b"seen":
+            return "coherent"
+        if got == bytes(4):
+            return "zero page"
+        return f"read {got!r}"
+    finally:
+        pinned.close()
+        landing.close()
+
+
 def msix_rehook_failure(kernel: Kernel, msix_device: str, edu: str) -> object:
     """Hook 3 vectors, re-hook them with a bad fd in the middle, see which still fire."""
     with _opened(kernel, msix_device) as (_, d), _eventfds(kernel, 5) as fds:
@@ -221,6 +288,7 @@ ROW_PROBES: dict[str, Callable[[Kernel, str, str], object]] = {
     "type1_nesting": type1_nesting,
     "update_vaddr_before_set_iommu": update_vaddr_before_set_iommu,
     "command_after_open": command_after_open,
+    "ro_pin_zero_page": ro_pin_zero_page,
     "msix_rehook_failure": msix_rehook_failure,
 }
 

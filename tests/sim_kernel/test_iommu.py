@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import pytest
@@ -12,7 +13,7 @@ from aiovfio._uapi.vfio import DmaMapFlag, DmaUnmapFlag, Extension
 from aiovfio.kernel import lent
 from aiovfio.sim import IommuFault, Machine
 
-from .rig import GROUP, NAME, PAGE, Rig, buffer
+from .rig import GROUP, NAME, PAGE, Rig, Toy, buffer
 
 #: These tests cause IOMMU, Bus Master and device faults on purpose and count them.
 _FAULTS_ON_PURPOSE = pytest.mark.filterwarnings("ignore::aiovfio.sim.SimFaultWarning")
@@ -267,3 +268,58 @@ async def test_the_public_layer_lends_its_buffers(monkeypatch: pytest.MonkeyPatc
                 monkeypatch.undo()
             own.close()  # the pin went with the mapping
         assert machine.leaks() == []
+
+
+# --- the 6.1 personality: a read-only pin of never-written memory is the zero page ----------
+
+
+def _private(pages: int = 1) -> tuple[mmap.mmap, int]:
+    m = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anchor = ctypes.c_char.from_buffer(m)  # touches no page
+    address = ctypes.addressof(anchor)
+    del anchor
+    return m, address
+
+
+@pytest.mark.parametrize("linux", ["6.1", "6.12"])
+def test_a_read_only_pin_of_never_written_memory(linux: str) -> None:
+    with Machine(clock="manual", linux=linux) as machine:
+        rig = Rig(machine, Toy())
+        machine.add_device(rig.toy, name=NAME, group=GROUP)
+        c, _, d = rig.device()
+        rig.bus_master(d)
+        mem, address = _private(3)
+        mem[PAGE : PAGE + 4] = b"old!"  # page 1 written before the pin: a real page
+        mem[2 * PAGE - 4 : 2 * PAGE] = b"tail"
+        rig.map(c, address, IOVA, 3 * PAGE, DmaMapFlag.READ)
+        mem[:4] = b"new!"  # pages 0 and 2 were never written when pinned
+        mem[PAGE : PAGE + 4] = b"new!"
+        mem[2 * PAGE : 2 * PAGE + 4] = b"new!"
+        got = [ctx(rig).dma_read(IOVA + i * PAGE, 4) for i in range(3)]
+        across = ctx(rig).dma_read(IOVA + 2 * PAGE - 4, 8)  # the end of page 1, start of 2
+        if linux == "6.1":  # vaddr_get_pfns pinned the zero page: the device reads zeros
+            assert got == [bytes(4), b"new!", bytes(4)]
+            assert across == b"tail" + bytes(4)
+        else:  # the R/O long-term pin unshared (6.2+): device and process agree
+            assert got == [b"new!"] * 3
+            assert across == b"tailnew!"
+        rig.unmap(c, IOVA, 3 * PAGE)
+        mem.close()
+
+
+@pytest.mark.anyio
+async def test_the_public_layer_populates_read_only_mappings_on_6_1() -> None:
+    """map_dma(readonly=True) faults the pages in for writing first (populate_write), so a
+    driver on 6.1 does not hand its device the zero page."""
+    import aiovfio
+    from aiovfio.sim.models import Edu
+
+    with Machine(clock="manual", linux="6.1") as machine:
+        machine.add_device(Edu(), name=NAME)
+        async with aiovfio.open_device(NAME, kernel=machine.kernel) as dev:
+            dev.config.enable()
+            mem, _ = _private()
+            async with dev.map_dma(mem, readonly=True) as mapping:
+                mem[:4] = b"seen"
+                assert machine.model(NAME)._ctx.dma_read(mapping.iova, 4) == b"seen"  # type: ignore[attr-defined]
+            mem.close()

@@ -22,7 +22,7 @@ from aiovfio.testing.target import SIM_EDU, SIM_NVME
 
 @pytest.mark.parametrize("linux", KERNELS)
 def test_each_personality_answers_its_row(linux: str) -> None:
-    with Machine(linux=linux, clock="manual") as machine:
+    with Machine(linux=linux, clock="thread") as machine:  # edu DMA runs in real time
         machine.add_device(Edu(), name=SIM_EDU)
         machine.add_device(Nvme(), name=SIM_NVME)
         answers = probe(machine.kernel, msix_device=SIM_NVME, edu=SIM_EDU)

@@ -32,7 +32,7 @@ def test_row_agrees(row: PersonalityRow) -> None:
     assert real.nvme is not None, "the guest has no nvme (AIOVFIO_VM_NVME)"
     probe = ROW_PROBES[row.name]
     kernel_answer = probe(real.kernel, real.nvme, real.edu)
-    with Machine(linux=LINUX, clock="manual") as machine:
+    with Machine(linux=LINUX, clock="thread") as machine:  # the edu DMA probe needs time
         machine.add_device(Edu(), name=SIM_EDU)
         machine.add_device(Nvme(), name=SIM_NVME)
         sim_answer = probe(machine.kernel, SIM_NVME, SIM_EDU)
