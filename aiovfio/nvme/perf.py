@@ -165,7 +165,9 @@ async def run_workload(
                     record(now - started[i])
                     if more:
                         started[i] = now
-                        submit(next_lba(), buffers[i], i)
+                        # next_lba() inline for random patterns: a frame less per I/O
+                        lba = int(rand() * slots) * blocks if randomly else next_lba()
+                        submit(lba, buffers[i], i)
 
     async with contextlib.AsyncExitStack() as stack:
         buffers = [await stack.enter_async_context(device.dma_buffer(size)) for _ in range(qd)]
