@@ -19,21 +19,27 @@ within min(timeout, 5 s), or a late command is an admin one, the controller
 is failed.
 
 Completion modes (`poll=`), measured with benchmarks/nvme_guest.py: 4 KiB
-random reads on QEMU's nvme in the aiovfio guest (TCG, 6.12, a loaded 2-core
-host), IOPS, best of two rounds interleaved with the kernel's driver (fio,
-io_uring: 2362 at QD1, 6397 at QD32 in the same boot):
+random reads on QEMU's nvme in the aiovfio guest (TCG, 6.12, the host's
+exclusive lock), IOPS, best of two rounds interleaved with the kernel's
+driver (fio, io_uring: 4461 at QD1, 11159 at QD32 in the same boot); "batch":
+one task keeping the queue full with `Namespace.batch`, "tasks": one task per
+command (`await ns.read_into`):
 
-    mode                    QD1     QD32
-    poll=False (irq)        380     1179
-    poll=True               857     1041
-    poll=200e-6 (hybrid)    475     2147
+    mode                    QD1 batch  QD1 tasks  QD32 batch  QD32 tasks
+    poll=False (irq)             1431       1185        5697        3937
+    poll=True                    3701       1380        9831        3849
+    poll=200e-6 (hybrid)         1181       1045        7539        3786
 
 Interrupts cost least CPU when idle; each wake is an epoll sleep and an
-eventfd read, which at QD1 every I/O pays. Polling skips them (lowest
-latency at QD1) but spins a core that the device emulation (or other work)
-may need; hybrid polls after each completion only briefly, which suits
-bursts. On an idle machine with a real device, poll for latency at low queue
-depth, interrupts for CPU, hybrid in between.
+eventfd read (and, per command, a task wake), which at QD1 every I/O pays.
+Polling skips them: a poller watches the CQ's phase tag for up to
+`POLL_SPIN` (50 us) between event-loop turns, and a batch on a polled queue
+polls in its own task, so a completion needs no wake at all; it wins at both
+depths here, at the price of a busy core (which the device emulation, or
+other work, may need). Hybrid polls after each completion only briefly,
+which suits bursts. On a real device: poll for latency at low queue depth,
+interrupts for CPU, hybrid in between; batch whenever one task can keep the
+commands in flight.
 
 Leaving the block, however it is left: wait for commands still in flight
 (bounded), delete the I/O queues, CC.SHN normal shutdown and wait for SHST
