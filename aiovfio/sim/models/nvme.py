@@ -107,6 +107,11 @@ _LBA_FORMATS = ((0, 9), (8, 9), (16, 9), (64, 9), (0, 12), (8, 12), (16, 12), (6
 _REGISTERS = struct.Struct("<QIIIIIIIIQQ")  # CAP .. ACQ, as NvmeBar lays them out
 _REGISTER_FILE = 0x1000
 _CSTS, _CC = int(Reg.CSTS), int(Reg.CC)
+# Module aliases of the enum members the per-command path compares with: in Python
+# 3.11 `Enum.MEMBER` costs ten times a module global (the same objects, so no change).
+_BAR0, _DOORBELLS, _SUCCESS = PciRegion.BAR0, Reg.DOORBELLS, Status.SUCCESS
+_FLUSH, _READ, _WRITE = IoOpcode.FLUSH, IoOpcode.READ, IoOpcode.WRITE
+_WRITE_ZEROES = IoOpcode.WRITE_ZEROES
 #: Identify Controller constants that are QEMU's.
 _MODEL_NUMBER = "QEMU NVMe Ctrl"
 _NQN_PREFIX = "nqn.2019-08.org.qemu:"
@@ -363,7 +368,7 @@ class Nvme(DeviceModel):
     # --- register access ------------------------------------------------------
     def read(self, region: int, offset: int, size: int) -> int:
         """Registers (any width), doorbells (read 0), MSI-X table and PBA."""
-        if region != PciRegion.BAR0 or not 0 <= offset <= self._bar_size - size:
+        if region != _BAR0 or not 0 <= offset <= self._bar_size - size:
             return 0
         if size == 4:  # the registers a driver polls, without packing the register file
             if offset == _CSTS:
@@ -398,7 +403,7 @@ class Nvme(DeviceModel):
 
     def write(self, region: int, offset: int, size: int, value: int) -> None:
         """Registers, doorbells, and the MSI-X table (if the machine passes it on)."""
-        if region != PciRegion.BAR0 or not 0 <= offset <= self._bar_size - size:
+        if region != _BAR0 or not 0 <= offset <= self._bar_size - size:
             return
         value &= (1 << (8 * size)) - 1
         if offset < _REGISTER_FILE:
@@ -510,7 +515,7 @@ class Nvme(DeviceModel):
     def _doorbell(self, offset: int, value: int) -> None:
         if offset % _DOORBELL_STRIDE:
             return  # misaligned: ignored
-        index = (offset - Reg.DOORBELLS) // _DOORBELL_STRIDE
+        index = (offset - _DOORBELLS) // _DOORBELL_STRIDE
         qid, is_cq = index >> 1, bool(index & 1)
         value &= _U16
         if is_cq:
@@ -717,7 +722,7 @@ class Nvme(DeviceModel):
         try:
             if len(segments) == 1:
                 ctx.dma_write(segments[0][0], data)  # PRP1 alone: no copy of the slice
-                return Status.SUCCESS
+                return _SUCCESS
             position = 0
             for address, length in segments:
                 if length:
@@ -725,7 +730,7 @@ class Nvme(DeviceModel):
                 position += length
         except IommuFault:
             return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
-        return Status.SUCCESS
+        return _SUCCESS
 
     def _from_host(self, command: Command, length: int) -> bytes | int:
         """Read `length` bytes from the command's PRPs (host to controller)."""
@@ -740,7 +745,7 @@ class Nvme(DeviceModel):
     def _check_mdts(self, length: int) -> int:
         if length > self._page_size << self.mdts:
             return _status(Status.INVALID_FIELD)
-        return Status.SUCCESS
+        return _SUCCESS
 
     # --- admin commands -------------------------------------------------------
     def _admin(self, sq: _SubmissionQueue, command: Command) -> _Result | None:
@@ -1004,21 +1009,23 @@ class Nvme(DeviceModel):
         nsid = command.nsid
         if nsid == 0 or (nsid != NSID_BROADCAST and nsid > _MAX_NAMESPACES):  # _nsid_valid
             return _fail(Status.INVALID_NSID)
-        if command.opcode == IoOpcode.FLUSH and nsid == NSID_BROADCAST:
+        opcode = command.opcode  # compared with module aliases: an enum member lookup is slow
+        if opcode == _FLUSH and nsid == NSID_BROADCAST:
             self._store.flush()
             return _OK
         if nsid != _NSID:
             return _fail(Status.INVALID_FIELD)
-        if command.opcode == IoOpcode.FLUSH:
+        if opcode == _FLUSH:
             self._store.flush()
             return _OK
         if command.fuse:
             return _fail(Status.INVALID_FIELD, dnr=False)
-        match command.opcode:
-            case IoOpcode.READ | IoOpcode.WRITE:
-                return self._read_write(command, write=command.opcode == IoOpcode.WRITE)
-            case IoOpcode.WRITE_ZEROES:
-                return self._write_zeroes(command)
+        if opcode == _READ:
+            return self._read_write(command, write=False)
+        if opcode == _WRITE:
+            return self._read_write(command, write=True)
+        if opcode == _WRITE_ZEROES:
+            return self._write_zeroes(command)
         return _fail(Status.INVALID_OPCODE)
 
     def _lba_range(self, command: Command) -> tuple[int, int]:
