@@ -62,7 +62,10 @@ class Clock:
         #: runs after each callback, once the machine lock is released (the machine's:
         #: signals the interrupts the callback sent)
         self._after = after
-        self._cond = threading.Condition(threading.Lock())
+        #: guards the heap and the worker state; `with self._mutex` is a C-level enter,
+        #: where `with self._cond` is two Python calls (wait_idle waits on the Condition)
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         #: the sleeping worker's wake-up token: held while no wake-up is pending
         self._wake = threading.Lock()
         self._wake.acquire()
@@ -100,14 +103,14 @@ class Clock:
 
     @property
     def pending(self) -> int:
-        with self._cond:
+        with self._mutex:
             return len(self._heap)
 
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
         """Run `callback` `delay` seconds of machine time from now."""
         if delay < 0:
             raise InvalidArgument(f"delay must be >= 0, not {delay}")
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 return  # a closed machine does no more device work
             due = self._now_ns() + round(delay * 1e9)
@@ -128,10 +131,11 @@ class Clock:
     # --- thread kind -----------------------------------------------------------------------
 
     def _worker(self) -> None:
-        cond, heap, wake, clock = self._cond, self._heap, self._wake, time.monotonic_ns
+        mutex, cond, heap, wake = self._mutex, self._cond, self._heap, self._wake
+        clock = time.monotonic_ns
         while True:
             timeout = -1.0  # seconds to sleep; -1: until woken
-            with cond:
+            with mutex:
                 self._sleeping = False
                 if self._closed:
                     callback = None
@@ -163,13 +167,13 @@ class Clock:
 
     def hold(self) -> None:
         """Keep the worker thread alive while idle (a device is open); pair with release()."""
-        with self._cond:
+        with self._mutex:
             self._holds += 1
             if self.kind == "thread" and self._thread is None and not self._closed:
                 self._start_worker()
 
     def release(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._holds = max(0, self._holds - 1)
             self._wake_worker()  # an idle worker exits when nothing holds it
 
@@ -195,7 +199,7 @@ class Clock:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Thread kind: block until nothing is pending; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._mutex:
             while self._heap or self._busy:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -213,7 +217,7 @@ class Clock:
         end = self._manual_now + round(seconds * 1e9)
         ran = 0
         while True:
-            with self._cond:
+            with self._mutex:
                 if self._closed or not self._heap or self._heap[0][0] > end:
                     self._manual_now = max(self._manual_now, end)
                     return ran
@@ -227,7 +231,7 @@ class Clock:
         self._need_manual("run_until_idle")
         ran = 0
         while True:
-            with self._cond:
+            with self._mutex:
                 if self._closed or not self._heap:
                     return ran
                 due, _, callback = heapq.heappop(self._heap)
@@ -257,7 +261,7 @@ class Clock:
 
     def close(self) -> None:
         """Drop pending work and join the worker thread. Idempotent."""
-        with self._cond:
+        with self._mutex:
             self._closed = True
             self._heap.clear()
             self._wake_worker()
