@@ -59,6 +59,7 @@ _MMIO_64 = 0x80_0000_0000
 _DEFAULT_IOVA_RANGES = ((0, 0xFEDF_FFFF), (0xFEF0_0000, 0x7F_FFFF_FFFF))
 _COMMAND = 0x04  # config space offset of COMMAND, and its Bus Master bit
 _BUS_MASTER = 0x04
+_MSIX = IrqType.MSIX  # the member, as a module name (an Enum.MEMBER lookup is slow in 3.11)
 
 
 class _Context:
@@ -106,7 +107,7 @@ class _Context:
 
     def send_msix(self, vector: int) -> None:
         with self._machine._topo.lock:
-            self._device.irqs.send_msi(IrqType.MSIX, vector, self._machine._signals)
+            self._device.irqs.send_msi(_MSIX, vector, self._machine._signals)
         self._flush()
 
     def config_read(self, offset: int, size: int) -> int:

@@ -563,10 +563,11 @@ class Nvme(DeviceModel):
             return  # deleted or reset since
         cq = self._cqs[sq.cqid]
         held = len(cq.held)
+        dma_read = self._context.dma_read  # once per batch, not per command
         while sq.head != sq.tail and sq.outstanding < sq.size:
             address = sq.base + sq.head * SQE.size
             try:
-                raw = self._context.dma_read(address, SQE.size)
+                raw = dma_read(address, SQE.size)
             except IommuFault as fault:
                 self._fatal(f"fetching SQ {sq.qid} entry {sq.head} at IOVA {address:#x}: {fault}")
                 break
@@ -586,6 +587,7 @@ class Nvme(DeviceModel):
     def _post(self, cq: _CompletionQueue) -> None:
         """QEMU's nvme_post_cqes: post held completions while the CQ has room."""
         posted: set[int] = set()
+        dma_write = self._context.dma_write  # once per batch, not per entry
         while cq.held and not cq.full:
             done = cq.held[0]
             entry = CQE.pack(
@@ -598,7 +600,7 @@ class Nvme(DeviceModel):
             )
             address = cq.base + cq.tail * CQE.size
             try:
-                self._context.dma_write(address, entry)
+                dma_write(address, entry)
             except IommuFault as fault:
                 self._fatal(f"posting to CQ {cq.qid} entry {cq.tail} at IOVA {address:#x}: {fault}")
                 break
