@@ -377,6 +377,12 @@ class QueuePair:
         self._waiters[cid] = fut
         self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         try:
+            if self.inflight == 1 and not self.polled:
+                # Rung at once: a quick device (the sim's inline model) may have answered
+                # already; then one schedule point instead of the interrupt's round trip.
+                self.reap()
+                if fut.done():
+                    await asyncio.sleep(0)
             value: int = await fut
         except asyncio.CancelledError:
             await self._settle_asyncio(cid, fut)
