@@ -1,4 +1,4 @@
-"""A driver author's tour of aiovfio.nvme: identify, write, read back, many readers.
+"""A driver author's tour of aiovfio.nvme: identify, write, read back, many readers, a batch.
 
     python examples/nvme.py                   # a simulated QEMU nvme controller
     python examples/nvme.py 0000:01:00.0      # a real one, bound to vfio-pci
@@ -73,6 +73,21 @@ async def main(bdf: str | None = None) -> None:
             for i in range(16):
                 tg.start_soon(reader, i * 64)
         print(f"16 readers read {blocks} blocks; per queue: {[q.submitted for q in ctrl.queues]}")
+
+        # One task, many commands in flight: a batch submits without awaiting and
+        # collects every completion per wake (the fast path for a full queue).
+        async with contextlib.AsyncExitStack() as stack:
+            bufs = [await stack.enter_async_context(dev.dma_buffer(4096)) for _ in range(8)]
+            done = 0
+            async with ns.batch(depth=len(bufs)) as batch:
+                for i, b in enumerate(bufs):
+                    batch.read_into(i * 8, b)
+                while batch.inflight:
+                    for b in await batch.completions():
+                        done += 1
+                        if done <= 56:  # 64 reads in all, 8 at a time
+                            batch.read_into(done * 8 % 1024, b)
+            print(f"a batch of {batch.depth} read {done} x 4 KiB from one task")
     print("controller shut down cleanly:", ctrl.shutdown_clean)
 
 
