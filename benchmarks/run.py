@@ -41,12 +41,13 @@ import sys
 import termios
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
 import aiovfio
 from aiovfio._uapi import vfio as uapi
-from aiovfio.dma import allocate_memory
+from aiovfio.dma import allocate_memory, buffer_address
 from aiovfio.kernel import LinuxKernel
 from aiovfio.kernel.linux import _ioctl
 from aiovfio.region import MappedRegion, RegionInfo
@@ -220,18 +221,34 @@ def bench_dma_map(rows: list[Row], n: int) -> None:
         return
     mem = allocate_memory(mmap.PAGESIZE)
     mem[0] = 1
-    vaddr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    vaddr, _ = buffer_address(mem)
     iova = 0x100000
 
-    def measure(name: str, api: Callable[[], None], raw: Callable[[], None]) -> None:
+    def measure(name: str, fd: int, calls: tuple[Any, Any], requests: tuple[int, int]) -> None:
+        """One row: map then unmap `n` times via the Kernel's two calls, and raw."""
+        (do_map, map_arg), (do_unmap, unmap_arg) = calls
+        map_request, unmap_request = requests
+
+        def api() -> None:
+            for _ in range(n):
+                do_map(fd, map_arg)
+                do_unmap(fd, unmap_arg)
+
+        def raw() -> None:
+            for _ in range(n):
+                fcntl.ioctl(fd, map_request, map_arg, True)
+                fcntl.ioctl(fd, unmap_request, unmap_arg, True)
+
         row = Row(name, "ns", "<= 1.3x", "lower")
         for _ in range(ROUNDS):
             row.api.append(_timeit(api, n))
             row.raw.append(_timeit(raw, n))
         rows.append(row)
 
+    number = kernel.iommu_group(bdf[0])
+    assert number is not None, f"{bdf[0]} has no IOMMU group"
     container = kernel.open_container()
-    group = kernel.open_group(kernel.iommu_group(bdf[0]) or 0)
+    group = kernel.open_group(number)
     try:
         kernel.group_set_container(group, container)
         kernel.set_iommu(container, uapi.Extension.TYPE1v2_IOMMU)
@@ -246,17 +263,12 @@ def bench_dma_map(rows: list[Row], n: int) -> None:
             argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=mmap.PAGESIZE
         )
 
-        def api() -> None:
-            for _ in range(n):
-                kernel.map_dma(container, m)
-                kernel.unmap_dma(container, u)
-
-        def raw() -> None:
-            for _ in range(n):
-                fcntl.ioctl(container, uapi.Ioctl.IOMMU_MAP_DMA, m, True)
-                fcntl.ioctl(container, uapi.Ioctl.IOMMU_UNMAP_DMA, u, True)
-
-        measure("DMA map+unmap 4 KiB, container", api, raw)
+        measure(
+            "DMA map+unmap 4 KiB, container",
+            container,
+            ((kernel.map_dma, m), (kernel.unmap_dma, u)),
+            (uapi.Ioctl.IOMMU_MAP_DMA, uapi.Ioctl.IOMMU_UNMAP_DMA),
+        )
     finally:
         kernel.close(group)
         kernel.close(container)
@@ -285,17 +297,12 @@ def bench_dma_map(rows: list[Row], n: int) -> None:
             length=mmap.PAGESIZE,
         )
 
-        def ioas_api() -> None:
-            for _ in range(n):
-                kernel.ioas_map(fd, im)
-                kernel.ioas_unmap(fd, iu)
-
-        def ioas_raw() -> None:
-            for _ in range(n):
-                fcntl.ioctl(fd, iuapi.IommufdIoctl.IOAS_MAP, im, True)
-                fcntl.ioctl(fd, iuapi.IommufdIoctl.IOAS_UNMAP, iu, True)
-
-        measure("DMA map+unmap 4 KiB, iommufd IOAS", ioas_api, ioas_raw)
+        measure(
+            "DMA map+unmap 4 KiB, iommufd IOAS",
+            fd,
+            ((kernel.ioas_map, im), (kernel.ioas_unmap, iu)),
+            (iuapi.IommufdIoctl.IOAS_MAP, iuapi.IommufdIoctl.IOAS_UNMAP),
+        )
     finally:
         kernel.close(fd)
         mem.close()
