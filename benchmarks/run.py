@@ -183,7 +183,8 @@ def bench_vfio_ioctl(rows: list[Row], n: int) -> None:
         return
     group = kernel.iommu_group(bdf[0])
     assert group is not None
-    fd = kernel.open_group(group)
+    opener = kernel.open_noiommu_group if kernel.noiommu_group(group) else kernel.open_group
+    fd = opener(group)
     arg = uapi.vfio_group_status(argsz=8)
     status = kernel.group_get_status
     request = uapi.Ioctl.GROUP_GET_STATUS

@@ -252,8 +252,9 @@ async def _drive(
                     report.soft_irq_status = await edu.raise_irq(0xCAFE0000, irq, intx=False)
                     say(f"  software interrupt        : status {report.soft_irq_status:#x}")
                     report.dma_ok = await edu.dma_round_trip(irq)
+                    via = device.dma_space.backend  # container, iommufd or noiommu
                     say(
-                        f"  DMA round trip ({DMA_LENGTH} B via IOMMU): "
+                        f"  DMA round trip ({DMA_LENGTH} B, {via}): "
                         f"{'bytes match' if report.dma_ok else 'MISMATCH'}"
                     )
                 report.interrupts[kind] = irq.received
