@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["Batch"]
 
 _U32 = 0xFFFF_FFFF
+#: a batch polling its own queue gives the event loop a turn at least this often (seconds)
+YIELD_EVERY = 1e-3
 _READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 
 
@@ -76,6 +78,8 @@ class Batch:
         self.inflight = 0
         self._ring = False
         self._open = False
+        #: polled waits: when the task last gave the event loop a turn
+        self._yielded_at = 0.0
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -314,8 +318,14 @@ class Batch:
                 if not q.reap() and not q.spin(clock() + POLL_SPIN):
                     await checkpoint()
                     yielded = True
-            if not yielded:  # a schedule point even when the device is that quick
+            now = clock()
+            if yielded:
+                self._yielded_at = now
+            elif now - self._yielded_at > YIELD_EVERY:
+                # A device this quick never makes the wait yield: a schedule point at
+                # least every YIELD_EVERY seconds, not one per call (a loop turn each).
                 await checkpoint()
+                self._yielded_at = clock()
             return
         if q.trio:
             import trio
