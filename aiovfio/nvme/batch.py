@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["Batch"]
 
 _U32 = 0xFFFF_FFFF
-#: a batch polling its own queue gives the event loop a turn at least this often (seconds)
-YIELD_EVERY = 1e-3
+#: a batch polling its own queue gives the event loop a turn at least this often (seconds;
+#: each turn costs a QD1 command about as much as the device does in a TCG guest)
+YIELD_EVERY = 10e-3
 _READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 
 
