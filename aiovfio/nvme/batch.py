@@ -38,7 +38,7 @@ import anyio.lowlevel
 from .. import errors
 from ..dma import DmaBuffer
 from .errors import NvmeStatusError
-from .queue import POLL_SPIN, Sink
+from .queue import POLL_SPIN, YIELD_EVERY, Sink
 from .spec import IoOpcode
 
 if TYPE_CHECKING:
@@ -50,9 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["Batch"]
 
 _U32 = 0xFFFF_FFFF
-#: a batch polling its own queue gives the event loop a turn at least this often (seconds;
-#: each turn costs a QD1 command about as much as the device does in a TCG guest)
-YIELD_EVERY = 10e-3
+_clock = time.perf_counter
 _READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 
 
@@ -79,8 +77,6 @@ class Batch:
         self.inflight = 0
         self._ring = False
         self._open = False
-        #: polled waits: when the task last gave the event loop a turn
-        self._yielded_at = 0.0
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -293,10 +289,25 @@ class Batch:
             self.ring()
         sink = self._sink
         q = self._q
-        if q is not None and not (sink.done or sink.errors) and self.inflight and not q.polled:
-            q.reap()  # a quick device (the sim's inline model) may have answered already
+        if (
+            q is not None
+            and not (sink.done or sink.errors)
+            and self.inflight
+            and not q.polled
+            and q.reap()  # a quick device (the sim's inline model) may have answered already
+            and q.drain is not None
+        ):
+            q.drain()  # their interrupt: read now, not by a spurious wake later
+        if (sink.done or sink.errors) and q is not None and _clock() - q.turn_at < YIELD_EVERY:
+            # Completions already there: no event-loop turn for them (one at least every
+            # YIELD_EVERY, below); trio still raises a cancellation here.
+            if q.trio:
+                await q._checkpoint_if_cancelled()
+            return self._take()
         if sink.done or sink.errors or not self.inflight or sink.failure is not None:
             await anyio.lowlevel.checkpoint()
+            if q is not None:
+                q.turn_at = _clock()
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
             await self._sleep()
@@ -321,12 +332,12 @@ class Batch:
                     yielded = True
             now = clock()
             if yielded:
-                self._yielded_at = now
-            elif now - self._yielded_at > YIELD_EVERY:
+                q.turn_at = now
+            elif now - q.turn_at > YIELD_EVERY:
                 # A device this quick never makes the wait yield: a schedule point at
                 # least every YIELD_EVERY seconds, not one per call (a loop turn each).
                 await checkpoint()
-                self._yielded_at = clock()
+                q.turn_at = clock()
             return
         if q.trio:
             import trio
@@ -338,6 +349,7 @@ class Batch:
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
+            q.turn_at = _clock()
             return
         assert q._loop is not None
         fut = q._loop.create_future()
@@ -347,6 +359,7 @@ class Batch:
         finally:
             if sink.waiter is fut:
                 sink.waiter = None
+        q.turn_at = _clock()
 
     def _take(self) -> list[Any]:
         sink = self._sink

@@ -591,10 +591,12 @@ class Controller:
             reap()
 
         loop.add_reader(fd, on_interrupt)
+        q.drain = _drainer(read, fd)
         try:
             reap()  # anything that completed before the reader was registered
             await anyio.sleep_forever()
         finally:
+            q.drain = None  # the fd is the stream's: not read once this reaper is gone
             loop.remove_reader(fd)
 
     async def _reap_trio(self, q: QueuePair, stream: InterruptStream) -> None:
@@ -609,16 +611,20 @@ class Controller:
         fd = stream.fd
         read = self.device.kernel.eventfd_read
         reap = q.reap
-        while True:
-            reap()
-            await wait(fd)
-            try:
-                read(fd)
-            except BlockingIOError:
-                continue
-            except OSError as exc:  # not seen on Linux: fail loudly rather than hang
-                self.fail(f"reading the interrupt eventfd of queue {q.qid} failed: {exc}")
-                return
+        q.drain = _drainer(read, fd)
+        try:
+            while True:
+                reap()
+                await wait(fd)
+                try:
+                    read(fd)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:  # not seen on Linux: fail loudly rather than hang
+                    self.fail(f"reading the interrupt eventfd of queue {q.qid} failed: {exc}")
+                    return
+        finally:
+            q.drain = None  # the fd is the stream's: not read once this reaper is gone
 
     async def _watchdog(self) -> None:
         """CSTS.CFS, a device gone, and commands late: an I/O command past the timeout is
@@ -800,6 +806,19 @@ def _views(stack: contextlib.AsyncExitStack, view: memoryview) -> Callable[..., 
         return part
 
     return cut
+
+
+def _drainer(read: Callable[[int], int], fd: int) -> Callable[[], None]:
+    """`QueuePair.drain`: read the interrupt eventfd's count, if any, without blocking."""
+
+    def drain() -> None:
+        # not contextlib.suppress: two Python-level calls on every command that uses it
+        try:  # noqa: SIM105
+            read(fd)
+        except OSError:  # EAGAIN: nothing pending (any other error: the reaper reports it)
+            pass
+
+    return drain
 
 
 def _checkpoint_for(trio: bool) -> Callable[[], Awaitable[object]]:

@@ -8,6 +8,13 @@ wakes the task with the status and hands the CID to the next waiter.
 The waits use each backend's own primitives (an asyncio Future; trio's
 `wait_task_rescheduled`): this is the hot path, measured per I/O.
 
+A command rung alone looks at the CQ once first: a quick device may have
+answered already (the sim's model run inline after the doorbell does). It
+then returns with no event-loop turn, except one at least every
+`YIELD_EVERY` so other tasks run and deadlines, Task.cancel and trio's
+KeyboardInterrupt arrive; and it reads the interrupt that completion raised
+(`drain`), which would otherwise wake the loop for nothing later.
+
 Cancelling a task whose command is in flight does not abandon the command:
 the device still owns the buffer, so the task waits (shielded) for the
 completion, which the controller's watchdog bounds with its command
@@ -30,11 +37,20 @@ from .._log import logger
 from .prp import build_prp
 from .spec import SQE, SQE_SIZE
 
-__all__ = ["POLL_SPIN", "QueuePair", "Sink", "running_trio"]
+__all__ = ["POLL_SPIN", "YIELD_EVERY", "QueuePair", "Sink", "running_trio"]
 
 _U16 = 0xFFFF
+_clock = time.perf_counter
 #: Polled and hybrid modes: seconds a poller watches the CQ between event-loop turns.
 POLL_SPIN = 50e-6
+#: A task whose completion is already there when it looks (a quick device; the sim's
+#: inline model) goes on without an event-loop turn, but gives the loop one at least this
+#: often (seconds): other tasks run and cancellation (deadlines, Task.cancel, trio's
+#: KeyboardInterrupt) arrives at least that often. Each turn costs a QD1 command about as
+#: much as the device does in a TCG guest.
+YIELD_EVERY = 10e-3
+#: trio: the waiter of a command whose task looks at the CQ itself (`_run_trio`)
+_HERE: Any = object()
 
 
 def running_trio() -> bool:
@@ -115,6 +131,16 @@ class QueuePair:
     sinks: list[Sink] = field(factory=list, init=False)
     #: CID -> the error its command ends with (it timed out and was aborted)
     expired: dict[int, BaseException] = field(factory=dict, init=False)
+    #: perf_counter when a task submitting here last came back from an event-loop turn
+    #: (older is safe: it only makes the next turn come sooner)
+    turn_at: float = field(default=0.0, init=False)
+    #: read the CQ's interrupt eventfd without blocking (set by the interrupt-mode reaper):
+    #: a task that reaped its completion itself consumes the interrupt it raised, so it
+    #: wakes nobody later
+    drain: Callable[[], None] | None = field(default=None, init=False)
+    #: trio: the value of the command whose task reaped it itself (`_HERE`)
+    _here: int = field(default=0, init=False)
+    _checkpoint: Callable[[], Any] = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         depth = self.size - 1
@@ -133,6 +159,7 @@ class QueuePair:
             self._current_task = trio.lowlevel.current_task
             self._wait_rescheduled = trio.lowlevel.wait_task_rescheduled
             self._checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+            self._checkpoint = trio.lowlevel.checkpoint
             self.run = self._run_trio
             self.wake = wake
             self._reschedule, self._value_of = reschedule, value_of
@@ -377,12 +404,19 @@ class QueuePair:
         self._waiters[cid] = fut
         self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         try:
-            if self.inflight == 1 and not self.polled:
-                # Rung at once: a quick device (the sim's inline model) may have answered
-                # already; then one schedule point instead of the interrupt's round trip.
-                self.reap()
+            if self.inflight == 1 and not self.polled and self.reap():
+                # Rung at once: a quick device (the sim's inline model) answered already.
+                # No event-loop turn for it (at most YIELD_EVERY apart), and its interrupt
+                # read now, not by a spurious wake later.
+                drain = self.drain
+                if drain is not None:
+                    drain()
                 if fut.done():
+                    if _clock() - self.turn_at < YIELD_EVERY:
+                        done: int = fut.result()
+                        return done
                     await asyncio.sleep(0)
+                    self.turn_at = _clock()
             value: int = await fut
         except asyncio.CancelledError:
             await self._settle_asyncio(cid, fut)
@@ -415,6 +449,7 @@ class QueuePair:
         cdw12: int,
         cdw13: int = 0,
     ) -> int:
+        value: int
         if self.failure is not None:
             self.release(cid)
             raise self.failure
@@ -456,9 +491,30 @@ class QueuePair:
         if idle is not None:
             self._idle = None
             self.wake(idle, 0)
+        if self.inflight == 1 and not self.polled:
+            # Rung alone: a quick device (the sim's inline model) may have answered
+            # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
+            # no event-loop turn (at most YIELD_EVERY apart), the interrupt read now.
+            waiters = self._waiters
+            task, waiters[cid] = waiters[cid], _HERE
+            try:
+                self.reap()
+            except Exception as exc:  # the CQ doorbell: the watchdog sees a dead device
+                logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
+            if waiters[cid] is _HERE:  # not yet: wait for the reaper
+                waiters[cid] = task
+            else:
+                value = self._here
+                drain = self.drain
+                if drain is not None:
+                    drain()
+                if _clock() - self.turn_at >= YIELD_EVERY:
+                    await self._checkpoint()
+                    self.turn_at = _clock()
+                return value
         # Abort.FAILED: a cancelled task stays until the completion (or the
         # controller's failure) arrives; trio delivers the cancel after that.
-        value: int = await self._wait_rescheduled(_abort_failed)
+        value = await self._wait_rescheduled(_abort_failed)
         return value
 
     # --- completion -------------------------------------------------------------------
@@ -505,7 +561,10 @@ class QueuePair:
                 continue
             value = (w3 >> 17) << 32 | cq[slot]
             if reschedule is not None:  # trio
-                reschedule(waiter, value_of(value))
+                if waiter is _HERE:  # its task is the one reaping
+                    self._here = value
+                else:
+                    reschedule(waiter, value_of(value))
             elif not waiter.done():  # asyncio
                 waiter.set_result(value)
             if slot_waiters:

@@ -1,0 +1,182 @@
+"""A device that has answered by the time its doorbell write returns (the sim's model run
+inline after each doorbell, as benchmarks/nvme_perf.py's QD1 rows do): commands complete
+without an event-loop turn each, yet other tasks get turns, cancellation arrives, and the
+interrupt they raised is read, not left to wake anyone later."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import aiovfio
+import aiovfio.nvme.batch
+import aiovfio.nvme.queue
+from aiovfio.nvme import Namespace, open_controller
+from aiovfio.sim import Machine
+from aiovfio.sim.models import Nvme
+from aiovfio.testing.target import SIM_NVME, Target
+
+pytestmark = pytest.mark.anyio
+
+
+class InlineKernel:
+    """The sim's kernel, running the machine until idle after every pwrite (a doorbell);
+    counts eventfd reads that found a count."""
+
+    def __init__(self, machine: Machine) -> None:
+        self._inner = machine.kernel
+        self._run = machine.run_until_idle
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        self._inner.pwrite(fd, data, offset)
+        self._run()
+
+    def eventfd_read(self, fd: int) -> int:
+        n: int = self._inner.eventfd_read(fd)
+        self.reads += 1
+        return n
+
+
+@pytest.fixture
+def inline() -> Iterator[InlineKernel]:
+    machine = Machine(clock="manual")
+    machine.add_device(Nvme(size=8 << 20), name=SIM_NVME)
+    target = Target(machine.kernel, "", SIM_NVME, machine)
+    try:
+        yield InlineKernel(machine)
+        assert target.leaks() == [], target.leaks()
+        assert [r.message for r in machine.faults if r.kind == "iommu"] == []
+    finally:
+        target.close()
+
+
+Reader = Callable[..., Awaitable[None]]
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _one_by_one(
+    ns: Namespace, buf: aiovfio.DmaBuffer, n: int, started: Callable[[], None] = _nothing
+) -> None:
+    started()
+    for i in range(n):
+        await ns.read_into(i * 8, buf)
+
+
+async def _batched(
+    ns: Namespace, buf: aiovfio.DmaBuffer, n: int, started: Callable[[], None] = _nothing
+) -> None:
+    async with ns.batch(depth=1) as batch:  # entering is a checkpoint
+        started()
+        for i in range(n):
+            batch.read_into(i * 8, buf)
+            assert await batch.completions() == [buf]
+
+
+READERS = [pytest.param(_one_by_one, id="per-command"), pytest.param(_batched, id="batch")]
+
+
+async def _counting(turns: list[int], stop: anyio.Event) -> None:
+    while not stop.is_set():
+        turns[0] += 1
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_answered_commands_take_no_loop_turn_each(
+    inline: InlineKernel, reader: Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in (aiovfio.nvme.queue, aiovfio.nvme.batch):
+        monkeypatch.setattr(module, "YIELD_EVERY", 1e9)  # no forced turn in this test
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            await ns.write(0, os.urandom(64 * 512))
+            turns, stop = [0], anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_counting, turns, stop)
+                await anyio.sleep(0.001)
+                before = [0]
+                await reader(ns, buf, 40, lambda: before.__setitem__(0, turns[0]))
+                assert turns[0] == before[0]  # forty commands, no turn of the loop
+                stop.set()
+            assert bytes(buf.view) == await ns.read(39 * 8, 8)
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_other_tasks_still_get_turns(inline: InlineKernel, reader: Reader) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            turns, stop = [0], anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_counting, turns, stop)
+                await anyio.sleep(0.001)
+                before = turns[0]
+                end = anyio.current_time() + 3 * aiovfio.nvme.queue.YIELD_EVERY
+                while anyio.current_time() < end:
+                    await reader(ns, buf, 10)
+                assert turns[0] > before  # the loop had a turn at least every YIELD_EVERY
+                stop.set()
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_a_deadline_ends_a_loop_of_answered_commands(
+    inline: InlineKernel, reader: Reader
+) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            with anyio.move_on_after(0.02) as scope:
+                while True:
+                    await reader(ns, buf, 10)
+            assert scope.cancelled_caught
+            assert ctrl.queues[0].inflight == 0
+            await ns.write(0, b"\x5a" * 512)  # the controller goes on
+            assert await ns.read(0, 1) == b"\x5a" * 512
+        assert ctrl.shutdown_clean is True
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("reader", READERS)
+async def test_asyncio_wait_for_ends_a_loop_of_answered_commands(
+    inline: InlineKernel, reader: Reader
+) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+
+            async def forever() -> None:
+                while True:
+                    await reader(ns, buf, 10)
+
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(forever(), 0.02)
+            assert ctrl.queues[0].inflight == 0
+            assert await ns.read(0, 1) == bytes(512)
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_no_interrupt_is_left_to_wake_the_loop_later(
+    inline: InlineKernel, reader: Reader
+) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            await reader(ns, buf, 20)
+            reads = inline.reads
+            assert reads >= 20  # each command's interrupt read by the command itself
+            await anyio.sleep(0.02)  # the loop idles: nothing pending wakes its reader
+            assert inline.reads == reads
