@@ -88,12 +88,31 @@ class _Context:
                 topo.faults.flush(stacklevel=2)
 
     def dma_write(self, iova: int, data: bytes) -> None:
-        topo = self._machine._topo
+        machine = self._machine
+        topo = machine._topo
+        size = len(data)
+        with topo.lock:  # Machine._dma's fast path, inline: every completion's data passes
+            window = machine._window(self._device, iova, size, True)
+            if window is not None:
+                view, offset = window
+                try:
+                    view[offset : offset + size] = data
+                except ValueError:  # released by its lender: the general path
+                    pass
+                else:
+                    return
         try:
-            self._machine._dma(self._device, iova, len(data), bytes(data))
+            machine._dma(self._device, iova, size, bytes(data))
         finally:
             if not topo.depth:
                 topo.faults.flush(stacklevel=2)
+
+    def dma_view(self, iova: int, size: int, write: bool = False) -> tuple[memoryview, int] | None:
+        machine = self._machine
+        with machine._topo.lock:
+            if not machine._topo.depth:
+                return None  # outside a kernel call or clock callback nothing holds it still
+            return machine._window(self._device, iova, size, write)
 
     def set_intx(self, asserted: bool) -> None:
         with self._machine._topo.lock:
@@ -106,13 +125,18 @@ class _Context:
         self._flush()
 
     def send_msix(self, vector: int) -> None:
-        with self._machine._topo.lock:
+        topo = self._machine._topo
+        with topo.lock:
             self._device.irqs.send_msi(_MSIX, vector, self._machine._signals)
-        self._flush()
+        if not topo.depth and topo.faults.pending:  # _flush, inline: every interrupt passes
+            topo.faults.flush(stacklevel=2)
 
     def config_read(self, offset: int, size: int) -> int:
         with self._machine._topo.lock:
-            return self._device.config.read(offset, size)
+            phys = self._device.config.phys  # ConfigSpace.read, inline: MSI-X Enable per interrupt
+            if size in (1, 2, 4) and 0 <= offset <= len(phys) - size:
+                return int.from_bytes(phys[offset : offset + size], "little")
+            return self._device.config.read(offset, size)  # its ValueError
 
     def ram(self, index: int) -> memoryview:
         ram = self._device.ram.get(index)
@@ -534,40 +558,64 @@ class Machine:
         check_kinds(kinds)  # refuse a bad kind here, not on entering the block
         return self._topo.faults.expect(*kinds, lock=self._lock)
 
+    def _window(
+        self, device: SimDevice, iova: int, size: int, write: bool
+    ) -> tuple[memoryview, int] | None:
+        """The lent view and offset a device access of `size` bytes at `iova` may copy
+        through without a fault, or None (the general path then decides, and records).
+
+        The conditions of the fast path: Bus Master on, an IOMMU (not noiommu), the
+        whole access inside one mapping with the permission, whose memory was lent as
+        a view (aiovfio.sim.iommu) and is not pinned as the zero page. The caller holds
+        the machine lock, so none of this can change until it releases it.
+        """
+        if size > 0 and device.config.phys[_COMMAND] & _BUS_MASTER and not self._topo.noiommu:
+            iommu: Type1Iommu | Ioas | None = device.ioas
+            if iommu is None:
+                container = device.group.container
+                if container is not None:
+                    iommu = container.iommu
+            m = iommu.lookup(iova) if iommu is not None and iova >= 0 else None
+            if (
+                m is not None
+                and m.view is not None
+                and iova + size <= m.end
+                and not m.zero_pages
+                and (m.write if write else m.read)
+            ):
+                return m.view, iova - m.iova
+        return None
+
     def _dma(self, device: SimDevice, iova: int, size: int, data: bytes | None) -> bytes:
         """A device DMA through the IOMMU: read `size` bytes, or write `data`."""
         with self._lock:
-            # The fast path: Bus Master on, the whole access inside one mapping with
-            # the permission, whose memory was lent as a view (aiovfio.sim.iommu):
-            # one copy, no syscall. Everything else (and every fault) is below.
-            if size > 0 and device.config.phys[_COMMAND] & _BUS_MASTER and not self._topo.noiommu:
-                iommu: Type1Iommu | Ioas | None = device.ioas
-                if iommu is None:
-                    container = device.group.container
-                    if container is not None:
-                        iommu = container.iommu
-                m = iommu.lookup(iova) if iommu is not None and iova >= 0 else None
-                if (
-                    m is not None
-                    and m.view is not None
-                    and iova + size <= m.end
-                    and not m.zero_pages
-                ):
-                    offset = iova - m.iova
-                    if data is None:
-                        if m.read:
-                            got = view_read(m.view, offset, size)
-                            if got is not None:
-                                return got
-                            m.view = None  # released by its lender: /proc/self/mem now
-                    elif m.write:
-                        try:  # view_write, inline
-                            m.view[offset : offset + size] = data
-                        except ValueError:
-                            m.view = None
-                        else:
-                            return b""
+            # The fast path: one copy through the lent view, no syscall. Everything
+            # else (and every fault) is `_dma_checked`.
+            window = self._window(device, iova, size, data is not None)
+            if window is not None:
+                view, offset = window
+                if data is None:
+                    got = view_read(view, offset, size)
+                    if got is not None:
+                        return got
+                else:
+                    try:  # view_write, inline
+                        view[offset : offset + size] = data
+                    except ValueError:
+                        pass
+                    else:
+                        return b""
+                self._drop_view(device, iova)  # released by its lender: /proc/self/mem now
             return self._dma_checked(device, iova, size, data)
+
+    def _drop_view(self, device: SimDevice, iova: int) -> None:
+        """Forget the released view of the mapping holding `iova` (the general path copies)."""
+        iommu: Type1Iommu | Ioas | None = device.ioas
+        if iommu is None and device.group.container is not None:
+            iommu = device.group.container.iommu
+        m = iommu.lookup(iova) if iommu is not None else None
+        if m is not None:
+            m.view = None
 
     def _dma_checked(self, device: SimDevice, iova: int, size: int, data: bytes | None) -> bytes:
         """Every check of a device DMA, each fault recorded; the copy per segment."""

@@ -94,6 +94,24 @@ class DeviceContext(Protocol):
         """
         ...
 
+    def dma_view(self, iova: int, size: int, write: bool = False) -> tuple[memoryview, int] | None:
+        """Direct access to process memory for a range the device reaches without a fault.
+
+        `(view, offset)`: bytes `offset .. offset + size` of `view` are the
+        `size` bytes at `iova`, readable (or, with `write`, writable) by the
+        device as `dma_read`/`dma_write` would copy them, live (a write by
+        the process or the device is seen by the next access). Valid until the
+        register access or clock callback that asked returns; nothing else
+        may keep it. None when there is no such view (a fault, memory nobody
+        lent, outside device work): nothing is recorded, so a model that then
+        goes entry by entry through `dma_read`/`dma_write` gets exactly the
+        faults it would have had. An access through the view raises
+        ValueError if its owner released the memory meanwhile: fall back the
+        same way. For batched ring accesses (a controller prefetching
+        commands, posting completions).
+        """
+        ...
+
     def set_intx(self, asserted: bool) -> None:
         """Drive the INTx line level (INTx is level-triggered and auto-masked)."""
         ...

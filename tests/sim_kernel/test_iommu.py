@@ -323,3 +323,70 @@ async def test_the_public_layer_populates_read_only_mappings_on_6_1() -> None:
                 mem[:4] = b"seen"
                 assert machine.model(NAME)._ctx.dma_read(mapping.iova, 4) == b"seen"  # type: ignore[attr-defined]
             mem.close()
+
+
+# --- dma_view: direct access for batched ring accesses --------------------------------------
+
+
+def _in_device_work(rig: Rig, work):  # type: ignore[no-untyped-def]
+    """Run `work()` as a clock callback of the (manual) machine; returns what it returned."""
+    out = []
+    ctx(rig).schedule(0, lambda: out.append(work()))
+    rig.machine.run_until_idle()
+    return out[0]
+
+
+def test_dma_view_is_the_lent_memory_inside_device_work(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer(2)
+    with lent.lend(addr, 2 * PAGE, memoryview(buf)):
+        rig.map(c, addr, IOVA, 2 * PAGE)
+    buf[PAGE : PAGE + 4] = b"ring"
+    assert ctx(rig).dma_view(IOVA + PAGE, 4) is None  # outside device work: nothing holds still
+
+    def work() -> bytes:
+        window = ctx(rig).dma_view(IOVA + PAGE, 64, True)
+        assert window is not None
+        view, offset = window
+        seen = bytes(view[offset : offset + 4])
+        view[offset + 4 : offset + 8] = b"done"  # live: the process sees it
+        return seen
+
+    assert _in_device_work(rig, work) == b"ring"
+    assert buf[PAGE + 4 : PAGE + 8] == b"done"
+    assert rig.machine.faults.count() == 0
+
+
+@_FAULTS_ON_PURPOSE
+def test_dma_view_is_none_wherever_a_copy_would_fault_and_records_nothing(rig: Rig) -> None:
+    c, _, d = rig.device()
+    rig.bus_master(d)
+    buf, addr = buffer(2)
+    whole = memoryview(buf)
+    with lent.lend(addr, PAGE, whole[:PAGE]):
+        rig.map(c, addr, IOVA, PAGE, DmaMapFlag.READ)  # page 1 read-only
+    with lent.lend(addr + PAGE, PAGE, whole[PAGE:]):
+        rig.map(c, addr + PAGE, IOVA + PAGE, PAGE)  # page 2: a second mapping
+    unlent, addr3 = buffer()
+    rig.map(c, addr3, IOVA + 2 * PAGE, PAGE)  # mapped, but its memory was not lent
+    view = ctx(rig).dma_view
+
+    def work() -> list[object]:
+        return [
+            view(IOVA, 16) is not None,  # readable
+            view(IOVA, 16, True),  # no WRITE permission
+            view(IOVA + PAGE - 8, 16),  # across two mappings
+            view(IOVA + 3 * PAGE, 16),  # not mapped
+            view(IOVA + 2 * PAGE, 16),  # not lent
+            view(IOVA, 0),  # empty
+        ]
+
+    assert _in_device_work(rig, work) == [True, None, None, None, None, None]
+    rig.cfg_write(d, 4, 2, rig.cfg_read(d, 4, 2) & ~0x4)  # Bus Master off
+    assert _in_device_work(rig, lambda: view(IOVA, 16)) is None
+    assert rig.machine.faults.count() == 0  # a view that is refused records nothing
+    with pytest.raises(IommuFault):  # where the copy does
+        ctx(rig).dma_read(IOVA, 16)
+    assert rig.machine.faults.count("bus_master") == 1
+    unlent.close()
