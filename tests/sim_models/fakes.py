@@ -64,6 +64,10 @@ class FakeContext:
     _queue: list[tuple[float, int, Callable[[], None]]] = field(factory=list, repr=False)
     _seq: itertools.count[int] = field(factory=itertools.count, repr=False)
     in_access: bool = False
+    #: how many times the model asked for a direct view (`dma_view`)
+    views: int = 0
+    #: False: `dma_view` always says None (the model goes entry by entry)
+    direct: bool = True
 
     def __attrs_post_init__(self) -> None:
         self._build_config()
@@ -162,6 +166,19 @@ class FakeContext:
         fault = IommuFault(iova, size, write, reason)
         self.iommu_faults.append(fault)
         return fault
+
+    def dma_view(self, iova: int, size: int, write: bool = False) -> tuple[memoryview, int] | None:
+        """The mapping's buffer when one mapping with the permission holds the whole range."""
+        assert not self.in_access, "device DMA inside a register access"
+        self.views += 1
+        if size <= 0 or not self.direct:
+            return None
+        for m in self.mappings:
+            if m.iova <= iova and iova + size <= m.iova + m.size:
+                if m.writable if write else m.readable:
+                    return memoryview(m.buffer), iova - m.iova
+                return None
+        return None
 
     def dma_read(self, iova: int, size: int) -> bytes:
         assert not self.in_access, "device DMA inside a register access"

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
-
-from attrs import frozen
+from typing import NamedTuple
 
 __all__ = [
     "CQE",
@@ -253,9 +252,8 @@ _FUSE_WIDTH = 2  # DW0 bits 9:8
 _FUSE_MASK, _PSDT_MASK = (1 << _FUSE_WIDTH) - 1, (1 << _PSDT_WIDTH) - 1
 
 
-@frozen
-class Command:
-    """A decoded submission queue entry."""
+class Command(NamedTuple):
+    """A decoded submission queue entry (a tuple: decoding runs for every command)."""
 
     opcode: int
     fuse: int
@@ -272,15 +270,29 @@ class Command:
     cdw15: int
 
     @classmethod
-    def decode(cls, raw: bytes) -> Command:
-        opcode, flags, cid, nsid, _mptr, prp1, prp2, *cdw = SQE.unpack(raw)
-        return cls(
-            opcode,
-            flags & _FUSE_MASK,  # field_get, inline: every command is decoded
-            flags >> _PSDT_SHIFT & _PSDT_MASK,
-            cid,
-            nsid,
-            prp1,
-            prp2,
-            *cdw,
+    def decode(cls, raw: bytes | memoryview, offset: int = 0) -> Command:
+        """The entry at `offset` of `raw` (a fetched entry, or a ring seen through a view)."""
+        op, flags, cid, nsid, _mptr, prp1, prp2, c10, c11, c12, c13, c14, c15 = SQE.unpack_from(
+            raw, offset
         )
+        return _new_command(
+            cls,
+            (
+                op,
+                flags & _FUSE_MASK,  # field_get, inline: every command is decoded
+                flags >> _PSDT_SHIFT & _PSDT_MASK,
+                cid,
+                nsid,
+                prp1,
+                prp2,
+                c10,
+                c11,
+                c12,
+                c13,
+                c14,
+                c15,
+            ),
+        )
+
+
+_new_command = tuple.__new__  # a NamedTuple's own __new__ is one more Python frame

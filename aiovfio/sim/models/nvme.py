@@ -20,6 +20,7 @@ while moving a command's data ends that command with Data Transfer Error.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -83,6 +84,7 @@ _MSIX_MAX = 2048
 _SERIAL_MAX = 20
 _PAGE = 4096
 _PRP_ENTRY = 8
+_SQE_SIZE, _CQE_SIZE = SQE.size, CQE.size
 _SMART_UNIT = 512 * 1000  # a "data unit" is 1000 512-byte units
 _ERROR_LOG_ENTRY = 64
 _FW_SLOT_REVISION = 8  # FRS1 offset in the firmware slot log
@@ -181,6 +183,8 @@ class _SubmissionQueue:
     #: commands fetched whose completion is not posted yet (QEMU's requests)
     outstanding: int = 0
     scheduled: bool = False
+    #: the clock callback that processes this queue (`Nvme._process_sq`), made once
+    process: Callable[[], None] = field(default=lambda: None, repr=False)
 
 
 @define(eq=False)
@@ -488,7 +492,7 @@ class Nvme(DeviceModel):
             return "AQA.ACQS is 0"
         self._page_size = page
         self._cqs[0] = _CompletionQueue(0, self._acq, acqs + 1, vector=0, irq_enabled=True)
-        self._sqs[0] = _SubmissionQueue(0, self._asq, asqs + 1, cqid=0)
+        self._sqs[0] = self._new_sq(0, self._asq, asqs + 1, 0)
         self._cqs[0].sqids.add(0)
         return None
 
@@ -523,12 +527,12 @@ class Nvme(DeviceModel):
             if cq is None or value >= cq.size:
                 self._ignored_doorbell("CQ", qid, "head", value, None if cq is None else cq.size)
                 return
-            was_full = cq.full
+            was_full = (cq.tail + 1) % cq.size == cq.head  # cq.full, inline
             cq.head = value
             if was_full:
                 self._schedule(lambda: self._post_if_current(cq))
-            if not cq.pending:
-                self._deassert_irq(cq)
+            if value == cq.tail and (self._irq_status or self._intx):  # consumed all: INTx
+                self._deassert_irq(cq)  # (with nothing asserted, deasserting changes nothing)
         else:
             sq = self._sqs.get(qid)
             if sq is None or value >= sq.size:
@@ -554,30 +558,65 @@ class Nvme(DeviceModel):
     def _schedule_sq(self, sq: _SubmissionQueue) -> None:
         if not sq.scheduled:
             sq.scheduled = True
-            self._schedule(lambda: self._process_sq(sq))
+            ctx = self._ctx
+            assert ctx is not None  # a doorbell or a completion: attached
+            ctx.schedule(self.command_latency, sq.process)
+
+    def _new_sq(self, qid: int, base: int, size: int, cqid: int) -> _SubmissionQueue:
+        sq = _SubmissionQueue(qid, base, size, cqid)
+        sq.process = functools.partial(self._process_sq, sq)  # a subclass's, if it has one
+        return sq
 
     def _process_sq(self, sq: _SubmissionQueue) -> None:
-        """QEMU's nvme_process_sq: fetch and run commands, then post the batch."""
+        """QEMU's nvme_process_sq: fetch and run commands, then post the batch.
+
+        Each entry is read just before it runs, as QEMU reads it. The run of
+        entries up to the tail (or the ring's end) is read through one
+        `dma_view` when the device reaches all of it (a controller's
+        prefetch, without a copy: the view is live), entry by entry through
+        `dma_read` otherwise, so a fetch fault is recorded at the entry where
+        QEMU records it.
+        """
         sq.scheduled = False
         if self._sqs.get(sq.qid) is not sq:
-            return  # deleted or reset since
+            return
+        ctx = self._ctx
+        assert ctx is not None  # scheduled by a doorbell: attached
         cq = self._cqs[sq.cqid]
-        held = len(cq.held)
-        dma_read = self._context.dma_read  # once per batch, not per command
+        held = cq.held
+        before = len(held)
+        run = self._io if sq.qid else None
+        decode = Command.decode
         while sq.head != sq.tail and sq.outstanding < sq.size:
-            address = sq.base + sq.head * SQE.size
-            try:
-                raw = dma_read(address, SQE.size)
-            except IommuFault as fault:
-                self._fatal(f"fetching SQ {sq.qid} entry {sq.head} at IOVA {address:#x}: {fault}")
-                break
-            sq.head = (sq.head + 1) % sq.size
-            sq.outstanding += 1
-            command = Command.decode(raw)
-            result = self._admin(sq, command) if sq.qid == 0 else self._io(command)
-            if result is not None:
-                cq.held.append(_Completion(sq, command.cid, result.status, result.result))
-        if len(cq.held) > held:  # new completions (an AER may have met a queued event)
+            head, size = sq.head, sq.size
+            count = min((sq.tail if sq.tail > head else size) - head, size - sq.outstanding)
+            address = sq.base + head * _SQE_SIZE
+            window = ctx.dma_view(address, count * _SQE_SIZE)
+            for i in range(count):
+                command = None
+                if window is not None:
+                    try:
+                        command = decode(window[0], window[1] + i * _SQE_SIZE)
+                    except ValueError:  # its owner released the memory: entry by entry
+                        window = None
+                if command is None:
+                    entry = address + i * _SQE_SIZE
+                    try:
+                        raw = ctx.dma_read(entry, _SQE_SIZE)
+                    except IommuFault as fault:
+                        self._fatal(
+                            f"fetching SQ {sq.qid} entry {head + i} at IOVA {entry:#x}: {fault}"
+                        )
+                        if len(held) > before:
+                            self._post(cq)
+                        return
+                    command = decode(raw)
+                sq.head = head + i + 1 if head + i + 1 < size else 0
+                sq.outstanding += 1
+                result = run(command) if run is not None else self._admin(sq, command)
+                if result is not None:
+                    held.append(_Completion(sq, command.cid, result.status, result.result))
+        if len(held) > before:  # new completions (an AER may have met a queued event)
             self._post(cq)
 
     def _post_if_current(self, cq: _CompletionQueue) -> None:
@@ -585,31 +624,58 @@ class Nvme(DeviceModel):
             self._post(cq)
 
     def _post(self, cq: _CompletionQueue) -> None:
-        """QEMU's nvme_post_cqes: post held completions while the CQ has room."""
+        """QEMU's nvme_post_cqes: post held completions while the CQ has room.
+
+        The run of free entries up to the ring's end is written through one
+        `dma_view` when the device reaches all of it, entry by entry through
+        `dma_write` otherwise (a fault stops at the entry QEMU stops at).
+        """
+        ctx = self._context
+        held = cq.held
         posted: set[int] = set()
-        dma_write = self._context.dma_write  # once per batch, not per entry
-        while cq.held and not cq.full:
-            done = cq.held[0]
-            entry = CQE.pack(
-                done.result,
-                0,
-                done.sq.head,
-                done.sq.qid,
-                done.cid,
-                (done.status << 1 | cq.phase) & _U16,
-            )
-            address = cq.base + cq.tail * CQE.size
-            try:
-                dma_write(address, entry)
-            except IommuFault as fault:
-                self._fatal(f"posting to CQ {cq.qid} entry {cq.tail} at IOVA {address:#x}: {fault}")
-                break
-            cq.held.popleft()
-            done.sq.outstanding -= 1
-            posted.add(done.sq.qid)
-            cq.tail += 1
-            if cq.tail == cq.size:
-                cq.tail, cq.phase = 0, cq.phase ^ 1
+        pack_into = CQE.pack_into
+        failed = False
+        while held and not cq.full and not failed:
+            tail, size = cq.tail, cq.size
+            count = min(len(held), (cq.head - tail - 1) % size, size - tail)
+            address = cq.base + tail * _CQE_SIZE
+            window = ctx.dma_view(address, count * _CQE_SIZE, True)
+            phase = cq.phase
+            for i in range(count):
+                done = held[0]
+                source = done.sq
+                status = (done.status << 1 | phase) & _U16
+                if window is not None:
+                    try:
+                        pack_into(
+                            window[0],
+                            window[1] + i * _CQE_SIZE,
+                            done.result,
+                            0,
+                            source.head,
+                            source.qid,
+                            done.cid,
+                            status,
+                        )
+                    except ValueError:  # its owner released the memory: entry by entry
+                        window = None
+                if window is None:
+                    entry = CQE.pack(done.result, 0, source.head, source.qid, done.cid, status)
+                    try:
+                        ctx.dma_write(address + i * _CQE_SIZE, entry)
+                    except IommuFault as fault:
+                        self._fatal(
+                            f"posting to CQ {cq.qid} entry {tail + i} at IOVA "
+                            f"{address + i * _CQE_SIZE:#x}: {fault}"
+                        )
+                        failed = True
+                        break
+                held.popleft()
+                source.outstanding -= 1
+                posted.add(source.qid)
+                cq.tail = tail + i + 1
+            if cq.tail == size:
+                cq.tail, cq.phase = 0, phase ^ 1
         if cq.pending:
             self._assert_irq(cq)
         for qid in posted:
@@ -621,8 +687,15 @@ class Nvme(DeviceModel):
     def _assert_irq(self, cq: _CompletionQueue) -> None:
         if not cq.irq_enabled:
             return
-        if self._caps.msix_enabled(self._context):
-            self._msix_notify(cq.vector)
+        ctx = self._context
+        if self._caps.msix_enabled(ctx):
+            vector = cq.vector  # QEMU's msix_notify: a masked vector is only marked pending
+            if vector >= self.msix_qsize:
+                return
+            if self._msix_table[_MSIX_ENTRY * vector + _MSIX_VECTOR_CTRL] & _MSIX_MASKBIT:
+                self._msix_pending |= 1 << vector
+            else:
+                ctx.send_msix(vector)
         else:
             self._irq_status |= 1 << cq.vector
             self._update_intx()
@@ -649,14 +722,6 @@ class Nvme(DeviceModel):
     def _vector_masked(self, vector: int) -> bool:
         control = _MSIX_ENTRY * vector + _MSIX_VECTOR_CTRL
         return bool(self._msix_table[control] & _MSIX_MASKBIT)
-
-    def _msix_notify(self, vector: int) -> None:
-        if vector >= self.msix_qsize:
-            return
-        if self._vector_masked(vector):
-            self._msix_pending |= 1 << vector
-        else:
-            self._context.send_msix(vector)
 
     def _write_msix_table(self, offset: int, size: int, value: int) -> None:
         first, last = offset // _MSIX_ENTRY, (offset + size - 1) // _MSIX_ENTRY
@@ -717,10 +782,19 @@ class Nvme(DeviceModel):
 
     def _to_host(self, command: Command, data: bytes) -> int:
         """Write `data` to the command's PRPs (controller to host)."""
-        segments = self._map_prp(command.prp1, command.prp2, len(data))
+        ctx = self._ctx
+        assert ctx is not None  # a command runs in the clock's callback: attached
+        prp1 = command.prp1
+        page = self._page_size
+        if prp1 % page + len(data) <= page:  # _map_prp's first case, inline: PRP1 alone
+            try:
+                ctx.dma_write(prp1, data)
+            except IommuFault:
+                return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+            return _SUCCESS
+        segments = self._map_prp(prp1, command.prp2, len(data))
         if isinstance(segments, int):
             return segments
-        ctx = self._context
         try:
             if len(segments) == 1:
                 ctx.dma_write(segments[0][0], data)  # PRP1 alone: no copy of the slice
@@ -808,7 +882,7 @@ class Nvme(DeviceModel):
             return _fail(Status.INVALID_PRP_OFFSET)
         if not contiguous:
             return _fail(Status.INVALID_FIELD)
-        self._sqs[qid] = _SubmissionQueue(qid, command.prp1, qsize + 1, cqid)
+        self._sqs[qid] = self._new_sq(qid, command.prp1, qsize + 1, cqid)
         self._cqs[cqid].sqids.add(qid)
         return _OK
 
