@@ -339,6 +339,7 @@ class Batch:
                 await checkpoint()
                 q.turn_at = clock()
             return
+        q.flush()  # the device sees every entry consumed before we sleep on its interrupt
         if q.trio:
             import trio
 

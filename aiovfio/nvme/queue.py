@@ -81,10 +81,13 @@ class Sink:
 
 @define(eq=False, repr=False)
 class QueuePair:
-    """Submission queue `qid` and its completion queue `qid`, `size` entries each.
+    """Submission queue `qid` (`size` entries) and its completion queue `qid` (`cq_size`).
 
     At most `size - 1` commands are in flight, so neither ring can overflow
-    (SQ full is tail + 1 == head; the CQ has as many entries).
+    (SQ full is tail + 1 == head; the CQ has at least as many entries). A CQ
+    larger than that lets the head doorbell wait while nothing is in flight
+    (`reap`): the device cannot fill it, and whoever next sleeps on the
+    interrupt rings it first (`flush`), so the device sees every entry consumed.
     """
 
     qid: int
@@ -104,11 +107,17 @@ class QueuePair:
     polled: bool = False
     #: the SQ exists on the controller (shutdown deletes it)
     sq_created: bool = False
+    #: CQ entries (0: `size`)
+    cq_size: int = 0
     inflight: int = field(default=0, init=False)
     failure: BaseException | None = field(default=None, init=False)
     submitted: int = field(default=0, init=False)
     _tail: int = field(default=0, init=False)
     _head: int = field(default=0, init=False)
+    #: the CQ head last written to its doorbell
+    _rung_head: int = field(default=0, init=False)
+    #: consumed CQ entries that may stay unrung while nothing is in flight
+    _lazy: int = field(default=0, init=False)
     _phase: int = field(default=1, init=False)
     _free: list[int] = field(init=False)
     _waiters: list[Any] = field(init=False)
@@ -144,6 +153,9 @@ class QueuePair:
 
     def __attrs_post_init__(self) -> None:
         depth = self.size - 1
+        if self.cq_size < self.size:
+            self.cq_size = self.size
+        self._lazy = self.cq_size - self.size
         self._free = list(range(depth - 1, -1, -1))
         self._waiters = [None] * depth
         self._seq = [0] * depth
@@ -404,19 +416,22 @@ class QueuePair:
         self._waiters[cid] = fut
         self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         try:
-            if self.inflight == 1 and not self.polled and self.reap():
-                # Rung at once: a quick device (the sim's inline model) answered already.
-                # No event-loop turn for it (at most YIELD_EVERY apart), and its interrupt
-                # read now, not by a spurious wake later.
-                drain = self.drain
-                if drain is not None:
-                    drain()
-                if fut.done():
-                    if _clock() - self.turn_at < YIELD_EVERY:
-                        done: int = fut.result()
-                        return done
-                    await asyncio.sleep(0)
-                    self.turn_at = _clock()
+            if self.inflight == 1 and not self.polled:
+                if self.reap():
+                    # Rung at once: a quick device (the sim's inline model) answered
+                    # already. No event-loop turn for it (at most YIELD_EVERY apart), and
+                    # its interrupt read now, not by a spurious wake later.
+                    drain = self.drain
+                    if drain is not None:
+                        drain()
+                    if fut.done():
+                        if _clock() - self.turn_at < YIELD_EVERY:
+                            done: int = fut.result()
+                            return done
+                        await asyncio.sleep(0)
+                        self.turn_at = _clock()
+                if not fut.done():
+                    self.flush()  # about to sleep on the interrupt
             value: int = await fut
         except asyncio.CancelledError:
             await self._settle_asyncio(cid, fut)
@@ -503,6 +518,7 @@ class QueuePair:
                 logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
             if waiters[cid] is _HERE:  # not yet: wait for the reaper
                 waiters[cid] = task
+                self.flush()
             else:
                 value = self._here
                 drain = self.drain
@@ -524,9 +540,9 @@ class QueuePair:
         cq = self.cq
         head = self._head
         phase = self._phase
-        size = self.size
+        size = self.cq_size
         waiters = self._waiters
-        depth = size - 1
+        depth = self.size - 1
         reschedule, value_of = self._reschedule, self._value_of
         free = self._free
         slot_waiters = self._slot_waiters
@@ -572,14 +588,27 @@ class QueuePair:
             else:
                 free.append(cid)
         if n:
-            self.inflight -= completed
+            inflight = self.inflight - completed
+            self.inflight = inflight
             self._head = head
             self._phase = phase
-            self.write32(self.cq_doorbell, head)
+            # With nothing in flight nobody waits on the interrupt and the device cannot
+            # fill the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
+            if inflight or (head - self._rung_head) % size > self._lazy:
+                self._rung_head = head
+                self.write32(self.cq_doorbell, head)
             for sink in self.sinks:
                 if sink.waiter is not None and (sink.done or sink.errors):
                     self._wake_sink(sink)
         return n
+
+    def flush(self) -> None:
+        """Ring the CQ head doorbell if entries were consumed since (before sleeping on the
+        interrupt: a device may signal only while it sees entries unconsumed)."""
+        head = self._head
+        if head != self._rung_head:
+            self._rung_head = head
+            self.write32(self.cq_doorbell, head)
 
     def _expire(self, waiter: Any, cid: int, exc: BaseException) -> None:
         if type(waiter) is Sink:

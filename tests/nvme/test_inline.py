@@ -18,9 +18,12 @@ import aiovfio
 import aiovfio.nvme.batch
 import aiovfio.nvme.queue
 from aiovfio.nvme import Namespace, open_controller
+from aiovfio.nvme.spec import doorbell_offsets
 from aiovfio.sim import Machine
 from aiovfio.sim.models import Nvme
 from aiovfio.testing.target import SIM_NVME, Target
+
+from .conftest import MakeTarget
 
 pytestmark = pytest.mark.anyio
 
@@ -33,11 +36,14 @@ class InlineKernel:
         self._inner = machine.kernel
         self._run = machine.run_until_idle
         self.reads = 0
+        #: the file offsets of every pwrite (register writes)
+        self.writes: list[int] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        self.writes.append(offset)
         self._inner.pwrite(fd, data, offset)
         self._run()
 
@@ -180,3 +186,54 @@ async def test_no_interrupt_is_left_to_wake_the_loop_later(
             assert reads >= 20  # each command's interrupt read by the command itself
             await anyio.sleep(0.02)  # the loop idles: nothing pending wakes its reader
             assert inline.reads == reads
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_the_cq_head_doorbell_waits_while_nothing_is_in_flight(
+    inline: InlineKernel, reader: Reader
+) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            q = ctrl.queues[0]
+            assert q.cq_size == 256 > q.size == 2  # the CQ fills its page
+            data = os.urandom(8 * 512)
+            await ns.write(5 * 8, data)
+            sq_db, cq_db = doorbell_offsets(1, ctrl.cap.doorbell_stride)
+            base = dev.bar(0).info.offset
+            inline.writes.clear()
+            await reader(ns, buf, 3 * q.cq_size)  # the CQ wraps three times
+            assert inline.writes.count(base + sq_db) == 3 * q.cq_size  # one per command
+            # one head write per cq_size - size + 1 completions, not one per command
+            assert inline.writes.count(base + cq_db) == 3 * q.cq_size // (q.cq_size - 1)
+            await ns.read_into(5 * 8, buf)
+            assert bytes(buf.view) == data
+
+
+class EdgeIrq(Nvme):
+    """Signals a CQ's vector only when it posts to a CQ it sees fully consumed (head ==
+    tail): a device that needs the head doorbell before it interrupts again."""
+
+    def _post(self, cq: Any) -> None:
+        enabled = cq.irq_enabled
+        if cq.pending:
+            cq.irq_enabled = False
+        try:
+            super()._post(cq)
+        finally:
+            cq.irq_enabled = enabled
+
+
+@pytest.mark.parametrize("reader", READERS)
+async def test_the_cq_head_is_rung_before_sleeping_on_the_interrupt(
+    make_target: MakeTarget, reader: Reader
+) -> None:
+    t = make_target(model=EdgeIrq(size=8 << 20))  # the machine's clock: commands take time
+    async with aiovfio.open_device(t.nvme, kernel=t.kernel) as dev:
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            with anyio.fail_after(20):  # a missing head write hangs until the command timeout
+                await reader(ns, buf, 30)
+                await _one_by_one(ns, buf, 5)
+                await _batched(ns, buf, 5)
+    assert t.leaks() == []
