@@ -216,6 +216,8 @@ class Topology:
         self.page_size = page_size
         self.iova_ranges = tuple(iova_ranges)
         self.io_width = io_width
+        #: the access widths vfio-pci makes at once (do_io_rw), for the register fast path
+        self.io_widths = frozenset(w for w in (1, 2, 4, 8) if w <= io_width)
         self.memlock = memlock
         self.memory = ProcessMemory()
         self.faults = FaultLog()

@@ -39,21 +39,33 @@ from ..topology import SimDevice, SimGroup
 from .container import buf_arg, put_caps
 from .files import Arg, FileTable, GroupFile, UserBuffer, UserMapping, offsetofend
 
-__all__ = ["device_ioctl", "device_mmap", "device_rw"]
+__all__ = [
+    "COMMAND",
+    "MASKS",
+    "MEMORY_SPACE",
+    "OFFSET_MASK",
+    "VFIO_PCI_OFFSET_SHIFT",
+    "WIDTHS",
+    "device_ioctl",
+    "device_mmap",
+    "device_rw",
+]
 
 VFIO_PCI_OFFSET_SHIFT = 40
-_OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
+OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 _PAGE = mmap.PAGESIZE
-_WIDTHS = frozenset((1, 2, 4, 8))
+#: the widths vfio-pci's do_io_rw makes at once, and their masks (the register fast path's,
+#: shared with SimKernel.pread/pwrite, which repeat device_rw's fast path inline)
+WIDTHS = frozenset((1, 2, 4, 8))
 # plain ints on the register-access path (enum comparisons cost more than the access)
 _NUM_REGIONS = int(PciRegion.NUM_REGIONS)
 _CONFIG = int(PciRegion.CONFIG)
 _VGA = int(PciRegion.VGA)
 _ROM = int(PciRegion.ROM)
 _WRITE = int(RegionFlag.WRITE)
-_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: (1 << 64) - 1}
-_COMMAND = 0x04  # the COMMAND register's offset in config space
-_MEMORY_SPACE = int(Command.MEMORY)
+MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: (1 << 64) - 1}
+COMMAND = 0x04  # the COMMAND register's offset in config space
+MEMORY_SPACE = int(Command.MEMORY)
 
 
 def device_ioctl(files: FileTable, d: SimDevice, nr: int, arg: Arg) -> int:
@@ -288,7 +300,7 @@ def device_feature(d: SimDevice, buf: UserBuffer) -> int:
 def device_rw(files: FileTable, d: SimDevice, offset: int, size: int, data: bytes | None) -> bytes:
     """vfio_pci_rw: pread (data None) or pwrite of `size` bytes at `offset`."""
     index = offset >> VFIO_PCI_OFFSET_SHIFT
-    pos = offset & _OFFSET_MASK
+    pos = offset & OFFSET_MASK
     bar = d.trapped_bars.get(index)
     if bar is not None:
         # The register-access fast path: one naturally aligned access of a width
@@ -298,17 +310,16 @@ def device_rw(files: FileTable, d: SimDevice, offset: int, size: int, data: byte
         # else takes that path and its errors.
         bar_size, writable, table_start, table_end = bar
         if (
-            size in _WIDTHS
-            and size <= files.topology.io_width
+            size in files.topology.io_widths
             and not pos % size
             and pos + size <= bar_size
             and (writable or data is None)
             and not table_start <= pos < table_end
-            and d.config.phys[_COMMAND] & _MEMORY_SPACE
+            and d.config.phys[COMMAND] & MEMORY_SPACE
         ):
             if data is None:
                 value = d.model.read(index, pos, size)
-                return (int(value) & _MASKS[size]).to_bytes(size, "little")
+                return (int(value) & MASKS[size]).to_bytes(size, "little")
             d.model.write(index, pos, size, int.from_bytes(data[:size], "little"))
             return b""
     if index >= _NUM_REGIONS:
@@ -347,7 +358,7 @@ def _bar_rw(
     areas = d.regions[index].mmap_areas
     table = d.config.msix_table
     if (
-        count in _WIDTHS
+        count in WIDTHS
         and count <= width
         and not pos % count
         and not areas
@@ -362,7 +373,7 @@ def _bar_rw(
             raise rules.IO_MEMORY_DISABLED.error(f"{d.name} region {index} at {pos:#x}")
         if data is None:
             value = d.model.read(index, pos, count)
-            return (int(value) & _MASKS[count]).to_bytes(count, "little")
+            return (int(value) & MASKS[count]).to_bytes(count, "little")
         d.model.write(index, pos, count, int.from_bytes(data[:count], "little"))
         return b""
     x_start = x_end = 0
@@ -456,7 +467,7 @@ def device_mmap(
     if length <= 0 or offset < 0 or offset % _PAGE:
         raise rules.MMAP_BAD_RANGE.error(f"length {length:#x} at offset {offset:#x}")
     index = offset >> VFIO_PCI_OFFSET_SHIFT
-    pos = offset & _OFFSET_MASK
+    pos = offset & OFFSET_MASK
     spec = d.regions.get(index) if index < PciRegion.ROM else None
     if spec is None or not spec.mmap_areas:
         raise rules.MMAP_NOT_MAPPABLE.error(f"{d.name} region {index}")
