@@ -56,6 +56,7 @@ class Clock:
         if kind not in ("thread", "manual"):
             raise InvalidArgument(f"clock must be 'thread' or 'manual', not {kind!r}")
         self.kind: ClockKind = kind
+        self._thread_kind = kind == "thread"
         self._lock = lock  # the machine lock, held while a callback runs
         #: runs each callback (the machine's: marks it busy, then flushes fault warnings)
         self._runner: Callable[[Callable[[], None]], None] = runner or _call
@@ -84,6 +85,8 @@ class Clock:
         self._holds = 0
         #: the worker has popped a callback and not finished it
         self._busy = False
+        #: threads blocked in wait_idle (guarded by `_cond`)
+        self._idle_waiters = 0
         #: exceptions raised by callbacks, oldest first
         self.errors: list[BaseException] = []
         #: run_until_idle gives up after this many callbacks
@@ -113,14 +116,18 @@ class Clock:
         with self._mutex:
             if self._closed:
                 return  # a closed machine does no more device work
-            due = self._now_ns() + round(delay * 1e9)
             self._seq += 1
-            heapq.heappush(self._heap, (due, self._seq, callback))
-            if self.kind == "thread":
+            if self._thread_kind:  # _now_ns, inline: every doorbell schedules
+                due = time.monotonic_ns() - self._start + round(delay * 1e9)
+                heapq.heappush(self._heap, (due, self._seq, callback))
                 if self._thread is None:
                     self._start_worker()
-                else:
-                    self._wake_worker()
+                elif self._sleeping:  # _wake_worker, inline
+                    self._sleeping = False
+                    self._wake.release()
+            else:
+                due = self._manual_now + round(delay * 1e9)
+                heapq.heappush(self._heap, (due, self._seq, callback))
 
     def _wake_worker(self) -> None:
         """Release the token once per sleep (the caller holds `_cond`)."""
@@ -142,7 +149,8 @@ class Clock:
                 elif not heap:
                     if self._busy:
                         self._busy = False
-                        cond.notify_all()  # wait_idle: nothing pending now
+                        if self._idle_waiters:  # notify_all is Python-level: only if needed
+                            cond.notify_all()  # wait_idle: nothing pending now
                     callback = None
                     if self._holds:  # a device is open: stay warm for its next command
                         self._sleeping = True
@@ -204,7 +212,11 @@ class Clock:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._idle_waiters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._idle_waiters -= 1
             return True
 
     # --- manual kind -----------------------------------------------------------------------
