@@ -100,7 +100,9 @@ class DeviceContext(Protocol):
         `(view, offset)`: bytes `offset .. offset + size` of `view` are the
         `size` bytes at `iova`, readable (or, with `write`, writable) by the
         device as `dma_read`/`dma_write` would copy them, live (a write by
-        the process or the device is seen by the next access). Valid until the
+        the process or the device is seen by the next access). `view` is the
+        whole mapping that holds the range, so every range of it is reached
+        the same way, at `iova - offset + k` for byte k. Valid until the
         register access or clock callback that asked returns; nothing else
         may keep it. None when there is no such view (a fault, memory nobody
         lent, outside device work): nothing is recorded, so a model that then

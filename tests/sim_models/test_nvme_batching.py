@@ -146,3 +146,53 @@ def test_each_entry_is_read_when_it_runs(direct: bool) -> None:
 
 def test_the_view_and_the_entry_by_entry_paths_agree() -> None:
     assert _overwriting_batch(True) == _overwriting_batch(False)
+
+
+def test_a_batch_moves_data_through_one_view_per_mapping() -> None:
+    backing = bytearray(range(256)) * 4096  # 1 MiB, every block different
+    ctx, host = make(backing=backing)
+    host.io_pair(1, 16)
+    iova, buf = host.buffer(8 * PAGE)
+    out_iova, out = host.buffer(PAGE)
+    out[:] = b"w" * PAGE
+    views = ctx.views
+    for k in range(8):  # block 8k+1 (512 bytes) into page k, at an offset
+        host.submit(
+            1,
+            IoOpcode.READ,
+            nsid=NSID,
+            prp1=iova + k * PAGE + 512,
+            cdw=rw_cdw(8 * k + 1, 1),
+            ring=False,
+        )
+    host.submit(1, IoOpcode.WRITE, nsid=NSID, prp1=out_iova, cdw=rw_cdw(2040, 8), ring=False)
+    host.submit(1, IoOpcode.WRITE, nsid=NSID, prp1=out_iova + 512, cdw=rw_cdw(2000, 1), ring=False)
+    host.ring(1)
+    host.run()
+    assert [d.status for d in host.reap(1)] == [0] * 10
+    assert ctx.views - views == 4  # the SQ, the reads' buffer, the writes' buffer, the CQ
+    for k in range(8):
+        block = (8 * k + 1) * 512
+        assert buf[k * PAGE + 512 : k * PAGE + 1024] == backing[block : block + 512]
+    assert backing[2040 * 512 : 2048 * 512] == b"w" * PAGE
+    assert backing[2000 * 512 : 2001 * 512] == b"w" * 512
+
+
+def test_a_fault_inside_a_batch_stays_with_its_command() -> None:
+    """A read into a read-only mapping between two good ones: only it fails (status 4)."""
+    ctx, host = make()
+    host.io_pair(1, 16)
+    good, _ = host.buffer(2 * PAGE)
+    ro, _ = host.buffer(PAGE, writable=False)
+    for prp1 in (good, ro, good + PAGE, 0x7000_0000):
+        host.submit(1, IoOpcode.READ, nsid=NSID, prp1=prp1, cdw=rw_cdw(0, 8), ring=False)
+    host.ring(1)
+    host.run()
+    assert [(d.status, d.dnr) for d in host.reap(1)] == [
+        (0, False),
+        (4, False),
+        (0, False),
+        (4, False),
+    ]
+    assert [(f.iova, f.write) for f in ctx.iommu_faults] == [(ro, True), (0x7000_0000, True)]
+    assert host.reg(Reg.CSTS) == Csts.RDY

@@ -199,6 +199,27 @@ class _Usage:
 
 
 @define(eq=False)
+class _DataWindows:
+    """The mappings a batch's data went through, as `dma_view` gave them (the view of the
+    whole mapping, so any range inside it is reached the same way), one for the device's
+    writes and one for its reads. Valid only while the batch's clock callback runs:
+    `Nvme._process_sq` empties it at its start and its end."""
+
+    active: bool = False
+    write_start: int = 0
+    write_end: int = 0
+    write_view: memoryview | None = None
+    read_start: int = 0
+    read_end: int = 0
+    read_view: memoryview | None = None
+
+    def clear(self) -> None:
+        self.active = False
+        self.write_start = self.write_end = self.read_start = self.read_end = 0
+        self.write_view = self.read_view = None
+
+
+@define(eq=False)
 class _Completion:
     sq: _SubmissionQueue
     cid: int
@@ -295,6 +316,7 @@ class Nvme(DeviceModel):
     _temp_over: int = field(default=_TEMPERATURE_WARNING, init=False, repr=False)
     _temp_under: int = field(default=0, init=False, repr=False)
     _usage: _Usage = field(factory=_Usage, init=False, repr=False)
+    _windows: _DataWindows = field(factory=_DataWindows, init=False, repr=False)
     # BAR0 layout, as QEMU computes it from max_ioqpairs and msix_qsize
     _table_offset: int = field(init=False, repr=False)
     _pba_offset: int = field(init=False, repr=False)
@@ -410,10 +432,10 @@ class Nvme(DeviceModel):
         if region != _BAR0 or not 0 <= offset <= self._bar_size - size:
             return
         value &= (1 << (8 * size)) - 1
-        if offset < _REGISTER_FILE:
-            self._write_register(offset, size, value)
-        elif offset < self._table_offset:
+        if _REGISTER_FILE <= offset < self._table_offset:  # the doorbells: every command
             self._doorbell(offset, value)
+        elif offset < _REGISTER_FILE:
+            self._write_register(offset, size, value)
         elif offset < self._pba_offset and self._msix_access(offset, size):
             self._write_msix_table(offset - self._table_offset, size, value)
 
@@ -587,6 +609,9 @@ class Nvme(DeviceModel):
         before = len(held)
         run = self._io if sq.qid else None
         decode = Command.decode
+        windows = self._windows  # data views for this callback only (a stale one never
+        windows.write_end = windows.read_end = 0  # outlives it: emptied here and at the end)
+        windows.active = True
         while sq.head != sq.tail and sq.outstanding < sq.size:
             head, size = sq.head, sq.size
             count = min((sq.tail if sq.tail > head else size) - head, size - sq.outstanding)
@@ -607,6 +632,7 @@ class Nvme(DeviceModel):
                         self._fatal(
                             f"fetching SQ {sq.qid} entry {head + i} at IOVA {entry:#x}: {fault}"
                         )
+                        windows.clear()
                         if len(held) > before:
                             self._post(cq)
                         return
@@ -616,6 +642,9 @@ class Nvme(DeviceModel):
                 result = run(command) if run is not None else self._admin(sq, command)
                 if result is not None:
                     held.append(_Completion(sq, command.cid, result.status, result.result))
+        windows.active = False  # windows.clear(), inline
+        windows.write_end = windows.read_end = 0
+        windows.write_view = windows.read_view = None
         if len(held) > before:  # new completions (an AER may have met a queued event)
             self._post(cq)
 
@@ -635,9 +664,11 @@ class Nvme(DeviceModel):
         posted: set[int] = set()
         pack_into = CQE.pack_into
         failed = False
-        while held and not cq.full and not failed:
+        while held and not failed:
             tail, size = cq.tail, cq.size
-            count = min(len(held), (cq.head - tail - 1) % size, size - tail)
+            count = min(len(held), (cq.head - tail - 1) % size, size - tail)  # 0: full
+            if not count:
+                break
             address = cq.base + tail * _CQE_SIZE
             window = ctx.dma_view(address, count * _CQE_SIZE, True)
             phase = cq.phase
@@ -676,7 +707,7 @@ class Nvme(DeviceModel):
                 cq.tail = tail + i + 1
             if cq.tail == size:
                 cq.tail, cq.phase = 0, phase ^ 1
-        if cq.pending:
+        if cq.head != cq.tail:  # cq.pending
             self._assert_irq(cq)
         for qid in posted:
             sq = self._sqs.get(qid)
@@ -786,7 +817,31 @@ class Nvme(DeviceModel):
         assert ctx is not None  # a command runs in the clock's callback: attached
         prp1 = command.prp1
         page = self._page_size
-        if prp1 % page + len(data) <= page:  # _map_prp's first case, inline: PRP1 alone
+        size = len(data)
+        if prp1 % page + size <= page:  # _map_prp's first case, inline: PRP1 alone
+            w = self._windows
+            if w.write_start <= prp1 and prp1 + size <= w.write_end:  # the batch's mapping
+                assert w.write_view is not None
+                offset = prp1 - w.write_start
+                try:
+                    w.write_view[offset : offset + size] = data
+                except ValueError:  # its owner released the memory: ask the machine again
+                    w.write_end = 0
+                else:
+                    return _SUCCESS
+            elif w.active:
+                window = ctx.dma_view(prp1, size, True)
+                if window is not None:
+                    view, offset = window
+                    try:
+                        view[offset : offset + size] = data
+                    except ValueError:
+                        pass
+                    else:
+                        w.write_start = prp1 - offset
+                        w.write_end = w.write_start + view.nbytes
+                        w.write_view = view
+                        return _SUCCESS
             try:
                 ctx.dma_write(prp1, data)
             except IommuFault:
@@ -810,6 +865,29 @@ class Nvme(DeviceModel):
 
     def _from_host(self, command: Command, length: int) -> bytes | int:
         """Read `length` bytes from the command's PRPs (host to controller)."""
+        prp1 = command.prp1
+        if prp1 % self._page_size + length <= self._page_size:  # PRP1 alone, as _to_host
+            w = self._windows
+            if w.read_start <= prp1 and prp1 + length <= w.read_end:
+                assert w.read_view is not None
+                offset = prp1 - w.read_start
+                try:
+                    return bytes(w.read_view[offset : offset + length])
+                except ValueError:  # its owner released the memory: ask the machine again
+                    w.read_end = 0
+            elif w.active and length:
+                window = self._context.dma_view(prp1, length)
+                if window is not None:
+                    view, offset = window
+                    try:
+                        got = bytes(view[offset : offset + length])
+                    except ValueError:
+                        pass
+                    else:
+                        w.read_start = prp1 - offset
+                        w.read_end = w.read_start + view.nbytes
+                        w.read_view = view
+                        return got
         segments = self._map_prp(command.prp1, command.prp2, length)
         if isinstance(segments, int):
             return segments
