@@ -203,7 +203,7 @@ class Controller:
         """The next I/O queue for a command: round robin, skipping full ones."""
         assert self._next is not None
         q = self._next()
-        if q.free or len(self._queues) == 1:
+        if q._free or len(self._queues) == 1:  # the list, not the `free` property: hot path
             return q
         for other in self._queues:
             if other.free:

@@ -38,6 +38,7 @@ __all__ = ["DmaTarget", "Namespace"]
 DmaTarget = DmaBuffer | memoryview
 
 _U32 = 0xFFFF_FFFF
+_READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 _NAMES: dict[int, str] = {IoOpcode.READ: "Read", IoOpcode.WRITE: "Write", IoOpcode.FLUSH: "Flush"}
 
 
@@ -186,54 +187,85 @@ class Namespace:
 
     async def read_into(self, lba: int, buffer: DmaTarget) -> None:
         """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
-        if type(buffer) is DmaBuffer and not buffer.readonly:
-            await self._fast(IoOpcode.READ, lba, buffer.iova, buffer.size)
+        if type(buffer) is not DmaBuffer or buffer.readonly:
+            iova, nbytes = self._resolve(buffer, device_writes=True)
+            await self._direct(_READ, lba, iova, nbytes)
             return
-        iova, nbytes = self._resolve(buffer, device_writes=True)
-        await self._direct(IoOpcode.READ, lba, iova, nbytes)
-
-    async def write_from(self, lba: int, buffer: DmaTarget) -> None:
-        """Write `buffer` (a DmaBuffer or a slice of its view) at `lba`, no copy."""
-        if type(buffer) is DmaBuffer:
-            await self._fast(IoOpcode.WRITE, lba, buffer.iova, buffer.size)
-            return
-        iova, nbytes = self._resolve(buffer, device_writes=False)
-        await self._direct(IoOpcode.WRITE, lba, iova, nbytes)
-
-    async def _fast(self, opcode: int, lba: int, iova: int, nbytes: int) -> None:
-        """The hot path: one command of at most MDTS, checks inline, one await deep.
-
-        Anything unusual (a bad range, an unaligned IOVA, a long transfer, a
-        closed or failed controller) takes `_direct`, which checks and explains.
-        """
+        # The hot path, one coroutine deep: the checks inline; anything unusual (a bad
+        # range, an unaligned IOVA, a long transfer, a closed or failed controller) takes
+        # `_direct`, which checks and explains.
+        iova, nbytes = buffer.iova, buffer.size
         ctrl = self.controller
-        count, rest = divmod(nbytes, self.info.block_size)
+        info = self.info
+        count, rest = divmod(nbytes, info.block_size)
         if (
             rest
             or iova & 3
             or nbytes > ctrl.max_transfer
             or type(lba) is not int
             or lba < 0
-            or not 0 < count <= self.info.nsze - lba
+            or not 0 < count <= info.nsze - lba
             or ctrl._failure is not None
             or ctrl._closed
         ):
-            await self._direct(opcode, lba, iova, nbytes)
+            await self._direct(_READ, lba, iova, nbytes)
             return
         q = ctrl.pick_queue()
-        cid = q.try_take()
-        if cid is None:
-            cid = await q.take()
-        prp1, prp2 = q.prp(cid, iova, nbytes)
+        free = q._free
+        cid = free.pop() if free else await q.take()
+        page = q.page
+        if nbytes <= page - (iova & (page - 1)):  # one page: PRP1 alone
+            prp1, prp2 = iova, 0
+        else:
+            prp1, prp2 = q.prp(cid, iova, nbytes)
         value: int = await q.run(
-            cid, opcode, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1
+            cid, _READ, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1
         )
         if value >> 32:
-            raise NvmeStatusError(
-                value >> 32,
-                f"{_NAMES.get(opcode, hex(opcode))} of {count} block(s) at LBA {lba} "
-                f"on namespace {self.nsid}",
-            )
+            raise self._status_error(_READ, count, lba, value)
+
+    async def write_from(self, lba: int, buffer: DmaTarget) -> None:
+        """Write `buffer` (a DmaBuffer or a slice of its view) at `lba`, no copy."""
+        if type(buffer) is not DmaBuffer:
+            iova, nbytes = self._resolve(buffer, device_writes=False)
+            await self._direct(_WRITE, lba, iova, nbytes)
+            return
+        iova, nbytes = buffer.iova, buffer.size  # the hot path, as in read_into
+        ctrl = self.controller
+        info = self.info
+        count, rest = divmod(nbytes, info.block_size)
+        if (
+            rest
+            or iova & 3
+            or nbytes > ctrl.max_transfer
+            or type(lba) is not int
+            or lba < 0
+            or not 0 < count <= info.nsze - lba
+            or ctrl._failure is not None
+            or ctrl._closed
+        ):
+            await self._direct(_WRITE, lba, iova, nbytes)
+            return
+        q = ctrl.pick_queue()
+        free = q._free
+        cid = free.pop() if free else await q.take()
+        page = q.page
+        if nbytes <= page - (iova & (page - 1)):  # one page: PRP1 alone
+            prp1, prp2 = iova, 0
+        else:
+            prp1, prp2 = q.prp(cid, iova, nbytes)
+        value: int = await q.run(
+            cid, _WRITE, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1
+        )
+        if value >> 32:
+            raise self._status_error(_WRITE, count, lba, value)
+
+    def _status_error(self, opcode: int, count: int, lba: int, value: int) -> NvmeStatusError:
+        return NvmeStatusError(
+            value >> 32,
+            f"{_NAMES.get(opcode, hex(opcode))} of {count} block(s) at LBA {lba} "
+            f"on namespace {self.nsid}",
+        )
 
     async def _direct(self, opcode: int, lba: int, iova: int, nbytes: int) -> None:
         count = self._blocks_of(nbytes, "the buffer")

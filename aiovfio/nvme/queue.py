@@ -49,7 +49,7 @@ POLL_SPIN = 50e-6
 #: KeyboardInterrupt) arrives at least that often. Each turn costs a QD1 command about as
 #: much as the device does in a TCG guest.
 YIELD_EVERY = 10e-3
-#: trio: the waiter of a command whose task looks at the CQ itself (`_run_trio`)
+#: the waiter of a command whose task looks at the CQ itself (`_run_asyncio`, `_run_trio`)
 _HERE: Any = object()
 
 
@@ -147,7 +147,7 @@ class QueuePair:
     #: a task that reaped its completion itself consumes the interrupt it raised, so it
     #: wakes nobody later
     drain: Callable[[], None] | None = field(default=None, init=False)
-    #: trio: the value of the command whose task reaped it itself (`_HERE`)
+    #: the value of the command whose task reaped it itself (`_HERE`)
     _here: int = field(default=0, init=False)
     _checkpoint: Callable[[], Any] = field(init=False)
 
@@ -282,61 +282,6 @@ class QueuePair:
 
     # --- submission -------------------------------------------------------------------
 
-    def submit(
-        self,
-        cid: int,
-        opcode: int,
-        nsid: int,
-        prp1: int,
-        prp2: int,
-        cdw10: int,
-        cdw11: int,
-        cdw12: int,
-        cdw13: int = 0,
-        cdw14: int = 0,
-        cdw15: int = 0,
-    ) -> None:
-        """Write the entry at the tail and ring the doorbell (the waiter is set already)."""
-        tail = self._tail
-        SQE.pack_into(
-            self.sq,
-            tail * SQE_SIZE,
-            opcode,
-            0,
-            cid,
-            nsid,
-            0,
-            prp1,
-            prp2,
-            cdw10,
-            cdw11,
-            cdw12,
-            cdw13,
-            cdw14,
-            cdw15,
-        )
-        tail += 1
-        if tail == self.size:
-            tail = 0
-        self._tail = tail
-        inflight = self.inflight + 1
-        self.inflight = inflight
-        seq = self.submitted + 1
-        self.submitted = seq
-        self._seq[cid] = seq
-        if inflight > 1 and self._loop is not None:
-            # asyncio, others in flight: tasks woken by one completion batch
-            # submit in the same loop iteration; ring once, after them.
-            if not self._ring_pending:
-                self._ring_pending = True
-                self._loop.call_soon(self._ring)
-        else:
-            self.write32(self.sq_doorbell, tail)
-        idle = self._idle
-        if idle is not None:
-            self._idle = None
-            self.wake(idle, 0)
-
     def _ring(self) -> None:
         """The deferred SQ tail doorbell (a loop callback: it must not raise)."""
         self._ring_pending = False
@@ -391,6 +336,13 @@ class QueuePair:
             self._idle = None
             self.wake(idle, 0)
 
+    def wake_idle(self) -> None:
+        """Wake the polled reaper sleeping until a command is submitted (`wait_work`)."""
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            self.wake(idle, 0)
+
     def ring(self) -> None:
         """Ring the SQ tail doorbell now (after `put`)."""
         self.write32(self.sq_doorbell, self._tail)
@@ -408,35 +360,92 @@ class QueuePair:
         cdw13: int = 0,
     ) -> int:
         """Submit with `cid` and wait: the completion's status << 32 | DW0."""
+        value: int
+        fut: asyncio.Future[int]
         if self.failure is not None:
             self.release(cid)
             raise self.failure
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        self._waiters[cid] = fut
-        self.submit(cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
+        loop = self._loop
+        assert loop is not None
+        waiters = self._waiters
+        # Rung alone, it looks at the CQ right after ringing (below), its own waiter
+        # (`_HERE`) meanwhile: a future only if it has to wait.
+        look = not self.inflight and not self.polled
+        if look:
+            waiters[cid] = _HERE
+        else:
+            fut = loop.create_future()
+            waiters[cid] = fut
+        # the entry written inline (no call per I/O)
+        tail = self._tail
+        SQE.pack_into(
+            self.sq,
+            tail * SQE_SIZE,
+            opcode,
+            0,
+            cid,
+            nsid,
+            0,
+            prp1,
+            prp2,
+            cdw10,
+            cdw11,
+            cdw12,
+            cdw13,
+            0,
+            0,
+        )
+        tail += 1
+        if tail == self.size:
+            tail = 0
+        self._tail = tail
+        inflight = self.inflight + 1
+        self.inflight = inflight
+        seq = self.submitted + 1
+        self.submitted = seq
+        self._seq[cid] = seq
+        if inflight == 1:
+            self.write32(self.sq_doorbell, tail)
+        elif not self._ring_pending:
+            # others in flight: tasks woken by one completion batch submit in the same
+            # loop iteration; ring once, after them.
+            self._ring_pending = True
+            loop.call_soon(self._ring)
+        if self._idle is not None:
+            self.wake_idle()
+        if look:
+            if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:
+                # A quick device (the sim's inline model) may have answered already.
+                self._reap_here()
+            if waiters[cid] is None:
+                # Answered: no event-loop turn for it (one at least every YIELD_EVERY),
+                # and its interrupt read now, not by a spurious wake later.
+                value = self._here
+                drain = self.drain
+                if drain is not None:
+                    drain()
+                if _clock() - self.turn_at >= YIELD_EVERY:
+                    await asyncio.sleep(0)  # a cancellation here: the command is done
+                    self.turn_at = _clock()
+                return value
+            fut = loop.create_future()
+            waiters[cid] = fut
+            if self._head != self._rung_head:
+                self.flush()  # about to sleep on the interrupt
         try:
-            if self.inflight == 1 and not self.polled:
-                if self.reap():
-                    # Rung at once: a quick device (the sim's inline model) answered
-                    # already. No event-loop turn for it (at most YIELD_EVERY apart), and
-                    # its interrupt read now, not by a spurious wake later.
-                    drain = self.drain
-                    if drain is not None:
-                        drain()
-                    if fut.done():
-                        if _clock() - self.turn_at < YIELD_EVERY:
-                            done: int = fut.result()
-                            return done
-                        await asyncio.sleep(0)
-                        self.turn_at = _clock()
-                if not fut.done():
-                    self.flush()  # about to sleep on the interrupt
-            value: int = await fut
+            value = await fut
         except asyncio.CancelledError:
             await self._settle_asyncio(cid, fut)
             raise
         return value
+
+    def _reap_here(self) -> None:
+        """`reap` for a task that is its own waiter (`_HERE`): a failing CQ doorbell write
+        is logged (the watchdog sees a dead device), the command then waits as usual."""
+        try:
+            self.reap()
+        except Exception as exc:
+            logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
 
     async def _settle_asyncio(self, cid: int, fut: asyncio.Future[int]) -> None:
         """A cancelled task waits for its command to complete (the device owns its buffer)."""
@@ -474,7 +483,7 @@ class QueuePair:
             self.release(cid)
             raise
         self._waiters[cid] = self._current_task()
-        # `submit` inline (one frame less per I/O): trio rings at once.
+        # the entry written inline (no call per I/O): trio rings at once.
         tail = self._tail
         SQE.pack_into(
             self.sq,
@@ -511,14 +520,14 @@ class QueuePair:
             # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
             # no event-loop turn (at most YIELD_EVERY apart), the interrupt read now.
             waiters = self._waiters
-            task, waiters[cid] = waiters[cid], _HERE
-            try:
-                self.reap()
-            except Exception as exc:  # the CQ doorbell: the watchdog sees a dead device
-                logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
-            if waiters[cid] is _HERE:  # not yet: wait for the reaper
-                waiters[cid] = task
-                self.flush()
+            if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:  # answered already
+                task, waiters[cid] = waiters[cid], _HERE
+                self._reap_here()
+                if waiters[cid] is _HERE:  # not ours: wait for the reaper
+                    waiters[cid] = task
+            if waiters[cid] is not None:  # not answered: sleep on the interrupt
+                if self._head != self._rung_head:
+                    self.flush()
             else:
                 value = self._here
                 drain = self.drain
@@ -540,6 +549,10 @@ class QueuePair:
         cq = self.cq
         head = self._head
         phase = self._phase
+        slot = head * 4
+        w3 = cq[slot + 3]
+        if (w3 >> 16) & 1 != phase:
+            return 0  # nothing new (a poll, a look before sleeping): no more work
         size = self.cq_size
         waiters = self._waiters
         depth = self.size - 1
@@ -548,17 +561,16 @@ class QueuePair:
         slot_waiters = self._slot_waiters
         expired = self.expired
         n = completed = 0
-        while True:
-            slot = head * 4
-            w3 = cq[slot + 3]
-            if (w3 >> 16) & 1 != phase:
-                break
+        while (w3 >> 16) & 1 == phase:
             cid = w3 & _U16
+            value = (w3 >> 17) << 32 | cq[slot]
             head += 1
             if head == size:
                 head = 0
                 phase ^= 1
             n += 1
+            slot = head * 4
+            w3 = cq[slot + 3]  # the next entry's: the loop's test
             if cid >= depth:
                 continue  # not a CID we used: a controller bug; the watchdog sees the rest
             waiter = waiters[cid]
@@ -570,36 +582,33 @@ class QueuePair:
                 self._expire(waiter, cid, expired.pop(cid))
                 continue
             if type(waiter) is Sink:  # a batch's: it keeps the CID
-                if w3 >> 17:
-                    waiter.errors.append((cid, w3 >> 17))
+                if value >> 32:
+                    waiter.errors.append((cid, value >> 32))
                 else:
                     waiter.done.append(cid)
                 continue
-            value = (w3 >> 17) << 32 | cq[slot]
-            if reschedule is not None:  # trio
-                if waiter is _HERE:  # its task is the one reaping
-                    self._here = value
-                else:
-                    reschedule(waiter, value_of(value))
+            if waiter is _HERE:  # its task is the one reaping
+                self._here = value
+            elif reschedule is not None:  # trio
+                reschedule(waiter, value_of(value))
             elif not waiter.done():  # asyncio
                 waiter.set_result(value)
             if slot_waiters:
                 self.release(cid)
             else:
                 free.append(cid)
-        if n:
-            inflight = self.inflight - completed
-            self.inflight = inflight
-            self._head = head
-            self._phase = phase
-            # With nothing in flight nobody waits on the interrupt and the device cannot
-            # fill the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
-            if inflight or (head - self._rung_head) % size > self._lazy:
-                self._rung_head = head
-                self.write32(self.cq_doorbell, head)
-            for sink in self.sinks:
-                if sink.waiter is not None and (sink.done or sink.errors):
-                    self._wake_sink(sink)
+        inflight = self.inflight - completed
+        self.inflight = inflight
+        self._head = head
+        self._phase = phase
+        # With nothing in flight nobody waits on the interrupt and the device cannot fill
+        # the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
+        if inflight or (head - self._rung_head) % size > self._lazy:
+            self._rung_head = head
+            self.write32(self.cq_doorbell, head)
+        for sink in self.sinks:
+            if sink.waiter is not None and (sink.done or sink.errors):
+                self._wake_sink(sink)
         return n
 
     def flush(self) -> None:
