@@ -139,6 +139,7 @@ class Clock:
 
     def _worker(self) -> None:
         mutex, cond, heap, wake = self._mutex, self._cond, self._heap, self._wake
+        lock, runner, after = self._lock, self._runner, self._after
         clock = time.monotonic_ns
         while True:
             timeout = -1.0  # seconds to sleep; -1: until woken
@@ -168,10 +169,16 @@ class Clock:
                     self._busy = False
                     cond.notify_all()
                     return
-            if callback is not None:
-                self._run(callback)
-            else:
+            if callback is None:
                 wake.acquire(True, timeout)
+                continue
+            with lock:  # _run, inline: one frame less per callback
+                try:
+                    runner(callback)
+                except Exception as exc:
+                    self._failed(callback, exc)
+            if after is not None:
+                after()
 
     def hold(self) -> None:
         """Keep the worker thread alive while idle (a device is open); pair with release()."""
@@ -191,18 +198,11 @@ class Clock:
         self._workers.append(self._thread)
         self._thread.start()
 
-    def _run(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            try:
-                self._runner(callback)
-            except Exception as exc:
-                self.errors.append(exc)
-                if _log.enabled():
-                    _log.logger.error(
-                        "sim.clock.callback_failed", callback=repr(callback), error=repr(exc)
-                    )
-        if self._after is not None:
-            self._after()
+    def _failed(self, callback: Callable[[], None], exc: Exception) -> None:
+        """A thread-clock callback raised: keep it in `errors` (and log it), carry on."""
+        self.errors.append(exc)
+        if _log.enabled():
+            _log.logger.error("sim.clock.callback_failed", callback=repr(callback), error=repr(exc))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Thread kind: block until nothing is pending; False on timeout."""

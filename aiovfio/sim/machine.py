@@ -531,7 +531,7 @@ class Machine:
         finally:
             topo.depth -= 1
             self._signals = None
-        if not topo.depth:
+        if not topo.depth and topo.faults.pending:
             topo.faults.flush()
 
     def _deliver(self) -> None:
