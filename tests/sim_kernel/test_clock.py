@@ -220,3 +220,27 @@ def test_thread_run_until_idle_timeout() -> None:
         _write(m, d, 60_000)
         with pytest.raises(TimeoutError):
             m.run_until_idle(timeout=0)
+
+
+def test_thread_run_until_idle_is_woken_when_the_work_ends() -> None:
+    """The worker notifies wait_idle only when a waiter is there; one that is, is woken."""
+    with Machine() as m:
+        timer = Timer()
+        m.add_device(timer, name=NAME, group=10)
+        _, d = _open(m)
+        assert timer.ctx is not None
+        started = threading.Event()
+
+        def slow() -> None:
+            started.set()
+            threading.Event().wait(0.05)  # busy in a callback while the test waits
+            timer.log.append("slow done")
+
+        timer.ctx.schedule(0, slow)
+        assert started.wait(10)
+        assert m.run_until_idle(timeout=10) == 0  # returns when the callback ends, not at 10 s
+        assert timer.log == ["slow done"]
+        _write(m, d, 0)  # later work still runs, and a later wait still returns
+        assert timer.done.wait(10)
+        m.run_until_idle(timeout=10)
+        assert timer.log == ["slow done", "write 0", "fired 0"]
