@@ -432,6 +432,8 @@ class Controller:
             )
             q.sq_created = True
             self._spawn(tg, self._reap_io, q, streams[qid])
+            if self._trio:
+                self._spawn(tg, q.ringer)
         self._next = itertools.cycle(self._queues).__next__
 
     async def _find_namespaces(self) -> None:

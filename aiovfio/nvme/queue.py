@@ -126,6 +126,8 @@ class QueuePair:
     _slot_waiters: deque[Any] = field(factory=deque, init=False)
     _idle: Any = field(default=None, init=False)
     _ring_pending: bool = field(default=False, init=False)
+    #: trio: the parked ringer task (`ringer`), None while it runs or when there is none
+    _ringer: Any = field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     #: the command coroutine for this backend
     run: Callable[..., Any] = field(init=False)
@@ -506,16 +508,25 @@ class QueuePair:
         if tail == self.size:
             tail = 0
         self._tail = tail
-        self.inflight += 1
+        inflight = self.inflight + 1
+        self.inflight = inflight
         seq = self.submitted + 1
         self.submitted = seq
         self._seq[cid] = seq
-        self.write32(self.sq_doorbell, tail)
+        if inflight > 1 and (self._ring_pending or self._ringer is not None):
+            # Others in flight: tasks woken by one reap submit in the same scheduler
+            # batch; the ringer task rings once, in the next one (`ringer`).
+            if not self._ring_pending:
+                self._ring_pending = True
+                ringer, self._ringer = self._ringer, None
+                self.wake(ringer, 0)
+        else:
+            self.write32(self.sq_doorbell, tail)
         idle = self._idle
         if idle is not None:
             self._idle = None
             self.wake(idle, 0)
-        if self.inflight == 1 and not self.polled:
+        if inflight == 1 and not self.polled:
             # Rung alone: a quick device (the sim's inline model) may have answered
             # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
             # no event-loop turn (at most YIELD_EVERY apart), the interrupt read now.
@@ -681,6 +692,31 @@ class QueuePair:
             self.wake(idle, 0)
 
     # --- the reaper ---------------------------------------------------------------------
+
+    async def ringer(self) -> None:
+        """trio: ring the SQ doorbell once for the commands submitted in one scheduler batch.
+
+        asyncio defers the doorbell with call_soon; trio has no callbacks, so a task
+        parks here and the first command submitted while others are in flight wakes
+        it; it runs after the tasks of that batch (trio runs a batch's tasks before
+        the tasks they wake) and rings once for them all. Leaving (shutdown), it
+        rings what is pending.
+        """
+        import trio
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._ringer = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            while True:
+                self._ringer = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                self._ring()
+        finally:
+            self._ringer = None
+            if self._ring_pending:
+                self._ring()
 
     async def wait_work(self) -> None:
         """Polled mode: sleep until a command is submitted."""
