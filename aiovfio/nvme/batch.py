@@ -324,7 +324,8 @@ class Batch:
                 not (sink.done or sink.errors)
                 and self.inflight
                 and not q.polled
-                and q.reap()  # a quick device (the sim's inline model) may have answered
+                # a quick device (the sim's inline model) may have answered already
+                and (q.reap_one() if q.inflight == 1 else q.reap())
                 and q.drain is not None
             ):
                 q.drain()  # their interrupt: read now, not by a spurious wake later

@@ -418,7 +418,7 @@ class QueuePair:
         if look:
             if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:
                 # A quick device (the sim's inline model) may have answered already.
-                self._reap_here()
+                self._reap_here(cid)
             if waiters[cid] is None:
                 # Answered: no event-loop turn for it (one at least every YIELD_EVERY),
                 # and its interrupt read now, not by a spurious wake later.
@@ -441,11 +441,37 @@ class QueuePair:
             raise
         return value
 
-    def _reap_here(self) -> None:
-        """`reap` for a task that is its own waiter (`_HERE`): a failing CQ doorbell write
-        is logged (the watchdog sees a dead device), the command then waits as usual."""
+    def _reap_here(self, cid: int) -> None:
+        """`reap` for a task that is its own waiter (`_HERE`), the CQ entry at the head new.
+
+        The QD1 case, its own entry there: consumed alone, without the general loop.
+        A failing CQ doorbell write is logged (the watchdog sees a dead device); a
+        command not reaped then waits as usual.
+        """
+        cq = self.cq
+        head = self._head
+        slot = head * 4
+        w3 = cq[slot + 3]
         try:
-            self.reap()
+            if w3 & _U16 != cid or self.expired:
+                self.reap()
+                return
+            self._here = (w3 >> 17) << 32 | cq[slot]
+            head += 1
+            if head == self.cq_size:
+                head = 0
+                self._phase ^= 1
+            self._head = head
+            self._waiters[cid] = None
+            inflight = self.inflight - 1
+            self.inflight = inflight
+            if self._slot_waiters:
+                self.release(cid)
+            else:
+                self._free.append(cid)
+            if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
+                self._rung_head = head
+                self.write32(self.cq_doorbell, head)
         except Exception as exc:
             logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
 
@@ -533,7 +559,7 @@ class QueuePair:
             waiters = self._waiters
             if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:  # answered already
                 task, waiters[cid] = waiters[cid], _HERE
-                self._reap_here()
+                self._reap_here(cid)
                 if waiters[cid] is _HERE:  # not ours: wait for the reaper
                     waiters[cid] = task
             if waiters[cid] is not None:  # not answered: sleep on the interrupt
@@ -621,6 +647,40 @@ class QueuePair:
             if sink.waiter is not None and (sink.done or sink.errors):
                 self._wake_sink(sink)
         return n
+
+    def reap_one(self) -> int:
+        """`reap` when one command is in flight (a batch at depth 1): its entry alone, if new.
+
+        A batch's entry is handed to its sink without the general loop; anything
+        else takes `reap`.
+        """
+        cq = self.cq
+        head = self._head
+        w3 = cq[head * 4 + 3]
+        if (w3 >> 16) & 1 != self._phase:
+            return 0
+        cid = w3 & _U16
+        waiters = self._waiters
+        if cid >= self.size - 1 or self.expired or type(sink := waiters[cid]) is not Sink:
+            return self.reap()
+        waiters[cid] = None
+        if w3 >> 17:
+            sink.errors.append((cid, w3 >> 17))
+        else:
+            sink.done.append(cid)
+        head += 1
+        if head == self.cq_size:
+            head = 0
+            self._phase ^= 1
+        self._head = head
+        inflight = self.inflight - 1
+        self.inflight = inflight
+        if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
+            self._rung_head = head
+            self.write32(self.cq_doorbell, head)
+        if sink.waiter is not None:
+            self._wake_sink(sink)
+        return 1
 
     def flush(self) -> None:
         """Ring the CQ head doorbell if entries were consumed since (before sleeping on the

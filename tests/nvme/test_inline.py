@@ -17,8 +17,8 @@ import pytest
 import aiovfio
 import aiovfio.nvme.batch
 import aiovfio.nvme.queue
-from aiovfio.nvme import Namespace, open_controller
-from aiovfio.nvme.spec import doorbell_offsets
+from aiovfio.nvme import Namespace, NvmeStatusError, open_controller
+from aiovfio.nvme.spec import IoOpcode, doorbell_offsets
 from aiovfio.sim import Machine
 from aiovfio.sim.models import Nvme
 from aiovfio.testing.target import SIM_NVME, Target
@@ -279,3 +279,22 @@ async def test_commands_from_many_tasks_share_sq_doorbells(make_target: MakeTarg
             # tasks woken by one reap submit together and one doorbell write sends them
             # (asyncio: a call_soon callback; trio: the queue's ringer task)
             assert kernel.writes.count(where) < 16 * 20
+
+
+async def test_an_answered_error_status(inline: InlineKernel) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            with pytest.raises(NvmeStatusError, match="LBA Out of Range"):  # per command
+                await ns.command(int(IoOpcode.READ), buffer=buf, cdw10=ns.blocks, cdw12=7)
+            async with ns.batch(depth=1) as batch:
+                # past the end only with the checks bypassed: the controller's own status
+                batch._blocks = 1 << 40
+                batch.read_into(ns.blocks, buf, tag="bad")
+                with pytest.raises(NvmeStatusError, match="LBA Out of Range") as info:
+                    await batch.completions()
+                assert info.value.tag == "bad"
+                batch._blocks = ns.blocks
+                batch.read_into(0, buf, tag="good")
+                assert await batch.completions() == ["good"]
+            assert ctrl.queues[0].free == 1
