@@ -185,16 +185,13 @@ class Namespace:
         finally:
             pool.free(offset, nbytes)
 
-    async def read_into(self, lba: int, buffer: DmaTarget) -> None:
-        """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
-        if type(buffer) is not DmaBuffer or buffer.readonly:
-            iova, nbytes = self._resolve(buffer, device_writes=True)
-            await self._direct(_READ, lba, iova, nbytes)
-            return
-        # The hot path, one coroutine deep: the checks inline; anything unusual (a bad
-        # range, an unaligned IOVA, a long transfer, a closed or failed controller) takes
-        # `_direct`, which checks and explains.
-        iova, nbytes = buffer.iova, buffer.size
+    def _quick_count(self, lba: int, iova: int, nbytes: int) -> int:
+        """The hot path's checks: the block count of a plain transfer, or 0.
+
+        0 (a bad range, an unaligned IOVA, a long transfer, a closed or failed
+        controller) sends the caller to `_direct`, which checks and explains. A plain
+        call, not a coroutine: read_into and write_from stay one coroutine deep.
+        """
         ctrl = self.controller
         info = self.info
         count, rest = divmod(nbytes, info.block_size)
@@ -208,9 +205,23 @@ class Namespace:
             or ctrl._failure is not None
             or ctrl._closed
         ):
+            return 0
+        return count
+
+    async def read_into(self, lba: int, buffer: DmaTarget) -> None:
+        """Fill `buffer` (a DmaBuffer or a slice of its view) from `lba`, no copy."""
+        if type(buffer) is not DmaBuffer or buffer.readonly:
+            iova, nbytes = self._resolve(buffer, device_writes=True)
             await self._direct(_READ, lba, iova, nbytes)
             return
-        q = ctrl.pick_queue()
+        # The hot path, one coroutine deep: `_quick_count` checks; anything unusual takes
+        # `_direct`, which checks and explains.
+        iova, nbytes = buffer.iova, buffer.size
+        count = self._quick_count(lba, iova, nbytes)
+        if not count:
+            await self._direct(_READ, lba, iova, nbytes)
+            return
+        q = self.controller.pick_queue()
         free = q._free
         cid = free.pop() if free else await q.take()
         page = q.page
@@ -231,22 +242,11 @@ class Namespace:
             await self._direct(_WRITE, lba, iova, nbytes)
             return
         iova, nbytes = buffer.iova, buffer.size  # the hot path, as in read_into
-        ctrl = self.controller
-        info = self.info
-        count, rest = divmod(nbytes, info.block_size)
-        if (
-            rest
-            or iova & 3
-            or nbytes > ctrl.max_transfer
-            or type(lba) is not int
-            or lba < 0
-            or not 0 < count <= info.nsze - lba
-            or ctrl._failure is not None
-            or ctrl._closed
-        ):
+        count = self._quick_count(lba, iova, nbytes)
+        if not count:
             await self._direct(_WRITE, lba, iova, nbytes)
             return
-        q = ctrl.pick_queue()
+        q = self.controller.pick_queue()
         free = q._free
         cid = free.pop() if free else await q.take()
         page = q.page
