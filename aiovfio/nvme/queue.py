@@ -304,8 +304,13 @@ class QueuePair:
         cdw10: int,
         cdw11: int,
         cdw12: int,
-    ) -> None:
-        """Write an entry at the tail for `waiter` without ringing (a batch rings once)."""
+        cdw13: int = 0,
+    ) -> int:
+        """Write an entry at the tail for `waiter` without ringing; returns the new tail.
+
+        The one place an entry is written: a batch rings once for many, a command
+        rung alone at once (`_run_asyncio`, `_run_trio`).
+        """
         self._waiters[cid] = waiter
         tail = self._tail
         SQE.pack_into(
@@ -321,7 +326,7 @@ class QueuePair:
             cdw10,
             cdw11,
             cdw12,
-            0,
+            cdw13,
             0,
             0,
         )
@@ -337,6 +342,7 @@ class QueuePair:
         if idle is not None:
             self._idle = None
             self.wake(idle, 0)
+        return tail
 
     def wake_idle(self) -> None:
         """Wake the polled reaper sleeping until a command is submitted (`wait_work`)."""
@@ -374,47 +380,18 @@ class QueuePair:
         # (`_HERE`) meanwhile: a future only if it has to wait.
         look = not self.inflight and not self.polled
         if look:
-            waiters[cid] = _HERE
+            waiter: Any = _HERE
         else:
             fut = loop.create_future()
-            waiters[cid] = fut
-        # the entry written inline (no call per I/O)
-        tail = self._tail
-        SQE.pack_into(
-            self.sq,
-            tail * SQE_SIZE,
-            opcode,
-            0,
-            cid,
-            nsid,
-            0,
-            prp1,
-            prp2,
-            cdw10,
-            cdw11,
-            cdw12,
-            cdw13,
-            0,
-            0,
-        )
-        tail += 1
-        if tail == self.size:
-            tail = 0
-        self._tail = tail
-        inflight = self.inflight + 1
-        self.inflight = inflight
-        seq = self.submitted + 1
-        self.submitted = seq
-        self._seq[cid] = seq
-        if inflight == 1:
+            waiter = fut
+        tail = self.put(waiter, cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
+        if self.inflight == 1:
             self.write32(self.sq_doorbell, tail)
         elif not self._ring_pending:
             # others in flight: tasks woken by one completion batch submit in the same
             # loop iteration; ring once, after them.
             self._ring_pending = True
             loop.call_soon(self._ring)
-        if self._idle is not None:
-            self.wake_idle()
         if look:
             if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:
                 # A quick device (the sim's inline model) may have answered already.
@@ -510,35 +487,10 @@ class QueuePair:
         except BaseException:
             self.release(cid)
             raise
-        self._waiters[cid] = self._current_task()
-        # the entry written inline (no call per I/O): trio rings at once.
-        tail = self._tail
-        SQE.pack_into(
-            self.sq,
-            tail * SQE_SIZE,
-            opcode,
-            0,
-            cid,
-            nsid,
-            0,
-            prp1,
-            prp2,
-            cdw10,
-            cdw11,
-            cdw12,
-            cdw13,
-            0,
-            0,
+        tail = self.put(
+            self._current_task(), cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13
         )
-        tail += 1
-        if tail == self.size:
-            tail = 0
-        self._tail = tail
-        inflight = self.inflight + 1
-        self.inflight = inflight
-        seq = self.submitted + 1
-        self.submitted = seq
-        self._seq[cid] = seq
+        inflight = self.inflight
         if inflight > 1 and (self._ring_pending or self._ringer is not None):
             # Others in flight: tasks woken by one reap submit in the same scheduler
             # batch; the ringer task rings once, in the next one (`ringer`).
@@ -548,10 +500,6 @@ class QueuePair:
                 self.wake(ringer, 0)
         else:
             self.write32(self.sq_doorbell, tail)
-        idle = self._idle
-        if idle is not None:
-            self._idle = None
-            self.wake(idle, 0)
         if inflight == 1 and not self.polled:
             # Rung alone: a quick device (the sim's inline model) may have answered
             # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
