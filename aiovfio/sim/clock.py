@@ -37,6 +37,11 @@ ClockKind = Literal["thread", "manual"]
 #: run_until_idle gives up after this many callbacks (a model that reschedules forever).
 _MAX_IDLE_STEPS = 1_000_000
 
+# Bound once: schedule() and the worker run once per command.
+_monotonic_ns = time.monotonic_ns
+_heappush = heapq.heappush
+_heappop = heapq.heappop
+
 
 def _call(callback: Callable[[], None]) -> None:
     callback()
@@ -118,8 +123,10 @@ class Clock:
                 return  # a closed machine does no more device work
             self._seq += 1
             if self._thread_kind:  # _now_ns, inline: every doorbell schedules
-                due = time.monotonic_ns() - self._start + round(delay * 1e9)
-                heapq.heappush(self._heap, (due, self._seq, callback))
+                due = _monotonic_ns() - self._start
+                if delay:
+                    due += round(delay * 1e9)
+                _heappush(self._heap, (due, self._seq, callback))
                 if self._thread is None:
                     self._start_worker()
                 elif self._sleeping:  # _wake_worker, inline
@@ -140,7 +147,7 @@ class Clock:
     def _worker(self) -> None:
         mutex, cond, heap, wake = self._mutex, self._cond, self._heap, self._wake
         lock, runner, after = self._lock, self._runner, self._after
-        clock = time.monotonic_ns
+        clock, start = _monotonic_ns, self._start
         while True:
             timeout = -1.0  # seconds to sleep; -1: until woken
             with mutex:
@@ -156,9 +163,9 @@ class Clock:
                     if self._holds:  # a device is open: stay warm for its next command
                         self._sleeping = True
                 else:
-                    wait = heap[0][0] - (clock() - self._start)
+                    wait = heap[0][0] - (clock() - start)
                     if wait <= 0:
-                        _, _, callback = heapq.heappop(heap)
+                        callback = _heappop(heap)[2]
                         self._busy = True
                     else:
                         callback = None
