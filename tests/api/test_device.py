@@ -79,6 +79,48 @@ async def test_bad_register_access_is_refused_before_any_syscall(vfio_target: Ta
 
 
 @pytest.mark.kernel
+async def test_a_register_writer_is_write32_at_one_offset(vfio_target: Target) -> None:
+    """Region.writer32: the offset checked once, the value per call, as write32 checks."""
+    async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
+        dev.config.enable()
+        bar = dev.bar(0)
+        liveness = bar.writer32(0x04)
+        liveness(0x12345678)
+        assert bar.read32(0x04) == 0xEDCBA987
+        liveness(0)
+        assert bar.read32(0x04) == 0xFFFFFFFF
+        with pytest.raises(aiovfio.RegionAccessError, match="outside"):
+            bar.writer32(1 << 20)
+        with pytest.raises(aiovfio.AlignmentError, match="aligned"):
+            bar.writer32(2)
+        with pytest.raises(aiovfio.InvalidArgument):
+            bar.writer32(True)
+        for value in (1 << 32, -1, True, "1", 1.0):
+            with pytest.raises(aiovfio.InvalidArgument, match="value"):
+                liveness(value)  # type: ignore[arg-type]
+        assert bar.read32(0x04) == 0xFFFFFFFF  # nothing was written
+        # config space: a subclass's write32 (the COMMAND hook) still runs for its writer
+        cfg = dev.config
+        seen: list[int] = []
+        hook = cfg.on_command_write
+
+        def on_command_write() -> None:
+            seen.append(cfg.read16(0x04))
+            if hook is not None:
+                hook()
+
+        cfg.on_command_write = on_command_write
+        command = cfg.writer32(0x04)
+        command(cfg.read32(0x04) | 0x2)
+        assert seen and seen[-1] & 0x2
+    with pytest.raises(aiovfio.ClosedResourceError):
+        liveness(1)
+    with pytest.raises(aiovfio.ClosedResourceError):
+        bar.writer32(0x04)
+    assert vfio_target.leaks() == []
+
+
+@pytest.mark.kernel
 async def test_closed_objects_refuse_use(vfio_target: Target) -> None:
     async with aiovfio.open_device(vfio_target.edu, kernel=vfio_target.kernel) as dev:
         bar = dev.bar(0)
