@@ -319,7 +319,7 @@ class Batch:
         if q is not None:
             if self._ring and q.failure is None:
                 self._ring = False
-                q.write32(q.sq_doorbell, q._tail)  # q.ring() inline
+                q.ring_sq(q._tail)  # q.ring() inline
             if (
                 not (sink.done or sink.errors)
                 and self.inflight

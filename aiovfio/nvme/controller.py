@@ -91,6 +91,7 @@ from .spec import (
 if TYPE_CHECKING:
     from ..device import Device
     from ..irq import InterruptStream
+    from ..region import Region
     from .namespace import Namespace
 
 __all__ = ["Controller", "open_controller"]
@@ -321,6 +322,7 @@ class Controller:
             sq_doorbell=sq_db,
             cq_doorbell=cq_db,
             write32=bar.write32,
+            writer=bar.writer32,
             page=page,
             prp_view=None,
             prp_iova=0,
@@ -356,7 +358,7 @@ class Controller:
                 f"controller {dev.name} granted {self.granted_queues} I/O queue pair(s); "
                 f"{self.io_queue_count} were asked for: ask for at most {self.granted_queues}"
             )
-        await self._create_io_queues(stack, tg, streams, bar.write32)
+        await self._create_io_queues(stack, tg, streams, bar)
         await self._find_namespaces()
         depth_total = self.io_queue_count * self.queue_depth
         pool_bytes = max(2 * self.max_transfer, min(depth_total * page, _POOL_MAX), _POOL_MIN)
@@ -378,7 +380,7 @@ class Controller:
         stack: contextlib.AsyncExitStack,
         tg: anyio.abc.TaskGroup,
         streams: tuple[InterruptStream, ...],
-        write32: Callable[[int, int], None],
+        bar: Region,
     ) -> None:
         page = self.page
         size = self.queue_depth + 1
@@ -405,7 +407,8 @@ class Controller:
                 cq=cut(sq_bytes, sq_bytes + cq_bytes, True),
                 sq_doorbell=sq_db,
                 cq_doorbell=cq_db,
-                write32=write32,
+                write32=bar.write32,
+                writer=bar.writer32,
                 page=page,
                 prp_view=cut(sq_bytes + cq_bytes, None) if prp_bytes else None,
                 prp_iova=base + sq_bytes + cq_bytes,

@@ -25,6 +25,7 @@ with the error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -109,6 +110,12 @@ class QueuePair:
     sq_created: bool = False
     #: CQ entries (0: `size`)
     cq_size: int = 0
+    #: makes a writer for one register offset (`Region.writer32`); without it the
+    #: doorbells go through `write32`
+    writer: Callable[[int], Callable[[int], None]] | None = None
+    #: write the SQ tail doorbell, the CQ head doorbell (from `writer`, else `write32`)
+    ring_sq: Callable[[int], None] = field(init=False)
+    ring_cq: Callable[[int], None] = field(init=False)
     inflight: int = field(default=0, init=False)
     failure: BaseException | None = field(default=None, init=False)
     submitted: int = field(default=0, init=False)
@@ -154,6 +161,12 @@ class QueuePair:
     _checkpoint: Callable[[], Any] = field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.writer is not None:
+            self.ring_sq = self.writer(self.sq_doorbell)
+            self.ring_cq = self.writer(self.cq_doorbell)
+        else:
+            self.ring_sq = functools.partial(self.write32, self.sq_doorbell)
+            self.ring_cq = functools.partial(self.write32, self.cq_doorbell)
         depth = self.size - 1
         if self.cq_size < self.size:
             self.cq_size = self.size
@@ -289,7 +302,7 @@ class QueuePair:
         self._ring_pending = False
         if self.failure is None:
             try:
-                self.write32(self.sq_doorbell, self._tail)
+                self.ring_sq(self._tail)
             except Exception as exc:  # a closed region, a dead device: the watchdog sees it
                 logger.warning("nvme.doorbell_failed", qid=self.qid, error=str(exc))
 
@@ -353,7 +366,7 @@ class QueuePair:
 
     def ring(self) -> None:
         """Ring the SQ tail doorbell now (after `put`)."""
-        self.write32(self.sq_doorbell, self._tail)
+        self.ring_sq(self._tail)
 
     async def _run_asyncio(
         self,
@@ -386,7 +399,7 @@ class QueuePair:
             waiter = fut
         tail = self.put(waiter, cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         if self.inflight == 1:
-            self.write32(self.sq_doorbell, tail)
+            self.ring_sq(tail)
         elif not self._ring_pending:
             # others in flight: tasks woken by one completion batch submit in the same
             # loop iteration; ring once, after them.
@@ -448,7 +461,7 @@ class QueuePair:
                 self._free.append(cid)
             if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
                 self._rung_head = head
-                self.write32(self.cq_doorbell, head)
+                self.ring_cq(head)
         except Exception as exc:
             logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
 
@@ -499,7 +512,7 @@ class QueuePair:
                 ringer, self._ringer = self._ringer, None
                 self.wake(ringer, 0)
         else:
-            self.write32(self.sq_doorbell, tail)
+            self.ring_sq(tail)
         if inflight == 1 and not self.polled:
             # Rung alone: a quick device (the sim's inline model) may have answered
             # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
@@ -590,7 +603,7 @@ class QueuePair:
         # the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
         if inflight or (head - self._rung_head) % size > self._lazy:
             self._rung_head = head
-            self.write32(self.cq_doorbell, head)
+            self.ring_cq(head)
         for sink in self.sinks:
             if sink.waiter is not None and (sink.done or sink.errors):
                 self._wake_sink(sink)
@@ -625,7 +638,7 @@ class QueuePair:
         self.inflight = inflight
         if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
             self._rung_head = head
-            self.write32(self.cq_doorbell, head)
+            self.ring_cq(head)
         if sink.waiter is not None:
             self._wake_sink(sink)
         return 1
@@ -636,7 +649,7 @@ class QueuePair:
         head = self._head
         if head != self._rung_head:
             self._rung_head = head
-            self.write32(self.cq_doorbell, head)
+            self.ring_cq(head)
 
     def _expire(self, waiter: Any, cid: int, exc: BaseException) -> None:
         if type(waiter) is Sink:
