@@ -23,7 +23,9 @@ thread clock. Rows:
   a bare round trip through a worker thread, an eventfd and the event loop
   with no device, kernel or driver code (`_handoff_floor`);
 * for scale, not targets: the QD1 row on uvloop and on trio (when installed),
-  and the floor on uvloop. The QD1 target is for plain asyncio.
+  the floor on uvloop, and QD1 with the process on one CPU (the driver thread
+  and the clock's worker then hand over without waking an idle CPU). The QD1
+  target is for plain asyncio on any CPU.
 
 The workload's random LBAs are drawn before the clock starts, as fio's are.
 
@@ -382,6 +384,17 @@ def main() -> int:
         rows.append(
             ("  (floor on uvloop)", anyio.run(_handoff_floor, 2000, backend_options=options), None)
         )
+    # Both threads on one CPU (the worker inherits the driver thread's affinity): a
+    # hand-off then never wakes an idle CPU, and nothing either thread touches moves
+    # between two caches. A user can have it with `taskset -c 0 pytest`.
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})
+        try:
+            pinned = best(1, 0, "wall_us", timed=False)
+        finally:
+            os.sched_setaffinity(0, cpus)
+        rows.append(("  (QD1 wall, process on one CPU)", pinned, None))
     entries = f"{args.entries}-entry queues" if args.entries else "QD+1-entry queues"
     entries += ", CQ head rung after every interrupt" if args.eager_cq else ", lazy CQ head"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
