@@ -141,6 +141,10 @@ class SimDevice:
     #: trapped BARs without mmap areas: index -> (size, writable, MSI-X table start, end),
     #: as plain values for the register-access fast path (`kernel.device.device_rw`)
     trapped_bars: dict[int, tuple[int, bool, int, int]] = field(init=False, repr=False)
+    #: register accesses already judged by the fast path's static rules (`SimKernel.pread`,
+    #: `pwrite`): offset -> (size, region index or -1 if they fail, position in the region)
+    fast_reads: dict[int, tuple[int, int, int]] = field(init=False, factory=dict, repr=False)
+    fast_writes: dict[int, tuple[int, int, int]] = field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         table = self.config.msix_table

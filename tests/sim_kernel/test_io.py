@@ -92,6 +92,47 @@ def test_bar_access_widths(
         assert all(a[0] == "w" for a in toy.accesses)
 
 
+@pytest.mark.parametrize("io_width", [4, 8])
+def test_bar_accesses_do_not_depend_on_the_ones_before(toy: Toy, io_width: int) -> None:
+    """pread/pwrite remember which offsets passed the register rules (per offset, for one
+    width): every access, after any others at the same offsets, reaches the model as on a
+    fresh machine, in the same pieces, with the same answer or the same refusal."""
+    accesses = [
+        (offset, size, write)
+        for offset in (0x10, 0x12, 0x14, 0x18, MSIX_TABLE - 4, MSIX_TABLE, 0xFFC, 0xFF8)
+        for size in (1, 2, 4, 8, 3)
+        for write in (False, True)
+    ]
+
+    def one(rig: Rig, d: int, offset: int, size: int, write: bool) -> object:
+        toy = rig.toy
+        toy.accesses.clear()
+        try:
+            if write:
+                rig.k.pwrite(d, bytes(range(1, size + 1)), offset)
+                got: object = None
+            else:
+                got = rig.k.pread(d, size, offset)
+        except OSError as exc:
+            got = exc.errno
+        return got, list(toy.accesses)
+
+    with Machine(clock="manual", io_width=io_width) as m:
+        m.add_device(toy, name=NAME, group=GROUP)
+        warm = Rig(m, toy)
+        _, _, wd = warm.device()
+        for access in accesses:  # judged once
+            one(warm, wd, *access)
+        for access in reversed(accesses):
+            with Machine(clock="manual", io_width=io_width) as fresh_machine:
+                fresh_toy = Toy()
+                fresh_machine.add_device(fresh_toy, name=NAME, group=GROUP)
+                fresh = Rig(fresh_machine, fresh_toy)
+                _, _, fd = fresh.device()
+                fresh_toy.regs.update(toy.regs)
+                assert one(warm, wd, *access) == one(fresh, fd, *access), access
+
+
 def test_bar_values_are_little_endian(rig: Rig) -> None:
     _, _, d = rig.device()
     rig.k.pwrite(d, struct.pack("<Q", 0x1122334455667788), 0x20)

@@ -98,3 +98,17 @@ def test_mmap_touch_while_memory_is_off_is_sigbus() -> None:
         done = _touch_in_child(writable)
         assert done.returncode == -signal.SIGBUS, (done.returncode, done.stdout, done.stderr)
         assert done.stdout.split() == ["zapped"]
+
+
+def test_an_access_judged_before_is_judged_again_after_memory_goes_off(rig: Rig) -> None:
+    """pread/pwrite remember which offsets pass the register rules; Memory Space is not
+    remembered: the same accesses, made fast once, are EIO while it is off."""
+    _, _, d = rig.device()
+    for _ in range(2):  # the second time from what pread/pwrite remember
+        rig.k.pwrite(d, b"\1\0\0\0", 0x10)
+        assert rig.k.pread(d, 4, 0x10) == b"\1\0\0\0"
+    _memory(rig, d, False)
+    refused(rules.IO_MEMORY_DISABLED, rig.k.pread, d, 4, 0x10)
+    refused(rules.IO_MEMORY_DISABLED, rig.k.pwrite, d, b"\0" * 4, 0x10)
+    _memory(rig, d, True)
+    assert rig.k.pread(d, 4, 0x10) == b"\1\0\0\0"

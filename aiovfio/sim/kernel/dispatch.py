@@ -61,6 +61,9 @@ from .iommufd import cdev_ioctl, iommufd_ioctl
 
 __all__ = ["SimKernel"]
 
+#: register offsets a device keeps judged (`_register_rule`): a driver uses a few dozen
+_RULES_KEPT = 4096
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -338,27 +341,26 @@ class SimKernel:
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         topo = self._topo
-        with topo.lock:
+        lock = topo.lock
+        lock.acquire()  # not `with`: that makes two bound methods and an argument tuple
+        try:
             f = self._files.files.get(fd)
             injector = topo.injector
             if type(f) is not DeviceFile or topo.closed or injector.injections or size < 0:
                 return self.__pread(fd, size, offset)
             injector.calls["pread"] += 1
             d = f.device
-            index, pos = offset >> VFIO_PCI_OFFSET_SHIFT, offset & OFFSET_MASK
-            bar = d.trapped_bars.get(index)
+            rule = d.fast_reads.get(offset)
+            if rule is None or rule[0] != size:
+                rule = _register_rule(topo, d, d.fast_reads, offset, size, False)
             topo.depth += 1
             try:
-                if (  # device_rw's register fast path (its rules), one frame less per access
-                    bar is not None
-                    and size in topo.io_widths
-                    and not pos % size
-                    and pos + size <= bar[0]
-                    and not bar[2] <= pos < bar[3]
-                    and d.config.phys[COMMAND] & MEMORY_SPACE
-                ):
-                    value = d.model.read(index, pos, size)
-                    data = (int(value) & MASKS[size]).to_bytes(size, "little")
+                if rule[1] >= 0 and d.config.phys[COMMAND] & MEMORY_SPACE:
+                    # device_rw's register fast path, one frame less per access
+                    value = d.model.read(rule[1], rule[2], size)
+                    if value.__class__ is not int:
+                        value = int(value)  # (a call: only for a model's int subclass)
+                    data = (value & MASKS[size]).to_bytes(size, "little")
                 else:
                     data = device_rw(self._files, d, offset, size, None)
             except OSError as exc:
@@ -373,10 +375,14 @@ class SimKernel:
             if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return data
+        finally:
+            lock.release()
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
         topo = self._topo
-        with topo.lock:
+        lock = topo.lock
+        lock.acquire()  # not `with`, as pread
+        try:
             f = self._files.files.get(fd)
             injector = topo.injector
             if type(f) is not DeviceFile or topo.closed or injector.injections:
@@ -384,20 +390,13 @@ class SimKernel:
             injector.calls["pwrite"] += 1
             d = f.device
             size = len(data)
-            index, pos = offset >> VFIO_PCI_OFFSET_SHIFT, offset & OFFSET_MASK
-            bar = d.trapped_bars.get(index)
+            rule = d.fast_writes.get(offset)
+            if rule is None or rule[0] != size:
+                rule = _register_rule(topo, d, d.fast_writes, offset, size, True)
             topo.depth += 1
             try:
-                if (  # device_rw's register fast path (its rules), one frame less per access
-                    bar is not None
-                    and size in topo.io_widths
-                    and not pos % size
-                    and pos + size <= bar[0]
-                    and bar[1]
-                    and not bar[2] <= pos < bar[3]
-                    and d.config.phys[COMMAND] & MEMORY_SPACE
-                ):
-                    d.model.write(index, pos, size, int.from_bytes(data, "little"))
+                if rule[1] >= 0 and d.config.phys[COMMAND] & MEMORY_SPACE:
+                    d.model.write(rule[1], rule[2], size, int.from_bytes(data, "little"))
                 else:
                     device_rw(self._files, d, offset, size, bytes(data))
             except OSError as exc:
@@ -412,6 +411,8 @@ class SimKernel:
             if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return None
+        finally:
+            lock.release()
 
     @_op
     def __pread(self, fd: int, size: int, offset: int) -> bytes:
@@ -558,3 +559,36 @@ if TYPE_CHECKING:
     def _is_a_kernel(kernel: SimKernel) -> Kernel:
         """mypy proves here that SimKernel implements the Kernel protocol."""
         return kernel
+
+
+def _register_rule(
+    topo: Topology,
+    d: SimDevice,
+    cache: dict[int, tuple[int, int, int]],
+    offset: int,
+    size: int,
+    write: bool,
+) -> tuple[int, int, int]:
+    """Judge a register access by the static rules of device_rw's fast path, and remember.
+
+    (size, region index, position) when the access may reach the model directly (one
+    naturally aligned access of a width vfio-pci makes at once, inside a trapped BAR
+    without mmap areas, writable for a write, outside the MSI-X table); (size, -1, 0)
+    when it must take device_rw. None of this changes while the device exists; Memory
+    Space, which does, is tested on every access. At most `_RULES_KEPT` offsets are kept.
+    """
+    index, pos = offset >> VFIO_PCI_OFFSET_SHIFT, offset & OFFSET_MASK
+    bar = d.trapped_bars.get(index)
+    rule = (size, -1, 0)
+    if (
+        bar is not None
+        and size in topo.io_widths
+        and not pos % size
+        and pos + size <= bar[0]
+        and (bar[1] or not write)
+        and not bar[2] <= pos < bar[3]
+    ):
+        rule = (size, index, pos)
+    if len(cache) < _RULES_KEPT:
+        cache[offset] = rule
+    return rule

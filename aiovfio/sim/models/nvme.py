@@ -394,13 +394,12 @@ class Nvme(DeviceModel):
     # --- register access ------------------------------------------------------
     def read(self, region: int, offset: int, size: int) -> int:
         """Registers (any width), doorbells (read 0), MSI-X table and PBA."""
+        if offset == _CSTS and size == 4 and region == _BAR0:  # what a driver polls, first
+            return self._csts  # (inside every BAR0: QEMU's is at least 16 KiB)
         if region != _BAR0 or not 0 <= offset <= self._bar_size - size:
             return 0
-        if size == 4:  # the registers a driver polls, without packing the register file
-            if offset == _CSTS:
-                return self._csts
-            if offset == _CC:
-                return self._cc
+        if size == 4 and offset == _CC:  # without packing the register file
+            return self._cc
         if offset < _REGISTER_FILE:
             if offset + size > _REGISTER_FILE:
                 return 0
