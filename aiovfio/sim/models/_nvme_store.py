@@ -19,6 +19,8 @@ from ...errors import InvalidArgument
 __all__ = ["BufferStore", "SparseStore", "Store", "open_store"]
 
 _CHUNK = 1 << 16
+#: reads of unwritten memory up to this size share one zero-filled bytes object per length
+_ZEROS_KEPT = 1 << 16
 
 
 class Store(Protocol):
@@ -40,12 +42,21 @@ class SparseStore:
 
     size: int
     _chunks: dict[int, bytearray] = field(factory=dict, init=False, repr=False)
+    #: length -> zeros of that length (bytes are immutable: every read may return the same)
+    _zeros: dict[int, bytes] = field(factory=dict, init=False, repr=False)
 
     def read(self, offset: int, length: int) -> bytes:
         index, within = divmod(offset, _CHUNK)
         if within + length <= _CHUNK:  # inside one chunk: one copy (or none, for zeros)
             chunk = self._chunks.get(index)
-            return bytes(length) if chunk is None else bytes(chunk[within : within + length])
+            if chunk is not None:
+                return bytes(chunk[within : within + length])
+            zeros = self._zeros.get(length)
+            if zeros is None:
+                zeros = bytes(length)
+                if length <= _ZEROS_KEPT and len(self._zeros) < 16:
+                    self._zeros[length] = zeros
+            return zeros
         out = bytearray(length)
         pos = 0
         while pos < length:

@@ -26,6 +26,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from attrs import define, field, frozen
 
@@ -85,6 +86,9 @@ _SERIAL_MAX = 20
 _PAGE = 4096
 _PRP_ENTRY = 8
 _SQE_SIZE, _CQE_SIZE = SQE.size, CQE.size
+#: The fields of an SQ entry a Read or Write needs (opcode, flags, CID, NSID, PRP1, CDW10-12):
+#: what `Nvme._run_io` unpacks first; anything it does not finish is decoded whole.
+_IO_FIELDS = struct.Struct("<BBHI8x8xQ8xIII")
 _SMART_UNIT = 512 * 1000  # a "data unit" is 1000 512-byte units
 _ERROR_LOG_ENTRY = 64
 _FW_SLOT_REVISION = 8  # FRS1 offset in the firmware slot log
@@ -109,11 +113,13 @@ _LBA_FORMATS = ((0, 9), (8, 9), (16, 9), (64, 9), (0, 12), (8, 12), (16, 12), (6
 _REGISTERS = struct.Struct("<QIIIIIIIIQQ")  # CAP .. ACQ, as NvmeBar lays them out
 _REGISTER_FILE = 0x1000
 _CSTS, _CC = int(Reg.CSTS), int(Reg.CC)
-# Module aliases of the enum members the per-command path compares with: in Python
-# 3.11 `Enum.MEMBER` costs ten times a module global (the same objects, so no change).
-_BAR0, _DOORBELLS, _SUCCESS = PciRegion.BAR0, Reg.DOORBELLS, Status.SUCCESS
-_FLUSH, _READ, _WRITE = IoOpcode.FLUSH, IoOpcode.READ, IoOpcode.WRITE
-_WRITE_ZEROES = IoOpcode.WRITE_ZEROES
+# Module aliases of the enum members the per-command path compares with, as plain ints:
+# in Python 3.11 `Enum.MEMBER` costs ten times a module global, and a comparison with an
+# IntEnum member is not specialised as one of two ints is (the same values, so no change).
+_BAR0, _DOORBELLS, _SUCCESS = int(PciRegion.BAR0), int(Reg.DOORBELLS), int(Status.SUCCESS)
+_FLUSH, _READ, _WRITE = int(IoOpcode.FLUSH), int(IoOpcode.READ), int(IoOpcode.WRITE)
+_WRITE_ZEROES = int(IoOpcode.WRITE_ZEROES)
+_READ_OR_WRITE = frozenset((_READ, _WRITE))
 #: Identify Controller constants that are QEMU's.
 _MODEL_NUMBER = "QEMU NVMe Ctrl"
 _NQN_PREFIX = "nqn.2019-08.org.qemu:"
@@ -198,33 +204,43 @@ class _Usage:
     writes: int = 0
 
 
+_NO_VIEW = memoryview(b"")
+
+
 @define(eq=False)
 class _DataWindows:
     """The mappings a batch's data went through, as `dma_view` gave them (the view of the
     whole mapping, so any range inside it is reached the same way), one for the device's
     writes and one for its reads. Valid only while the batch's clock callback runs:
-    `Nvme._process_sq` empties it at its start and its end."""
+    `Nvme._process_sq` empties it at its start and its end. An empty window (end 0) has
+    the empty `_NO_VIEW`."""
 
     active: bool = False
     write_start: int = 0
     write_end: int = 0
-    write_view: memoryview | None = None
+    write_view: memoryview = _NO_VIEW
     read_start: int = 0
     read_end: int = 0
-    read_view: memoryview | None = None
+    read_view: memoryview = _NO_VIEW
 
     def clear(self) -> None:
         self.active = False
         self.write_start = self.write_end = self.read_start = self.read_end = 0
-        self.write_view = self.read_view = None
+        self.write_view = self.read_view = _NO_VIEW
 
 
-@define(eq=False)
-class _Completion:
+class _Completion(NamedTuple):
+    """A command's completion, held until its CQ has room (a tuple: one per command; the
+    I/O path appends plain 4-tuples in this order)."""
+
     sq: _SubmissionQueue
     cid: int
     status: int
     result: int
+
+
+#: what a CQ holds: _Completion, or a plain tuple of the same four fields
+_Held = tuple[_SubmissionQueue, int, int, int]
 
 
 @frozen
@@ -244,7 +260,7 @@ class _CompletionQueue:
     head: int = 0
     tail: int = 0
     phase: int = 1
-    held: deque[_Completion] = field(factory=deque)
+    held: deque[_Held] = field(factory=deque)
     sqids: set[int] = field(factory=set)
 
     @property
@@ -317,6 +333,8 @@ class Nvme(DeviceModel):
     _temp_under: int = field(default=0, init=False, repr=False)
     _usage: _Usage = field(factory=_Usage, init=False, repr=False)
     _windows: _DataWindows = field(factory=_DataWindows, init=False, repr=False)
+    #: the I/O hooks are Nvme's own, so `_run_io` may run Reads and Writes inline
+    _fast_io: bool = field(default=False, init=False, repr=False)
     # BAR0 layout, as QEMU computes it from max_ioqpairs and msix_qsize
     _table_offset: int = field(init=False, repr=False)
     _pba_offset: int = field(init=False, repr=False)
@@ -349,6 +367,11 @@ class Nvme(DeviceModel):
         self._pba_offset = _align_up(self._table_offset + _MSIX_ENTRY * self.msix_qsize, _PAGE)
         self._bar_size = _pow2ceil(self._pba_offset + _align_up(self.msix_qsize, 64) // 8)
         self._msix_table = bytearray(_MSIX_ENTRY * self.msix_qsize)
+        cls = type(self)
+        self._fast_io = all(  # a subclass that changes how an I/O command runs is asked
+            getattr(cls, hook) is getattr(Nvme, hook)
+            for hook in ("_io", "_read_write", "_to_host", "_from_host")
+        )
 
     # --- the DeviceModel description ------------------------------------------
     def regions(self) -> Sequence[RegionSpec]:
@@ -428,10 +451,25 @@ class Nvme(DeviceModel):
 
     def write(self, region: int, offset: int, size: int, value: int) -> None:
         """Registers, doorbells, and the MSI-X table (if the machine passes it on)."""
+        if (
+            size == 4
+            and region == _BAR0
+            and not offset & 7
+            and 0x1000 <= offset < self._table_offset
+        ):
+            # A 4-byte SQ tail doorbell (one per command): _doorbell's valid case, inline.
+            # (Below the MSI-X table, so inside BAR0; every other case is checked below.)
+            sq = self._sqs.get((offset - _REGISTER_FILE) >> 3)
+            value &= _U16
+            if sq is not None and value < sq.size:
+                sq.tail = value
+                if not sq.scheduled:
+                    self._schedule_sq(sq)
+                return
         if region != _BAR0 or not 0 <= offset <= self._bar_size - size:
             return
         value &= (1 << (8 * size)) - 1
-        if _REGISTER_FILE <= offset < self._table_offset:  # the doorbells: every command
+        if _REGISTER_FILE <= offset < self._table_offset:  # the doorbells
             self._doorbell(offset, value)
         elif offset < _REGISTER_FILE:
             self._write_register(offset, size, value)
@@ -560,7 +598,8 @@ class Nvme(DeviceModel):
                 self._ignored_doorbell("SQ", qid, "tail", value, None if sq is None else sq.size)
                 return
             sq.tail = value
-            self._schedule_sq(sq)
+            if not sq.scheduled:
+                self._schedule_sq(sq)
 
     def _ignored_doorbell(
         self, kind: str, qid: int, what: str, value: int, size: int | None
@@ -577,6 +616,7 @@ class Nvme(DeviceModel):
         self._context.schedule(self.command_latency, callback)
 
     def _schedule_sq(self, sq: _SubmissionQueue) -> None:
+        """Have the clock process `sq` (called when it is not scheduled already)."""
         if not sq.scheduled:
             sq.scheduled = True
             ctx = self._ctx
@@ -596,7 +636,7 @@ class Nvme(DeviceModel):
         `dma_view` when the device reaches all of it (a controller's
         prefetch, without a copy: the view is live), entry by entry through
         `dma_read` otherwise, so a fetch fault is recorded at the entry where
-        QEMU records it.
+        QEMU records it. An I/O queue's run goes through `_run_io`.
         """
         sq.scheduled = False
         if self._sqs.get(sq.qid) is not sq:
@@ -607,6 +647,7 @@ class Nvme(DeviceModel):
         held = cq.held
         before = len(held)
         run = self._io if sq.qid else None
+        fast = run is not None and self._fast_io
         decode = Command.decode
         windows = self._windows  # data views for this callback only (a stale one never
         windows.write_end = windows.read_end = 0  # outlives it: emptied here and at the end)
@@ -616,7 +657,13 @@ class Nvme(DeviceModel):
             count = min((sq.tail if sq.tail > head else size) - head, size - sq.outstanding)
             address = sq.base + head * _SQE_SIZE
             window = ctx.dma_view(address, count * _SQE_SIZE)
-            for i in range(count):
+            first = 0
+            if window is not None and fast:
+                first = self._run_io(sq, window[0], window[1], count, held)
+                if first == count:
+                    continue
+                window = None  # its owner released the memory: the rest entry by entry
+            for i in range(first, count):
                 command = None
                 if window is not None:
                     try:
@@ -640,12 +687,95 @@ class Nvme(DeviceModel):
                 sq.outstanding += 1
                 result = run(command) if run is not None else self._admin(sq, command)
                 if result is not None:
-                    held.append(_Completion(sq, command.cid, result.status, result.result))
+                    held.append((sq, command.cid, result.status, result.result))
         windows.active = False  # windows.clear(), inline
         windows.write_end = windows.read_end = 0
-        windows.write_view = windows.read_view = None
+        windows.write_view = windows.read_view = _NO_VIEW
         if len(held) > before:  # new completions (an AER may have met a queued event)
             self._post(cq)
+
+    def _run_io(
+        self, sq: _SubmissionQueue, ring: memoryview, start: int, count: int, held: deque[_Held]
+    ) -> int:
+        """Run `count` entries of I/O queue `sq` seen through `ring` from offset `start`;
+        how many ran (fewer only when the ring's memory was released meanwhile).
+
+        What `_io` would do, for the commonest commands, in one frame per run: a Read
+        or Write of NSID 1 without fused operation or SGL, inside MDTS and the
+        namespace, whose data is inside PRP1's page and inside a mapping the batch's
+        data already went through (`_DataWindows`). Every other entry, and any entry
+        whose data view was released, is decoded whole and runs through `_io`, in
+        order. The SQ's head and request count advance once per run: nothing an I/O
+        command does reads them, and the CQE that reports the head is posted after.
+        """
+        unpack = _IO_FIELDS.unpack_from
+        decode = Command.decode
+        append = held.append
+        w = self._windows
+        store = self._store
+        store_read, store_write = store.read, store.write
+        lba_size = self.lba_size
+        page = self._page_size
+        most = page << self.mdts
+        blocks = store.size // lba_size
+        read_bytes = written_bytes = reads = writes = 0  # the SMART counters, once per run
+        ran = count
+        try:
+            for offset in range(start, start + count * _SQE_SIZE, _SQE_SIZE):
+                try:
+                    op, flags, cid, nsid, prp1, cdw10, cdw11, cdw12 = unpack(ring, offset)
+                except ValueError:  # its owner released the memory: the caller goes on
+                    ran = (offset - start) // _SQE_SIZE
+                    break
+                if nsid == _NSID and not flags and op in _READ_OR_WRITE:
+                    nlb = (cdw12 & _U16) + 1
+                    length = nlb * lba_size
+                    slba = cdw11 << 32 | cdw10
+                    if length <= most and slba + nlb <= blocks and prp1 % page + length <= page:
+                        if op == _READ:
+                            if w.write_start <= prp1 and prp1 + length <= w.write_end:
+                                at = prp1 - w.write_start
+                                try:
+                                    w.write_view[at : at + length] = store_read(
+                                        slba * lba_size, length
+                                    )
+                                except ValueError:  # released: _to_host asks again
+                                    w.write_end = 0
+                                else:
+                                    read_bytes += length
+                                    reads += 1
+                                    append((sq, cid, 0, 0))
+                                    continue
+                        elif w.read_start <= prp1 and prp1 + length <= w.read_end:
+                            at = prp1 - w.read_start
+                            try:
+                                data = bytes(w.read_view[at : at + length])
+                            except ValueError:  # released: _from_host asks again
+                                w.read_end = 0
+                            else:
+                                store_write(slba * lba_size, data)
+                                written_bytes += length
+                                writes += 1
+                                append((sq, cid, 0, 0))
+                                continue
+                try:  # every other case, decoded whole and run as _process_sq runs it
+                    command = decode(ring, offset)
+                except ValueError:  # its owner released the memory: the caller goes on
+                    ran = (offset - start) // _SQE_SIZE
+                    break
+                done = self._io(command)
+                append((sq, cid, done.status, done.result))
+        finally:
+            head = sq.head + ran
+            sq.head = head if head < sq.size else 0
+            sq.outstanding += ran
+            if reads or writes:
+                usage = self._usage
+                usage.bytes_read += read_bytes
+                usage.reads += reads
+                usage.bytes_written += written_bytes
+                usage.writes += writes
+        return ran
 
     def _post_if_current(self, cq: _CompletionQueue) -> None:
         if self._cqs.get(cq.qid) is cq:
@@ -656,10 +786,12 @@ class Nvme(DeviceModel):
 
         The run of free entries up to the ring's end is written through one
         `dma_view` when the device reaches all of it, entry by entry through
-        `dma_write` otherwise (a fault stops at the entry QEMU stops at).
+        `dma_write` otherwise (a fault stops at the entry QEMU stops at). Through
+        a view, the CQ's tail and each source SQ's request count move once per run.
         """
         ctx = self._context
         held = cq.held
+        popleft = held.popleft
         posted: set[int] = set()
         pack_into = CQE.pack_into
         failed = False
@@ -671,36 +803,48 @@ class Nvme(DeviceModel):
             address = cq.base + tail * _CQE_SIZE
             window = ctx.dma_view(address, count * _CQE_SIZE, True)
             phase = cq.phase
-            for i in range(count):
-                done = held[0]
-                source = done.sq
-                status = (done.status << 1 | phase) & _U16
-                if window is not None:
+            first = 0
+            if window is not None:
+                view, start = window
+                stop = end = start + count * _CQE_SIZE
+                last: _SubmissionQueue | None = None
+                mark = start
+                sqhd = sqid = 0
+                for offset in range(start, end, _CQE_SIZE):
+                    done = popleft()
+                    source, cid, status, result = done
+                    if source is not last:  # the SQ head and ID the entries report
+                        if last is not None:
+                            last.outstanding -= (offset - mark) // _CQE_SIZE
+                        last, mark = source, offset
+                        sqhd, sqid = source.head, source.qid
+                        posted.add(sqid)
                     try:
                         pack_into(
-                            window[0],
-                            window[1] + i * _CQE_SIZE,
-                            done.result,
-                            0,
-                            source.head,
-                            source.qid,
-                            done.cid,
-                            status,
+                            view, offset, result, 0, sqhd, sqid, cid, (status << 1 | phase) & _U16
                         )
-                    except ValueError:  # its owner released the memory: entry by entry
-                        window = None
-                if window is None:
-                    entry = CQE.pack(done.result, 0, source.head, source.qid, done.cid, status)
-                    try:
-                        ctx.dma_write(address + i * _CQE_SIZE, entry)
-                    except IommuFault as fault:
-                        self._fatal(
-                            f"posting to CQ {cq.qid} entry {tail + i} at IOVA "
-                            f"{address + i * _CQE_SIZE:#x}: {fault}"
-                        )
-                        failed = True
+                    except (ValueError, TypeError):  # its owner released the memory (for
+                        held.appendleft(done)  # pack_into, a TypeError): entry by entry
+                        stop = offset
                         break
-                held.popleft()
+                if last is not None:
+                    last.outstanding -= (stop - mark) // _CQE_SIZE
+                first = (stop - start) // _CQE_SIZE
+                cq.tail = tail + first
+            for i in range(first, count):
+                source, cid, status, result = held[0]
+                status = (status << 1 | phase) & _U16
+                entry = CQE.pack(result, 0, source.head, source.qid, cid, status)
+                try:
+                    ctx.dma_write(address + i * _CQE_SIZE, entry)
+                except IommuFault as fault:
+                    self._fatal(
+                        f"posting to CQ {cq.qid} entry {tail + i} at IOVA "
+                        f"{address + i * _CQE_SIZE:#x}: {fault}"
+                    )
+                    failed = True
+                    break
+                popleft()
                 source.outstanding -= 1
                 posted.add(source.qid)
                 cq.tail = tail + i + 1
@@ -820,7 +964,6 @@ class Nvme(DeviceModel):
         if prp1 % page + size <= page:  # _map_prp's first case, inline: PRP1 alone
             w = self._windows
             if w.write_start <= prp1 and prp1 + size <= w.write_end:  # the batch's mapping
-                assert w.write_view is not None
                 offset = prp1 - w.write_start
                 try:
                     w.write_view[offset : offset + size] = data
@@ -868,7 +1011,6 @@ class Nvme(DeviceModel):
         if prp1 % self._page_size + length <= self._page_size:  # PRP1 alone, as _to_host
             w = self._windows
             if w.read_start <= prp1 and prp1 + length <= w.read_end:
-                assert w.read_view is not None
                 offset = prp1 - w.read_start
                 try:
                     return bytes(w.read_view[offset : offset + length])
@@ -971,7 +1113,7 @@ class Nvme(DeviceModel):
         cq = self._cqs[sq.cqid]
         cq.sqids.discard(qid)
         self._post(cq)  # what fits is posted; the rest of this SQ's is dropped
-        cq.held = deque(done for done in cq.held if done.sq is not sq)
+        cq.held = deque(done for done in cq.held if done[0] is not sq)
         return _OK
 
     def _delete_cq(self, command: Command) -> _Result:
@@ -1136,8 +1278,8 @@ class Nvme(DeviceModel):
             self._events.remove(event)
             self._aer_mask |= 1 << event.type
             aer = self._aers.pop()
-            aer.result = event.type | event.info << 8 | event.log_page << 16
-            self._cqs[0].held.append(aer)
+            result = event.type | event.info << 8 | event.log_page << 16
+            self._cqs[0].held.append(aer._replace(result=result))
 
     def _clear_events(self, event_type: int) -> None:
         self._aer_mask &= ~(1 << event_type)
@@ -1150,8 +1292,7 @@ class Nvme(DeviceModel):
         for aer in self._aers if sqid == 0 else ():
             if aer.cid == cid:
                 self._aers.remove(aer)
-                aer.status = Status.ABORT_REQUESTED
-                self._cqs[0].held.append(aer)
+                self._cqs[0].held.append(aer._replace(status=Status.ABORT_REQUESTED))
                 return _Result(result=0)
         return _Result(result=1)  # nothing in flight to abort: commands complete at once
 
