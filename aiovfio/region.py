@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
@@ -23,8 +25,6 @@ from ._uapi import vfio as uapi
 from ._util import kcall
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .kernel import Kernel
 
 __all__ = ["Region", "MappedRegion", "RegionInfo", "query_region_info"]
@@ -683,10 +683,7 @@ class MappedRegion(Region):
 
 
 def _trapped_writer32(region: Region, offset: int) -> Callable[[int], None]:
-    """`Region.writer32` for an offset the kernel traps: one pwrite per call.
-
-    (Not KI-protected, unlike the module's functions: a writer owns nothing.)
-    """
+    """`Region.writer32` for an offset the kernel traps: one pwrite per call."""
     kernel, fd, position = region._kernel, region._fd, region._base + offset
 
     def write32(value: int) -> None:
@@ -719,4 +716,13 @@ def _mapped_writer32(
     return write32
 
 
+def _protect_inner(factory: Callable[..., object]) -> None:
+    """KI-protect the function `factory` makes (its code object), as write32 is."""
+    code = next(c for c in factory.__code__.co_consts if isinstance(c, types.CodeType))
+    cells = tuple(types.CellType() for _ in code.co_freevars)
+    _ki.protect(types.FunctionType(code, globals(), code.co_name, None, cells))
+
+
 _ki.protect_module(__name__)
+_protect_inner(_trapped_writer32)
+_protect_inner(_mapped_writer32)

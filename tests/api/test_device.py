@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -118,6 +120,34 @@ async def test_a_register_writer_is_write32_at_one_offset(vfio_target: Target) -
     with pytest.raises(aiovfio.ClosedResourceError):
         bar.writer32(0x04)
     assert vfio_target.leaks() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_register_writer_is_ki_protected_as_write32_is(sim_machine: Target) -> None:
+    import trio
+
+    protected: list[bool] = []
+
+    class Recording:
+        def __init__(self, inner: object) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+            protected.append(trio.lowlevel.currently_ki_protected())
+            self._inner.pwrite(fd, data, offset)  # type: ignore[attr-defined]
+
+    kernel = Recording(sim_machine.kernel)
+    async with aiovfio.open_device(sim_machine.edu, kernel=kernel) as dev:  # type: ignore[arg-type]
+        bar = dev.bar(0)
+        assert not bar.mapped  # the sim's edu BAR0 is trapped: the writer pwrites
+        del protected[:]
+        bar.write32(0x04, 1)
+        bar.writer32(0x04)(2)
+        assert protected == [True, True]
+        assert bar.read32(0x04) == 0xFFFFFFFD
 
 
 @pytest.mark.kernel
