@@ -311,7 +311,7 @@ def bench_instructions(n: int) -> None:
         print("\n(valgrind not installed: no instruction counts)")
         return
     code = f"""
-import sys, types
+import itertools, sys, types
 from aiovfio.nvme.queue import QueuePair
 mem = bytearray(64 * 64 + 64 * 16)
 view = memoryview(mem)
@@ -329,7 +329,11 @@ def checkpoint():
 @types.coroutine
 def wait(abort):
     return (yield)
-q._checkpoint_if_cancelled, q._wait_rescheduled, q._current_task = checkpoint, wait, object
+q._checkpoint_if_cancelled, q._wait_rescheduled = checkpoint, wait
+# trio's task and runner as the command path reads them: not cancelled, no KI pending
+task = types.SimpleNamespace(_cancel_status=types.SimpleNamespace(effectively_cancelled=False))
+q._current_task = itertools.repeat(task).__next__
+q._trio_run = types.SimpleNamespace(ki_pending=False)
 def main():  # a function: module-level code would add a dict look-up per name
     run = q.run
     for i in range({n}):

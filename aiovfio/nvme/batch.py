@@ -331,8 +331,11 @@ class Batch:
                 q.drain()  # their interrupt: read now, not by a spurious wake later
             if (sink.done or sink.errors) and _clock() - q.turn_at < YIELD_EVERY:
                 # Completions already there: no event-loop turn for them (one at least
-                # every YIELD_EVERY, below); trio still raises a cancellation here.
-                if q.trio:
+                # every YIELD_EVERY, below); trio still raises a cancellation here
+                # (checkpoint_if_cancelled, asked only when its flags say so: queue.py).
+                if q.trio and (
+                    q._trio_run.ki_pending or q._current_task()._cancel_status.effectively_cancelled
+                ):
                     await q._checkpoint_if_cancelled()
                 return self._take()
         if sink.done or sink.errors or not self.inflight or sink.failure is not None:

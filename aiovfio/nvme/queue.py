@@ -159,6 +159,9 @@ class QueuePair:
     #: the value of the command whose task reaped it itself (`_HERE`)
     _here: int = field(default=0, init=False)
     _checkpoint: Callable[[], Any] = field(init=False)
+    #: trio: the run's runner, whose `ki_pending` (with the task's cancel status) says
+    #: whether checkpoint_if_cancelled must be asked (`_trio_run_flags`)
+    _trio_run: Any = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.writer is not None:
@@ -184,6 +187,7 @@ class QueuePair:
                 reschedule(task, value_of(value))
 
             self._current_task = trio.lowlevel.current_task
+            self._trio_run = _trio_run_flags()
             self._wait_rescheduled = trio.lowlevel.wait_task_rescheduled
             self._checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
             self._checkpoint = trio.lowlevel.checkpoint
@@ -495,14 +499,18 @@ class QueuePair:
         if self.failure is not None:
             self.release(cid)
             raise self.failure
-        try:  # a cancelled task starts nothing new (the wait below cannot be cancelled)
-            await self._checkpoint_if_cancelled()
-        except BaseException:
-            self.release(cid)
-            raise
-        tail = self.put(
-            self._current_task(), cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13
-        )
+        task = self._current_task()
+        if self._trio_run.ki_pending or task._cancel_status.effectively_cancelled:
+            # A cancelled task starts nothing new (the wait below cannot be cancelled):
+            # trio's checkpoint_if_cancelled raises, or (a KeyboardInterrupt pending
+            # for another task) does nothing. Asked only when one of the flags it
+            # tests is set: it is a coroutine, ~3k instructions on every command.
+            try:
+                await self._checkpoint_if_cancelled()
+            except BaseException:
+                self.release(cid)
+                raise
+        tail = self.put(task, cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
         inflight = self.inflight
         if inflight > 1 and (self._ring_pending or self._ringer is not None):
             # Others in flight: tasks woken by one reap submit in the same scheduler
@@ -763,6 +771,36 @@ class QueuePair:
             finally:
                 if self._idle is fut:
                     self._idle = None
+
+
+class _AskTrio:
+    """A stand-in runner whose flag is always up: every check asks trio itself."""
+
+    ki_pending = True
+
+
+def _trio_run_flags() -> Any:
+    """What `trio.lowlevel.checkpoint_if_cancelled` tests, without its coroutine.
+
+    It raises only if the task's cancel status is `effectively_cancelled` or a
+    KeyboardInterrupt is pending (the runner's `ki_pending`); the command paths
+    read those two flags (trio's own, private names) and await it only when one
+    is set, so a cancelled scope still raises at once. A trio without them gets
+    a stand-in whose flag is always set: every command asks trio, as before.
+    """
+    import trio
+
+    try:
+        task = trio.lowlevel.current_task()
+    except RuntimeError:  # outside a run (a stubbed queue): ask trio every time
+        return _AskTrio()
+    runner = getattr(task, "_runner", None)
+    status = getattr(task, "_cancel_status", None)
+    if isinstance(getattr(runner, "ki_pending", None), bool) and isinstance(
+        getattr(status, "effectively_cancelled", None), bool
+    ):
+        return runner
+    return _AskTrio()
 
 
 def _abort_failed(_: object) -> Any:

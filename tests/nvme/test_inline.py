@@ -298,3 +298,97 @@ async def test_an_answered_error_status(inline: InlineKernel) -> None:
                 batch.read_into(0, buf, tag="good")
                 assert await batch.completions() == ["good"]
             assert ctrl.queues[0].free == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.parametrize("reader", READERS)
+async def test_trio_a_scope_cancelled_by_the_task_raises_at_its_next_command(
+    inline: InlineKernel, reader: Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On trio an answered command still raises at once in a cancelled scope: the cancel
+    status and the pending KeyboardInterrupt flag are read directly (no coroutine per
+    command) and trio's checkpoint_if_cancelled asked when either is set."""
+    for module in (aiovfio.nvme.queue, aiovfio.nvme.batch):
+        monkeypatch.setattr(module, "YIELD_EVERY", 1e9)  # no forced turn: only the check
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            ns = ctrl.namespace()
+            q = ctrl.queues[0]
+            # this trio has the flags: the per-command check is the direct read
+            assert not isinstance(q._trio_run, aiovfio.nvme.queue._AskTrio)
+            sq_db, _ = doorbell_offsets(1, ctrl.cap.doorbell_stride)
+            where = dev.bar(0).info.offset + sq_db
+            done = [0]
+
+            def counted() -> None:
+                done[0] += 1
+                if done[0] == 5:
+                    scope.cancel()  # the task itself: no scheduler turn in between
+
+            with anyio.CancelScope() as scope:
+                if reader is _one_by_one:
+                    for i in range(10):
+                        await ns.read_into(i * 8, buf)
+                        counted()
+                else:
+                    async with ns.batch(depth=1) as batch:
+                        for i in range(10):
+                            batch.read_into(i * 8, buf)
+                            assert await batch.completions() == [buf]
+                            counted()
+            assert scope.cancelled_caught
+            assert done[0] == 5  # the command after the cancel raised
+            assert q.inflight == 0 and q.free == q.depth
+            rung = inline.writes.count(where)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await ns.read_into(0, buf)  # cancelled before it starts: nothing rung
+                raise _Stop  # not reached
+            assert scope.cancelled_caught
+            assert inline.writes.count(where) == rung
+            assert q.free == q.depth
+            await ns.read_into(0, buf)  # the queue goes on
+        assert ctrl.shutdown_clean is True
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_without_the_flags_every_command_asks_trio(
+    inline: InlineKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trio whose task or runner lacks the flags: each command awaits
+    checkpoint_if_cancelled, as before; a cancelled scope still raises at once."""
+    import trio
+
+    from aiovfio.nvme.queue import _AskTrio, _trio_run_flags
+
+    assert not isinstance(_trio_run_flags(), _AskTrio)  # this trio has them
+    with monkeypatch.context() as m:
+        m.setattr(trio.lowlevel, "current_task", lambda: object())
+        assert isinstance(_trio_run_flags(), _AskTrio)
+    monkeypatch.setattr(aiovfio.nvme.queue, "_trio_run_flags", _AskTrio)
+    monkeypatch.setattr(aiovfio.nvme.queue, "YIELD_EVERY", 1e9)
+    asked = [0]
+    real = trio.lowlevel.checkpoint_if_cancelled
+
+    async def counting() -> None:
+        asked[0] += 1
+        await real()
+
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
+            q = ctrl.queues[0]
+            assert isinstance(q._trio_run, _AskTrio)
+            q._checkpoint_if_cancelled = counting
+            ns = ctrl.namespace()
+            for i in range(4):
+                await ns.read_into(i * 8, buf)
+            assert asked[0] == 4
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await ns.read_into(0, buf)
+            assert scope.cancelled_caught
+            assert q.free == q.depth
