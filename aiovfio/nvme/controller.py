@@ -138,6 +138,8 @@ class Controller:
     _admin: QueuePair | None = field(init=False, default=None)
     _queues: list[QueuePair] = field(factory=list, init=False)
     _next: Callable[[], QueuePair] | None = field(init=False, default=None)
+    #: the I/O queue when there is one (`pick_queue` has nothing to choose): the hot path
+    _only_queue: QueuePair | None = field(init=False, default=None)
     _pool: BouncePool | None = field(init=False, default=None)
     _scratch: memoryview | None = field(init=False, default=None)
     _scratch_iova: int = field(init=False, default=0)
@@ -438,6 +440,8 @@ class Controller:
             if self._trio:
                 self._spawn(tg, q.ringer)
         self._next = itertools.cycle(self._queues).__next__
+        if len(self._queues) == 1:
+            self._only_queue = self._queues[0]
 
     async def _find_namespaces(self) -> None:
         from .namespace import Namespace

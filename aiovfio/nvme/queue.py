@@ -28,7 +28,7 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -36,7 +36,7 @@ from attrs import define, field
 
 from .._log import logger
 from .prp import build_prp
-from .spec import SQE, SQE_SIZE
+from .spec import IO_SQE, SQE_SIZE
 
 __all__ = ["POLL_SPIN", "YIELD_EVERY", "QueuePair", "Sink", "running_trio"]
 
@@ -50,7 +50,7 @@ POLL_SPIN = 50e-6
 #: KeyboardInterrupt) arrives at least that often. Each turn costs a QD1 command about as
 #: much as the device does in a TCG guest.
 YIELD_EVERY = 10e-3
-#: the waiter of a command whose task looks at the CQ itself (`_run_asyncio`, `_run_trio`)
+#: the waiter of a command while `start` runs (its task looks at the CQ itself)
 _HERE: Any = object()
 
 
@@ -136,8 +136,8 @@ class QueuePair:
     #: trio: the parked ringer task (`ringer`), None while it runs or when there is none
     _ringer: Any = field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
-    #: the command coroutine for this backend
-    run: Callable[..., Any] = field(init=False)
+    #: sleep until the completion of a command `start` could not answer (this backend's)
+    wait: Callable[[int], Awaitable[int]] = field(init=False)
     wake: Callable[[Any, int], None] = field(init=False)
     _current_task: Callable[[], Any] = field(init=False)
     _wait_rescheduled: Callable[..., Any] = field(init=False)
@@ -191,12 +191,13 @@ class QueuePair:
             self._wait_rescheduled = trio.lowlevel.wait_task_rescheduled
             self._checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
             self._checkpoint = trio.lowlevel.checkpoint
-            self.run = self._run_trio
+            self.wait = self._wait_trio
             self.wake = wake
             self._reschedule, self._value_of = reschedule, value_of
         else:
             self._loop = asyncio.get_running_loop()
-            self.run = self._run_asyncio
+            self._checkpoint = _sleep0
+            self.wait = self._wait_asyncio
             self.wake = _wake_asyncio
 
     def __repr__(self) -> str:
@@ -325,27 +326,20 @@ class QueuePair:
     ) -> int:
         """Write an entry at the tail for `waiter` without ringing; returns the new tail.
 
-        The one place an entry is written: a batch rings once for many, a command
-        rung alone at once (`_run_asyncio`, `_run_trio`).
+        A batch's entries (`Batch._put`; its hot path inlines this); a single command
+        goes through `start`, which also rings and looks.
         """
         self._waiters[cid] = waiter
         tail = self._tail
-        SQE.pack_into(
+        IO_SQE.pack_into(
             self.sq,
             tail * SQE_SIZE,
-            opcode,
-            0,
-            cid,
+            opcode | cid << 16,
             nsid,
-            0,
             prp1,
             prp2,
-            cdw10,
-            cdw11,
-            cdw12,
-            cdw13,
-            0,
-            0,
+            cdw10 | cdw11 << 32,
+            cdw12 | cdw13 << 32,
         )
         tail += 1
         if tail == self.size:
@@ -372,7 +366,102 @@ class QueuePair:
         """Ring the SQ tail doorbell now (after `put`)."""
         self.ring_sq(self._tail)
 
-    async def _run_asyncio(
+    def start(
+        self, cid: int, opcode: int, nsid: int, prp1: int, prp2: int, cdw10_11: int, cdw12_13: int
+    ) -> int:
+        """Submit with `cid`; the completion's status << 32 | DW0 if it is there already,
+        else -1: then the caller must `wait(cid)` before anything else.
+
+        Writes the entry at the tail and rings, or, with others in flight, leaves
+        the ring to the tasks submitting now (asyncio: a call_soon callback; trio:
+        the ringer task). Rung alone (not polled) it looks at the CQ at once: a
+        quick device (the sim's model run inline) may have answered already. Its
+        own entry at the head is consumed here, without the general reap loop, and
+        the interrupt it raised read (`drain`), not left to wake the loop later.
+        The caller has checked `failure` and (trio) cancellation: see `run`.
+        """
+        waiters = self._waiters
+        waiters[cid] = _HERE  # until `wait` installs the task's own waiter
+        tail = self._tail
+        IO_SQE.pack_into(
+            self.sq, tail * SQE_SIZE, opcode | cid << 16, nsid, prp1, prp2, cdw10_11, cdw12_13
+        )
+        tail += 1
+        if tail == self.size:
+            tail = 0
+        self._tail = tail
+        inflight = self.inflight + 1
+        self.inflight = inflight
+        seq = self.submitted + 1
+        self.submitted = seq
+        self._seq[cid] = seq
+        if self._idle is not None:
+            self.wake_idle()
+        if inflight > 1:
+            if not self.trio:
+                if not self._ring_pending:
+                    # tasks woken by one completion batch submit in the same loop
+                    # iteration; ring once, after them
+                    self._ring_pending = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._ring)
+            elif self._ring_pending:
+                pass  # the ringer is woken already
+            elif self._ringer is not None:
+                # trio: tasks woken by one reap submit in the same scheduler batch;
+                # the ringer task rings once, in the next one (`ringer`)
+                self._ring_pending = True
+                ringer, self._ringer = self._ringer, None
+                self.wake(ringer, 0)
+            else:
+                self.ring_sq(tail)
+            return -1
+        self.ring_sq(tail)
+        if self.polled:
+            return -1
+        cq = self.cq
+        head = self._head
+        slot = head * 4
+        w3 = cq[slot + 3]
+        if (w3 >> 16) & 1 != self._phase:  # not answered (yet): sleep on the interrupt
+            if head != self._rung_head:
+                self.flush()
+            return -1
+        try:
+            if w3 & _U16 != cid or self.expired:  # not (only) ours: the general loop
+                self.reap()
+                if waiters[cid] is not None:
+                    self.flush()
+                    return -1
+                value = self._here
+            else:  # its own: consumed here (the QD1 case)
+                value = (w3 >> 17) << 32 | cq[slot]
+                head += 1
+                if head == self.cq_size:
+                    head = 0
+                    self._phase ^= 1
+                self._head = head
+                waiters[cid] = None
+                self.inflight = inflight - 1
+                if self._slot_waiters:
+                    self.release(cid)
+                else:
+                    self._free.append(cid)
+                # nothing in flight: the head doorbell may wait (`reap`, `flush`)
+                if (head - self._rung_head) % self.cq_size > self._lazy:
+                    self._rung_head = head
+                    self.ring_cq(head)
+        except Exception as exc:  # a failing CQ doorbell: the watchdog sees a dead device
+            logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
+            if waiters[cid] is not None:
+                return -1
+            value = self._here
+        drain = self.drain
+        if drain is not None:
+            drain()
+        return value
+
+    async def run(
         self,
         cid: int,
         opcode: int,
@@ -384,90 +473,58 @@ class QueuePair:
         cdw12: int,
         cdw13: int = 0,
     ) -> int:
-        """Submit with `cid` and wait: the completion's status << 32 | DW0."""
-        value: int
-        fut: asyncio.Future[int]
+        """Submit with `cid` and wait: the completion's status << 32 | DW0.
+
+        `start`, then `wait` unless it was answered at once; answered commands
+        give the loop a turn at least every YIELD_EVERY (`turn`). On trio a
+        cancelled task starts nothing (checkpoint_if_cancelled, asked only when its
+        flags say so: `_trio_run_flags`). Namespace.read_into/write_from inline this.
+        """
         if self.failure is not None:
             self.release(cid)
             raise self.failure
-        loop = self._loop
-        assert loop is not None
-        waiters = self._waiters
-        # Rung alone, it looks at the CQ right after ringing (below), its own waiter
-        # (`_HERE`) meanwhile: a future only if it has to wait.
-        look = not self.inflight and not self.polled
-        if look:
-            waiter: Any = _HERE
-        else:
-            fut = loop.create_future()
-            waiter = fut
-        tail = self.put(waiter, cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
-        if self.inflight == 1:
-            self.ring_sq(tail)
-        elif not self._ring_pending:
-            # others in flight: tasks woken by one completion batch submit in the same
-            # loop iteration; ring once, after them.
-            self._ring_pending = True
-            loop.call_soon(self._ring)
-        if look:
-            if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:
-                # A quick device (the sim's inline model) may have answered already.
-                self._reap_here(cid)
-            if waiters[cid] is None:
-                # Answered: no event-loop turn for it (one at least every YIELD_EVERY),
-                # and its interrupt read now, not by a spurious wake later.
-                value = self._here
-                drain = self.drain
-                if drain is not None:
-                    drain()
-                if _clock() - self.turn_at >= YIELD_EVERY:
-                    await asyncio.sleep(0)  # a cancellation here: the command is done
-                    self.turn_at = _clock()
-                return value
-            fut = loop.create_future()
-            waiters[cid] = fut
-            if self._head != self._rung_head:
-                self.flush()  # about to sleep on the interrupt
+        if self.trio and (
+            self._trio_run.ki_pending or self._current_task()._cancel_status.effectively_cancelled
+        ):
+            try:
+                await self._checkpoint_if_cancelled()
+            except BaseException:
+                self.release(cid)
+                raise
+        value = self.start(cid, opcode, nsid, prp1, prp2, cdw10 | cdw11 << 32, cdw12 | cdw13 << 32)
+        if value < 0:
+            value = await self.wait(cid)
+        elif _clock() - self.turn_at >= YIELD_EVERY:
+            await self.turn()
+        return value
+
+    async def turn(self) -> None:
+        """The event-loop turn a task whose commands are answered at once takes at least
+        every YIELD_EVERY: other tasks run, cancellation arrives (the commands are done)."""
+        await self._checkpoint()
+        self.turn_at = _clock()
+
+    async def _wait_asyncio(self, cid: int) -> int:
+        """Sleep until the reap loop sets our future (after `start` returned -1)."""
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._waiters[cid] = fut
         try:
-            value = await fut
+            value: int = await fut
         except asyncio.CancelledError:
             await self._settle_asyncio(cid, fut)
             raise
         return value
 
-    def _reap_here(self, cid: int) -> None:
-        """`reap` for a task that is its own waiter (`_HERE`), the CQ entry at the head new.
+    async def _wait_trio(self, cid: int) -> int:
+        """Sleep until the reap loop reschedules us (after `start` returned -1).
 
-        The QD1 case, its own entry there: consumed alone, without the general loop.
-        A failing CQ doorbell write is logged (the watchdog sees a dead device); a
-        command not reaped then waits as usual.
+        Abort.FAILED: a cancelled task stays until the completion (or the controller's
+        failure) arrives; trio delivers the cancel after that.
         """
-        cq = self.cq
-        head = self._head
-        slot = head * 4
-        w3 = cq[slot + 3]
-        try:
-            if w3 & _U16 != cid or self.expired:
-                self.reap()
-                return
-            self._here = (w3 >> 17) << 32 | cq[slot]
-            head += 1
-            if head == self.cq_size:
-                head = 0
-                self._phase ^= 1
-            self._head = head
-            self._waiters[cid] = None
-            inflight = self.inflight - 1
-            self.inflight = inflight
-            if self._slot_waiters:
-                self.release(cid)
-            else:
-                self._free.append(cid)
-            if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
-                self._rung_head = head
-                self.ring_cq(head)
-        except Exception as exc:
-            logger.warning("nvme.reap_failed", qid=self.qid, error=str(exc))
+        self._waiters[cid] = self._current_task()
+        value: int = await self._wait_rescheduled(_abort_failed)
+        return value
 
     async def _settle_asyncio(self, cid: int, fut: asyncio.Future[int]) -> None:
         """A cancelled task waits for its command to complete (the device owns its buffer)."""
@@ -482,71 +539,6 @@ class QueuePair:
                     continue
                 except BaseException:  # the controller failed: the command is gone
                     return
-
-    async def _run_trio(
-        self,
-        cid: int,
-        opcode: int,
-        nsid: int,
-        prp1: int,
-        prp2: int,
-        cdw10: int,
-        cdw11: int,
-        cdw12: int,
-        cdw13: int = 0,
-    ) -> int:
-        value: int
-        if self.failure is not None:
-            self.release(cid)
-            raise self.failure
-        task = self._current_task()
-        if self._trio_run.ki_pending or task._cancel_status.effectively_cancelled:
-            # A cancelled task starts nothing new (the wait below cannot be cancelled):
-            # trio's checkpoint_if_cancelled raises, or (a KeyboardInterrupt pending
-            # for another task) does nothing. Asked only when one of the flags it
-            # tests is set: it is a coroutine, ~3k instructions on every command.
-            try:
-                await self._checkpoint_if_cancelled()
-            except BaseException:
-                self.release(cid)
-                raise
-        tail = self.put(task, cid, opcode, nsid, prp1, prp2, cdw10, cdw11, cdw12, cdw13)
-        inflight = self.inflight
-        if inflight > 1 and (self._ring_pending or self._ringer is not None):
-            # Others in flight: tasks woken by one reap submit in the same scheduler
-            # batch; the ringer task rings once, in the next one (`ringer`).
-            if not self._ring_pending:
-                self._ring_pending = True
-                ringer, self._ringer = self._ringer, None
-                self.wake(ringer, 0)
-        else:
-            self.ring_sq(tail)
-        if inflight == 1 and not self.polled:
-            # Rung alone: a quick device (the sim's inline model) may have answered
-            # already. Look, with the task as its own waiter (`_HERE`): no reaper hop,
-            # no event-loop turn (at most YIELD_EVERY apart), the interrupt read now.
-            waiters = self._waiters
-            if (self.cq[self._head * 4 + 3] >> 16) & 1 == self._phase:  # answered already
-                task, waiters[cid] = waiters[cid], _HERE
-                self._reap_here(cid)
-                if waiters[cid] is _HERE:  # not ours: wait for the reaper
-                    waiters[cid] = task
-            if waiters[cid] is not None:  # not answered: sleep on the interrupt
-                if self._head != self._rung_head:
-                    self.flush()
-            else:
-                value = self._here
-                drain = self.drain
-                if drain is not None:
-                    drain()
-                if _clock() - self.turn_at >= YIELD_EVERY:
-                    await self._checkpoint()
-                    self.turn_at = _clock()
-                return value
-        # Abort.FAILED: a cancelled task stays until the completion (or the
-        # controller's failure) arrives; trio delivers the cancel after that.
-        value = await self._wait_rescheduled(_abort_failed)
-        return value
 
     # --- completion -------------------------------------------------------------------
 
@@ -705,6 +697,9 @@ class QueuePair:
                 self._waiters[cid] = None
                 if type(waiter) is Sink:
                     continue  # the batch keeps its CIDs; it sees `failure` below
+                if waiter is _HERE:  # its task raised in `start` (a doorbell write failed)
+                    self._free.append(cid)
+                    continue
                 _throw(waiter, exc, trio=self.trio)
                 self._free.append(cid)
         self.inflight = 0
@@ -807,6 +802,10 @@ def _abort_failed(_: object) -> Any:
     import trio
 
     return trio.lowlevel.Abort.FAILED
+
+
+async def _sleep0() -> None:
+    await asyncio.sleep(0)
 
 
 def _wake_asyncio(fut: asyncio.Future[int], value: int) -> None:

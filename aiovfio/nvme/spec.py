@@ -16,6 +16,7 @@ __all__ = [
     "CC_IOSQES",
     "CQE_SIZE",
     "IDENTIFY_SIZE",
+    "IO_SQE",
     "SQE",
     "SQE_SIZE",
     "AdminOpcode",
@@ -41,6 +42,11 @@ CC_IOCQES = 4
 #: A submission queue entry: opcode, flags, CID, NSID, 8 reserved bytes, MPTR,
 #: PRP1, PRP2, CDW10..CDW15.
 SQE = struct.Struct("<BBHI8xQQQ6I")
+#: The same 64 bytes with its fields paired as the command paths build them (fewer
+#: arguments to pack): opcode | CID << 16 (flags 0), NSID, 16 zero bytes (CDW2-3,
+#: MPTR), PRP1, PRP2, CDW10 | CDW11 << 32 (a Read/Write's SLBA), CDW12 | CDW13 << 32,
+#: 8 zero bytes (CDW14-15).
+IO_SQE = struct.Struct("<II16xQQQQ8x")
 
 
 class Reg(enum.IntEnum):
