@@ -545,46 +545,46 @@ class QueuePair:
     def reap(self) -> int:
         """Consume every new completion (phase tag), wake its task; return how many."""
         cq = self.cq
-        head = self._head
+        first = slot = self._head * 4  # the entry's first word; its phase is in word 3
         phase = self._phase
-        slot = head * 4
         w3 = cq[slot + 3]
         if (w3 >> 16) & 1 != phase:
             return 0  # nothing new (a poll, a look before sleeping): no more work
-        size = self.cq_size
+        end = self.cq_size * 4
         waiters = self._waiters
-        depth = self.size - 1
         reschedule, value_of = self._reschedule, self._value_of
         free = self._free
         slot_waiters = self._slot_waiters
         expired = self.expired
-        n = completed = 0
+        skipped = 0  # consumed, not completing a command of ours
         while (w3 >> 16) & 1 == phase:
             cid = w3 & _U16
-            value = (w3 >> 17) << 32 | cq[slot]
-            head += 1
-            if head == size:
-                head = 0
+            status = w3 >> 17
+            at = slot
+            slot += 4
+            if slot == end:
+                slot = 0
                 phase ^= 1
-            n += 1
-            slot = head * 4
             w3 = cq[slot + 3]  # the next entry's: the loop's test
-            if cid >= depth:
-                continue  # not a CID we used: a controller bug; the watchdog sees the rest
-            waiter = waiters[cid]
+            try:
+                waiter = waiters[cid]
+            except IndexError:  # not a CID we used: a controller bug; the watchdog sees the rest
+                skipped += 1
+                continue
             if waiter is None:
+                skipped += 1
                 continue  # failed and released already
             waiters[cid] = None
-            completed += 1
             if expired and cid in expired:  # timed out: it ends with the watchdog's error
                 self._expire(waiter, cid, expired.pop(cid))
                 continue
             if type(waiter) is Sink:  # a batch's: it keeps the CID
-                if value >> 32:
-                    waiter.errors.append((cid, value >> 32))
+                if status:
+                    waiter.errors.append((cid, status))
                 else:
                     waiter.done.append(cid)
                 continue
+            value = status << 32 | cq[at]
             if waiter is _HERE:  # its task is the one reaping
                 self._here = value
             elif reschedule is not None:  # trio
@@ -595,13 +595,15 @@ class QueuePair:
                 self.release(cid)
             else:
                 free.append(cid)
-        inflight = self.inflight - completed
+        n = ((slot - first) % end or end) >> 2  # (a whole ring: a device bug)
+        inflight = self.inflight - n + skipped
         self.inflight = inflight
+        head = slot >> 2
         self._head = head
         self._phase = phase
         # With nothing in flight nobody waits on the interrupt and the device cannot fill
         # the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
-        if inflight or (head - self._rung_head) % size > self._lazy:
+        if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
             self._rung_head = head
             self.ring_cq(head)
         for sink in self.sinks:
