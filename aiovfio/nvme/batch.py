@@ -309,15 +309,29 @@ class Batch:
             if self._ring and q.failure is None:
                 self._ring = False
                 q.ring_sq(q._tail)  # q.ring() inline
-            if (
-                not (sink.done or sink.errors)
-                and self.inflight
-                and not q.polled
-                # a quick device (the sim's inline model) may have answered already
-                and (q.reap_one() if q.inflight == 1 else q.reap())
-                and q.drain is not None
-            ):
-                q.drain()  # their interrupt: read now, not by a spurious wake later
+            # A quick device (the sim's inline model) may have answered already: what is
+            # there is taken now, and its interrupt read, not left to wake the loop later.
+            if not (sink.done or sink.errors) and self.inflight and not q.polled:
+                if q.inflight == 1:  # ours alone (depth 1): its completion handed over here
+                    cid = q.reap_own(sink)
+                    if cid >= 0:
+                        if q.drain is not None:
+                            q.drain()
+                        if _clock() - q.turn_at < YIELD_EVERY and not (
+                            q.trio
+                            and (
+                                q._trio_run.ki_pending
+                                or q._current_task()._cancel_status.effectively_cancelled
+                            )
+                        ):
+                            self._free.append(cid)
+                            self.inflight -= 1
+                            return [self._tags[cid]]
+                        sink.done.append(cid)  # a turn or a cancellation first: below
+                    elif (sink.done or sink.errors) and q.drain is not None:
+                        q.drain()
+                elif q.reap() and q.drain is not None:
+                    q.drain()
             if (sink.done or sink.errors) and _clock() - q.turn_at < YIELD_EVERY:
                 # Completions already there: no event-loop turn for them (one at least
                 # every YIELD_EVERY, below); trio still raises a cancellation here

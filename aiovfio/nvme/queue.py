@@ -611,26 +611,24 @@ class QueuePair:
                 self._wake_sink(sink)
         return n
 
-    def reap_one(self) -> int:
-        """`reap` when one command is in flight (a batch at depth 1): its entry alone, if new.
+    def reap_own(self, sink: Sink) -> int:
+        """`reap` when one command is in flight and it is a batch's (depth 1): the CID of
+        its successful completion, consumed without the general loop; -1 if there is
+        none (anything else new, an error status included, went through `reap`).
 
-        A batch's entry is handed to its sink without the general loop; anything
-        else takes `reap`.
+        The batch hands the completion over itself: nothing goes through `sink`.
         """
         cq = self.cq
         head = self._head
         w3 = cq[head * 4 + 3]
         if (w3 >> 16) & 1 != self._phase:
-            return 0
+            return -1
         cid = w3 & _U16
         waiters = self._waiters
-        if cid >= self.size - 1 or self.expired or type(sink := waiters[cid]) is not Sink:
-            return self.reap()
+        if w3 >> 17 or self.expired or cid >= len(waiters) or waiters[cid] is not sink:
+            self.reap()
+            return -1
         waiters[cid] = None
-        if w3 >> 17:
-            sink.errors.append((cid, w3 >> 17))
-        else:
-            sink.done.append(cid)
         head += 1
         if head == self.cq_size:
             head = 0
@@ -641,9 +639,7 @@ class QueuePair:
         if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
             self._rung_head = head
             self.ring_cq(head)
-        if sink.waiter is not None:
-            self._wake_sink(sink)
-        return 1
+        return cid
 
     def flush(self) -> None:
         """Ring the CQ head doorbell if entries were consumed since (before sleeping on the
