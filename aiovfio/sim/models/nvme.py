@@ -370,7 +370,14 @@ class Nvme(DeviceModel):
         cls = type(self)
         self._fast_io = all(  # a subclass that changes how an I/O command runs is asked
             getattr(cls, hook) is getattr(Nvme, hook)
-            for hook in ("_io", "_read_write", "_to_host", "_from_host")
+            for hook in (
+                "_io",
+                "_read_write",
+                "_to_host",
+                "_from_host",
+                "_prp1_to_host",
+                "_prp1_from_host",
+            )
         )
 
     # --- the DeviceModel description ------------------------------------------
@@ -700,12 +707,14 @@ class Nvme(DeviceModel):
         """Run `count` entries of I/O queue `sq` seen through `ring` from offset `start`;
         how many ran (fewer only when the ring's memory was released meanwhile).
 
-        What `_io` would do, for the commonest commands, in one frame per run: a Read
+        What `_io` would do, for the commonest commands, without its frames: a Read
         or Write of NSID 1 without fused operation or SGL, inside MDTS and the
-        namespace, whose data is inside PRP1's page and inside a mapping the batch's
-        data already went through (`_DataWindows`). Every other entry, and any entry
-        whose data view was released, is decoded whole and runs through `_io`, in
-        order. The SQ's head and request count advance once per run: nothing an I/O
+        namespace, whose data is inside PRP1's page, goes straight to the data: the
+        mapping the batch's data already went through (`_DataWindows`) in this
+        frame, any other through `_prp1_to_host`/`_prp1_from_host` (`_to_host`'s and
+        `_from_host`'s own PRP1 case, faults included). Every other entry, and any
+        entry whose data view was released, is decoded whole and runs through `_io`,
+        in order. The SQ's head and request count advance once per run: nothing an I/O
         command does reads them, and the CQE that reports the head is posted after.
         """
         unpack = _IO_FIELDS.unpack_from
@@ -714,6 +723,7 @@ class Nvme(DeviceModel):
         w = self._windows
         store = self._store
         store_read, store_write = store.read, store.write
+        to_host, from_host = self._prp1_to_host, self._prp1_from_host
         lba_size = self.lba_size
         page = self._page_size
         most = page << self.mdts
@@ -746,6 +756,13 @@ class Nvme(DeviceModel):
                                     reads += 1
                                     append((sq, cid, 0, 0))
                                     continue
+                            else:  # not the batch's mapping (its first command): as _to_host
+                                status = to_host(prp1, store_read(slba * lba_size, length))
+                                if not status:
+                                    read_bytes += length
+                                    reads += 1
+                                append((sq, cid, status, 0))
+                                continue
                         elif w.read_start <= prp1 and prp1 + length <= w.read_end:
                             at = prp1 - w.read_start
                             try:
@@ -758,6 +775,16 @@ class Nvme(DeviceModel):
                                 writes += 1
                                 append((sq, cid, 0, 0))
                                 continue
+                        else:  # not the batch's mapping (its first write): as _from_host
+                            got = from_host(prp1, length)
+                            if isinstance(got, int):
+                                append((sq, cid, got, 0))
+                                continue
+                            store_write(slba * lba_size, got)
+                            written_bytes += length
+                            writes += 1
+                            append((sq, cid, 0, 0))
+                            continue
                 try:  # every other case, decoded whole and run as _process_sq runs it
                     command = decode(ring, offset)
                 except ValueError:  # its owner released the memory: the caller goes on
@@ -960,35 +987,8 @@ class Nvme(DeviceModel):
         assert ctx is not None  # a command runs in the clock's callback: attached
         prp1 = command.prp1
         page = self._page_size
-        size = len(data)
-        if prp1 % page + size <= page:  # _map_prp's first case, inline: PRP1 alone
-            w = self._windows
-            if w.write_start <= prp1 and prp1 + size <= w.write_end:  # the batch's mapping
-                offset = prp1 - w.write_start
-                try:
-                    w.write_view[offset : offset + size] = data
-                except ValueError:  # its owner released the memory: ask the machine again
-                    w.write_end = 0
-                else:
-                    return _SUCCESS
-            elif w.active:
-                window = ctx.dma_view(prp1, size, True)
-                if window is not None:
-                    view, offset = window
-                    try:
-                        view[offset : offset + size] = data
-                    except ValueError:
-                        pass
-                    else:
-                        w.write_start = prp1 - offset
-                        w.write_end = w.write_start + view.nbytes
-                        w.write_view = view
-                        return _SUCCESS
-            try:
-                ctx.dma_write(prp1, data)
-            except IommuFault:
-                return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
-            return _SUCCESS
+        if prp1 % page + len(data) <= page:  # _map_prp's first case, inline: PRP1 alone
+            return self._prp1_to_host(prp1, data)
         segments = self._map_prp(prp1, command.prp2, len(data))
         if isinstance(segments, int):
             return segments
@@ -1005,35 +1005,79 @@ class Nvme(DeviceModel):
             return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
         return _SUCCESS
 
+    def _prp1_to_host(self, prp1: int, data: bytes) -> int:
+        """`_to_host` for data inside PRP1's page: through the mapping the batch's data
+        already went through, a new one the device reaches whole, or `dma_write`."""
+        ctx = self._ctx
+        assert ctx is not None  # a command runs in the clock's callback: attached
+        size = len(data)
+        w = self._windows
+        if w.write_start <= prp1 and prp1 + size <= w.write_end:  # the batch's mapping
+            offset = prp1 - w.write_start
+            try:
+                w.write_view[offset : offset + size] = data
+            except ValueError:  # its owner released the memory: ask the machine again
+                w.write_end = 0
+            else:
+                return _SUCCESS
+        elif w.active:
+            window = ctx.dma_view(prp1, size, True)
+            if window is not None:
+                view, offset = window
+                try:
+                    view[offset : offset + size] = data
+                except ValueError:
+                    pass
+                else:
+                    w.write_start = prp1 - offset
+                    w.write_end = w.write_start + view.nbytes
+                    w.write_view = view
+                    return _SUCCESS
+        try:
+            ctx.dma_write(prp1, data)
+        except IommuFault:
+            return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+        return _SUCCESS
+
     def _from_host(self, command: Command, length: int) -> bytes | int:
         """Read `length` bytes from the command's PRPs (host to controller)."""
         prp1 = command.prp1
         if prp1 % self._page_size + length <= self._page_size:  # PRP1 alone, as _to_host
-            w = self._windows
-            if w.read_start <= prp1 and prp1 + length <= w.read_end:
-                offset = prp1 - w.read_start
-                try:
-                    return bytes(w.read_view[offset : offset + length])
-                except ValueError:  # its owner released the memory: ask the machine again
-                    w.read_end = 0
-            elif w.active and length:
-                window = self._context.dma_view(prp1, length)
-                if window is not None:
-                    view, offset = window
-                    try:
-                        got = bytes(view[offset : offset + length])
-                    except ValueError:
-                        pass
-                    else:
-                        w.read_start = prp1 - offset
-                        w.read_end = w.read_start + view.nbytes
-                        w.read_view = view
-                        return got
+            return self._prp1_from_host(prp1, length)
         segments = self._map_prp(command.prp1, command.prp2, length)
         if isinstance(segments, int):
             return segments
         try:
             return b"".join(self._context.dma_read(a, n) for a, n in segments if n)
+        except IommuFault:
+            return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
+
+    def _prp1_from_host(self, prp1: int, length: int) -> bytes | int:
+        """`_from_host` for data inside PRP1's page, as `_prp1_to_host` (or `dma_read`)."""
+        w = self._windows
+        if w.read_start <= prp1 and prp1 + length <= w.read_end:
+            offset = prp1 - w.read_start
+            try:
+                return bytes(w.read_view[offset : offset + length])
+            except ValueError:  # its owner released the memory: ask the machine again
+                w.read_end = 0
+        elif w.active and length:
+            window = self._context.dma_view(prp1, length)
+            if window is not None:
+                view, offset = window
+                try:
+                    got = bytes(view[offset : offset + length])
+                except ValueError:
+                    pass
+                else:
+                    w.read_start = prp1 - offset
+                    w.read_end = w.read_start + view.nbytes
+                    w.read_view = view
+                    return got
+        if not length:
+            return b""
+        try:
+            return self._context.dma_read(prp1, length)
         except IommuFault:
             return _status(Status.DATA_TRANSFER_ERROR, dnr=False)
 
