@@ -717,13 +717,11 @@ class Nvme(DeviceModel):
         in order. The SQ's head and request count advance once per run: nothing an I/O
         command does reads them, and the CQE that reports the head is posted after.
         """
+        # (locals only for what every entry uses: a run is often one entry, at QD1)
         unpack = _IO_FIELDS.unpack_from
-        decode = Command.decode
         append = held.append
         w = self._windows
         store = self._store
-        store_read, store_write = store.read, store.write
-        to_host, from_host = self._prp1_to_host, self._prp1_from_host
         lba_size = self.lba_size
         page = self._page_size
         most = page << self.mdts
@@ -746,7 +744,7 @@ class Nvme(DeviceModel):
                             if w.write_start <= prp1 and prp1 + length <= w.write_end:
                                 at = prp1 - w.write_start
                                 try:
-                                    w.write_view[at : at + length] = store_read(
+                                    w.write_view[at : at + length] = store.read(
                                         slba * lba_size, length
                                     )
                                 except ValueError:  # released: _to_host asks again
@@ -757,7 +755,8 @@ class Nvme(DeviceModel):
                                     append((sq, cid, 0, 0))
                                     continue
                             else:  # not the batch's mapping (its first command): as _to_host
-                                status = to_host(prp1, store_read(slba * lba_size, length))
+                                data = store.read(slba * lba_size, length)
+                                status = self._prp1_to_host(prp1, data)
                                 if not status:
                                     read_bytes += length
                                     reads += 1
@@ -770,23 +769,23 @@ class Nvme(DeviceModel):
                             except ValueError:  # released: _from_host asks again
                                 w.read_end = 0
                             else:
-                                store_write(slba * lba_size, data)
+                                store.write(slba * lba_size, data)
                                 written_bytes += length
                                 writes += 1
                                 append((sq, cid, 0, 0))
                                 continue
                         else:  # not the batch's mapping (its first write): as _from_host
-                            got = from_host(prp1, length)
+                            got = self._prp1_from_host(prp1, length)
                             if isinstance(got, int):
                                 append((sq, cid, got, 0))
                                 continue
-                            store_write(slba * lba_size, got)
+                            store.write(slba * lba_size, got)
                             written_bytes += length
                             writes += 1
                             append((sq, cid, 0, 0))
                             continue
                 try:  # every other case, decoded whole and run as _process_sq runs it
-                    command = decode(ring, offset)
+                    command = Command.decode(ring, offset)
                 except ValueError:  # its owner released the memory: the caller goes on
                     ran = (offset - start) // _SQE_SIZE
                     break
@@ -816,7 +815,8 @@ class Nvme(DeviceModel):
         `dma_write` otherwise (a fault stops at the entry QEMU stops at). Through
         a view, the CQ's tail and each source SQ's request count move once per run.
         """
-        ctx = self._context
+        ctx = self._ctx
+        assert ctx is not None  # a completion to post: attached
         held = cq.held
         popleft = held.popleft
         posted: set[int] = set()
