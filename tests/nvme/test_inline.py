@@ -392,3 +392,24 @@ async def test_trio_without_the_flags_every_command_asks_trio(
                 await ns.read_into(0, buf)
             assert scope.cancelled_caught
             assert q.free == q.depth
+
+
+async def test_a_closed_buffer_is_refused_on_the_hot_path(inline: InlineKernel) -> None:
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=1) as ctrl:
+            ns = ctrl.namespace()
+            async with dev.dma_buffer(4096) as buf:
+                await ns.read_into(0, buf)
+            rung = len(inline.writes)
+            with pytest.raises(aiovfio.ClosedResourceError):
+                await ns.read_into(0, buf)
+            with pytest.raises(aiovfio.ClosedResourceError):
+                await ns.write_from(0, buf)
+            async with ns.batch(depth=1) as batch:
+                with pytest.raises(aiovfio.ClosedResourceError):
+                    batch.read_into(0, buf)
+                with pytest.raises(aiovfio.ClosedResourceError):
+                    batch.write_from(0, buf)
+                assert batch.inflight == 0
+            assert len(inline.writes) == rung  # nothing was submitted
+            assert ctrl.queues[0].free == ctrl.queues[0].depth
