@@ -91,9 +91,7 @@ class _Context:
         machine = self._machine
         topo = machine._topo
         size = len(data)
-        lock = topo.lock
-        lock.acquire()  # Machine._dma's fast path, inline (and no `with`: see dma_view)
-        try:
+        with topo.lock:  # Machine._dma's fast path, inline: every completion's data passes
             window = machine._window(self._device, iova, size, True)
             if window is not None:
                 view, offset = window
@@ -103,8 +101,6 @@ class _Context:
                     pass
                 else:
                     return
-        finally:
-            lock.release()
         try:
             machine._dma(self._device, iova, size, bytes(data))
         finally:
@@ -114,16 +110,10 @@ class _Context:
     def dma_view(self, iova: int, size: int, write: bool = False) -> tuple[memoryview, int] | None:
         machine = self._machine
         topo = machine._topo
-        lock = topo.lock
-        # acquire/release, not `with`: a with statement on an RLock makes two bound methods
-        # and an argument tuple, and this runs for every run of ring entries
-        lock.acquire()
-        try:
+        with topo.lock:
             if not topo.depth:
                 return None  # outside a kernel call or clock callback nothing holds it still
             return machine._window(self._device, iova, size, write)
-        finally:
-            lock.release()
 
     def set_intx(self, asserted: bool) -> None:
         with self._machine._topo.lock:
@@ -137,25 +127,17 @@ class _Context:
 
     def send_msix(self, vector: int) -> None:
         topo = self._machine._topo
-        lock = topo.lock
-        lock.acquire()  # not `with`: see dma_view
-        try:
+        with topo.lock:
             self._device.irqs.send_msi(_MSIX, vector, self._machine._signals)
-        finally:
-            lock.release()
         if not topo.depth and topo.faults.pending:  # _flush, inline: every interrupt passes
             topo.faults.flush(stacklevel=2)
 
     def config_read(self, offset: int, size: int) -> int:
-        lock = self._machine._topo.lock
-        lock.acquire()  # not `with`: see dma_view
-        try:
+        with self._machine._topo.lock:
             phys = self._device.config.phys  # ConfigSpace.read, inline: MSI-X Enable per interrupt
             if size in (1, 2, 4) and 0 <= offset <= len(phys) - size:
                 return int.from_bytes(phys[offset : offset + size], "little")
             return self._device.config.read(offset, size)  # its ValueError
-        finally:
-            lock.release()
 
     def ram(self, index: int) -> memoryview:
         ram = self._device.ram.get(index)

@@ -341,9 +341,7 @@ class SimKernel:
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         topo = self._topo
-        lock = topo.lock
-        lock.acquire()  # not `with`: that makes two bound methods and an argument tuple
-        try:
+        with topo.lock:  # (a with statement: a KeyboardInterrupt cannot leave it held)
             f = self._files.files.get(fd)
             injector = topo.injector
             if type(f) is not DeviceFile or topo.closed or injector.injections or size < 0:
@@ -375,14 +373,10 @@ class SimKernel:
             if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return data
-        finally:
-            lock.release()
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
         topo = self._topo
-        lock = topo.lock
-        lock.acquire()  # not `with`, as pread
-        try:
+        with topo.lock:  # (a with statement: a KeyboardInterrupt cannot leave it held)
             f = self._files.files.get(fd)
             injector = topo.injector
             if type(f) is not DeviceFile or topo.closed or injector.injections:
@@ -411,8 +405,6 @@ class SimKernel:
             if not topo.depth and topo.faults.pending:
                 topo.faults.flush(stacklevel=3)
             return None
-        finally:
-            lock.release()
 
     @_op
     def __pread(self, fd: int, size: int, offset: int) -> bytes:
