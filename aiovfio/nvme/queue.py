@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 from attrs import define, field
 
+from .. import _ki
 from .._log import logger
 from .prp import build_prp
 from .spec import IO_SQE, SQE_SIZE
@@ -794,6 +795,13 @@ def _trio_run_flags() -> Any:
     ):
         return runner
     return _AskTrio()
+
+
+# On trio a KeyboardInterrupt inside `start` would land between an entry and its
+# doorbell (the entry unrung: the shutdown waits the command timeout for it, and a later
+# doorbell could expose it after its buffer is gone): it is delivered at the task's next
+# checkpoint instead, as in the public layer (`aiovfio._ki`).
+_ki.protect(QueuePair.start)
 
 
 def _abort_failed(_: object) -> Any:

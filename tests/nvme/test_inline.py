@@ -413,3 +413,18 @@ async def test_a_closed_buffer_is_refused_on_the_hot_path(inline: InlineKernel) 
                 assert batch.inflight == 0
             assert len(inline.writes) == rung  # nothing was submitted
             assert ctrl.queues[0].free == ctrl.queues[0].depth
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_a_keyboard_interrupt_never_splits_an_entry_from_its_doorbell() -> None:
+    """QueuePair.start (entry, doorbell, look) is KI-protected: trio delivers a SIGINT
+    that lands in it at the task's next checkpoint, not between the entry and the ring."""
+    import trio
+
+    from aiovfio import _ki
+    from aiovfio.nvme.queue import QueuePair
+
+    _ki.activate()
+    marked = trio._core._ki._CODE_KI_PROTECTION_STATUS_WMAP  # trio >= 0.27: per code object
+    assert marked[QueuePair.start.__code__] is True
+    assert trio.lowlevel.currently_ki_protected() is False  # the test itself is not
