@@ -21,7 +21,14 @@ from attrs import define, field
 
 from .._uapi.iommufd import IoasMapFlag
 from . import rules
-from .iommu import DmaMapping, MemlockAccount, ProcessMemory, TranslationFault, borrow_view
+from .iommu import (
+    DmaMapping,
+    MemlockAccount,
+    ProcessMemory,
+    TranslationFault,
+    borrow_view,
+    next_generation,
+)
 
 __all__ = ["Ioas", "U64"]
 
@@ -43,6 +50,8 @@ class Ioas:
     devices: list[str] = field(factory=list)
     #: the mappings' IOVAs, sorted as `mappings` is (for bisect)
     _starts: list[int] = field(factory=list, repr=False)
+    #: as `Type1Iommu.generation`: changes with every mapping added, removed or dropped
+    generation: int = field(factory=next_generation, init=False, repr=False)
 
     def label(self) -> str:
         return f"IOAS {self.id}"
@@ -106,6 +115,7 @@ class Ioas:
         i = bisect.bisect_right(self._starts, iova)
         self.mappings.insert(i, m)
         self._starts.insert(i, iova)
+        self.generation = next_generation()
         return iova
 
     def _pick(self, length: int, user_va: int) -> int:
@@ -149,6 +159,12 @@ class Ioas:
         i = self.mappings.index(m)
         del self.mappings[i], self._starts[i]
         self.memlock.locked -= m.size
+        self.generation = next_generation()
+
+    def drop_view(self, m: DmaMapping) -> None:
+        """Forget `m`'s lent view (released by its lender): device accesses copy now."""
+        m.view = None
+        self.generation = next_generation()
 
     def release(self) -> None:
         """The IOAS is destroyed (or its iommufd closed): every area goes."""

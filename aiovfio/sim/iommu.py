@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import itertools
 import mmap
 import os
 import resource
@@ -51,6 +52,7 @@ __all__ = [
     "TranslationFault",
     "Type1Iommu",
     "default_memlock_limit",
+    "next_generation",
 ]
 
 _U64 = (1 << 64) - 1
@@ -307,6 +309,17 @@ class ProcessMemory:
         return True
 
 
+#: Translation generations, unique across every IOMMU and IOAS of the process: a
+#: number names one state of one translation, so a device moved to another IOMMU
+#: never sees its old number again (`next_generation`).
+_GENERATIONS = itertools.count(1)
+
+
+def next_generation() -> int:
+    """A number no translation state had before (see `Type1Iommu.generation`)."""
+    return next(_GENERATIONS)
+
+
 @define(eq=False)
 class Type1Iommu:
     """A container's vfio_iommu (type1 or type1v2)."""
@@ -323,6 +336,10 @@ class Type1Iommu:
     zero_page_pin: bool = False
     #: the mappings' IOVAs, sorted as `mappings` is (for bisect)
     _starts: list[int] = field(factory=list, repr=False)
+    #: changes whenever what a device reaches through this IOMMU may change (a mapping
+    #: added or removed, a view replaced or dropped): a model may keep a `dma_view` for
+    #: as long as its device's `dma_epoch` is the same
+    generation: int = field(factory=next_generation, init=False, repr=False)
 
     @property
     def pgsize_bitmap(self) -> int:
@@ -372,6 +389,7 @@ class Type1Iommu:
             dma.vaddr = vaddr
             dma.vaddr_valid = True
             dma.view = borrow_view(vaddr, size)  # the new memory, as the sim reads by vaddr
+            self.generation = next_generation()
             return
         if overlap:
             raise rules.MAP_OVERLAP.error(f"IOVA {iova:#x}+{size:#x} overlaps {overlap[0]}")
@@ -402,6 +420,7 @@ class Type1Iommu:
         i = bisect.bisect_right(self._starts, iova)
         self.mappings.insert(i, m)
         self._starts.insert(i, iova)
+        self.generation = next_generation()
 
     # --- VFIO_IOMMU_UNMAP_DMA --------------------------------------------------------------
 
@@ -453,6 +472,12 @@ class Type1Iommu:
         del self.mappings[i], self._starts[i]
         self.dma_avail += 1
         self.memlock.locked -= m.size
+        self.generation = next_generation()
+
+    def drop_view(self, m: DmaMapping) -> None:
+        """Forget `m`'s lent view (released by its lender): device accesses copy now."""
+        m.view = None
+        self.generation = next_generation()
 
     def release(self) -> None:
         """vfio_iommu_type1_release: every mapping goes."""

@@ -115,6 +115,24 @@ class _Context:
                 return None  # outside a kernel call or clock callback nothing holds it still
             return machine._window(self._device, iova, size, write)
 
+    def dma_epoch(self) -> int | None:
+        # What `Machine._window` depends on beyond the mapping itself: Bus Master, an
+        # IOMMU (not noiommu), and which one the device is attached to; the IOMMU's
+        # generation covers its mappings and their views.
+        device = self._device
+        topo = self._machine._topo
+        if not topo.depth or not device.config.phys[_COMMAND] & _BUS_MASTER or topo.noiommu:
+            return None
+        iommu: Type1Iommu | Ioas | None = device.ioas
+        if iommu is None:
+            container = device.group.container
+            if container is None:
+                return None
+            iommu = container.iommu
+            if iommu is None:
+                return None
+        return iommu.generation
+
     def set_intx(self, asserted: bool) -> None:
         with self._machine._topo.lock:
             self._device.irqs.set_intx_level(bool(asserted))
@@ -614,9 +632,10 @@ class Machine:
         iommu: Type1Iommu | Ioas | None = device.ioas
         if iommu is None and device.group.container is not None:
             iommu = device.group.container.iommu
-        m = iommu.lookup(iova) if iommu is not None else None
-        if m is not None:
-            m.view = None
+        if iommu is not None:
+            m = iommu.lookup(iova)
+            if m is not None:
+                iommu.drop_view(m)
 
     def _dma_checked(self, device: SimDevice, iova: int, size: int, data: bytes | None) -> bytes:
         """Every check of a device DMA, each fault recorded; the copy per segment."""

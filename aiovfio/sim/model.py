@@ -111,6 +111,20 @@ class DeviceContext(Protocol):
         ValueError if its owner released the memory meanwhile: fall back the
         same way. For batched ring accesses (a controller prefetching
         commands, posting completions).
+
+        A model may keep a view past that, for later device work, while
+        `dma_epoch()` returns the number it returned when the view was given.
+        """
+        ...
+
+    def dma_epoch(self) -> int | None:
+        """A number that stays the same while every view `dma_view` gave stays valid.
+
+        It changes when a mapping of the device's IOMMU is added or removed, a
+        lent view is dropped, or the device moves to another IOMMU; None while
+        the device cannot DMA through a view at all (Bus Master off, no IOMMU,
+        noiommu, outside device work). A model caches its rings' views under
+        it: one call instead of a translation per ring per callback.
         """
         ...
 

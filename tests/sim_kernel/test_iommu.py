@@ -390,3 +390,48 @@ def test_dma_view_is_none_wherever_a_copy_would_fault_and_records_nothing(rig: R
         ctx(rig).dma_read(IOVA, 16)
     assert rig.machine.faults.count("bus_master") == 1
     unlent.close()
+
+
+@_FAULTS_ON_PURPOSE
+def test_dma_epoch_changes_with_everything_a_kept_view_depends_on(rig: Rig) -> None:
+    """A model may keep a `dma_view` while `dma_epoch` is unchanged: it must change with
+    every mapping added or removed, a view dropped, or the device's IOMMU; it is None
+    where no view is given (Bus Master off, outside device work)."""
+    c, g, d = rig.device()
+    epoch = ctx(rig).dma_epoch
+    assert _in_device_work(rig, epoch) is None  # Bus Master off
+    rig.bus_master(d)
+    assert epoch() is None  # outside device work
+    first = _in_device_work(rig, epoch)
+    assert first is not None
+    assert _in_device_work(rig, epoch) == first  # nothing changed
+    buf, addr = buffer(2)
+    with lent.lend(addr, 2 * PAGE, memoryview(buf)):
+        rig.map(c, addr, IOVA, 2 * PAGE)
+    mapped = _in_device_work(rig, epoch)
+    assert mapped != first
+    rig.map(c, addr, IOVA + 2 * PAGE, PAGE)  # any mapping, not only the one a view is of
+    assert _in_device_work(rig, epoch) != mapped
+    now = _in_device_work(rig, epoch)
+    rig.unmap(c, IOVA + 2 * PAGE, PAGE)
+    assert _in_device_work(rig, epoch) != now
+    now = _in_device_work(rig, epoch)
+    rig.machine._drop_view(rig.machine._topo.devices[NAME], IOVA)  # its lender released it
+    assert _in_device_work(rig, epoch) != now
+    now = _in_device_work(rig, epoch)
+    rig.cfg_write(d, 4, 2, rig.cfg_read(d, 4, 2) & ~0x4)  # Bus Master off, then on again
+    assert _in_device_work(rig, epoch) is None
+    rig.bus_master(d)
+    assert _in_device_work(rig, epoch) == now  # the same mappings, the same views
+    # Another container (and so another IOMMU): never a number seen before.
+    seen = {first, mapped, now}
+    rig.k.close(d)
+    rig.k.group_unset_container(g)
+    assert _in_device_work(rig, epoch) is None  # no IOMMU at all
+    c2 = rig.k.open_container()
+    rig.k.group_set_container(g, c2)
+    rig.k.set_iommu(c2, Extension.TYPE1v2_IOMMU)
+    d2 = rig.k.group_get_device_fd(g, NAME)
+    rig.bus_master(d2)
+    assert _in_device_work(rig, epoch) not in seen | {None}
+    buf.close()

@@ -68,6 +68,8 @@ class FakeContext:
     views: int = 0
     #: False: `dma_view` always says None (the model goes entry by entry)
     direct: bool = True
+    #: what `dma_epoch` answers while `direct`: changes with every map and unmap
+    epoch: int = 1
 
     def __attrs_post_init__(self) -> None:
         self._build_config()
@@ -141,10 +143,16 @@ class FakeContext:
             assert iova + size <= m.iova or m.iova + m.size <= iova, "overlapping map"
         buffer = bytearray(size)
         self.mappings.append(Mapping(iova, buffer, readable, writable))
+        self.epoch += 1
         return buffer
 
     def unmap(self, iova: int) -> None:
         self.mappings = [m for m in self.mappings if m.iova != iova]
+        self.epoch += 1
+
+    def dma_epoch(self) -> int | None:
+        """As the machine's: the views `dma_view` gave hold while this is unchanged."""
+        return self.epoch if self.direct else None
 
     def _segments(self, iova: int, size: int, write: bool) -> list[tuple[Mapping, int, int]]:
         segments, pos, end = [], iova, iova + size

@@ -14,6 +14,7 @@ import struct
 
 from aiovfio._uapi import vfio as uapi
 from aiovfio._uapi.vfio import Extension
+from aiovfio.kernel import lent
 from aiovfio.sim import Machine
 from aiovfio.sim.models import Nvme
 
@@ -27,8 +28,10 @@ _CONFIG = 7 << 40
 class MachineContext:
     """The host side of FakeContext's API, on a Machine with an nvme at 00:05.0."""
 
-    def __init__(self, machine: Machine, model: Nvme | None = None) -> None:
+    def __init__(self, machine: Machine, model: Nvme | None = None, *, lend: bool = False) -> None:
         self.machine = machine
+        self.lend = lend
+        self.views: list[memoryview] = []
         self.model = model or Nvme()
         machine.add_device(self.model, name=NAME)
         k = machine.kernel
@@ -54,6 +57,9 @@ class MachineContext:
     def map(
         self, iova: int, size: int, *, readable: bool = True, writable: bool = True
     ) -> mmap.mmap:
+        """Fresh memory mapped at `iova`; if the context lends, its view is lent as the
+        public layer lends a DmaBuffer's (the device then copies without a syscall, and
+        the model may keep views of it)."""
         buf = mmap.mmap(-1, size)
         anchor = ctypes.c_char.from_buffer(buf)
         vaddr = ctypes.addressof(anchor)
@@ -68,9 +74,22 @@ class MachineContext:
             iova=iova,
             size=size,
         )
-        self.k.map_dma(self.container, arg)
+        if self.lend:
+            view = memoryview(buf)
+            self.views.append(view)
+            with lent.lend(vaddr, size, view):
+                self.k.map_dma(self.container, arg)
+        else:
+            self.k.map_dma(self.container, arg)
         self.buffers.append(buf)
         return buf
+
+    def unmap(self, iova: int, size: int = 0) -> None:
+        """VFIO_IOMMU_UNMAP_DMA of the mapping at `iova` (its memory stays alive)."""
+        arg = uapi.vfio_iommu_type1_dma_unmap(
+            argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=size or PAGE
+        )
+        self.k.unmap_dma(self.container, arg)
 
     def run_all(self, limit: int = 10_000) -> int:
         if self.machine.clock.kind == "thread":
@@ -81,6 +100,8 @@ class MachineContext:
     def close(self) -> None:
         for fd in (self.device, self.group, self.container):
             self.k.close(fd)
+        for view in self.views:
+            view.release()
         for buf in self.buffers:
             buf.close()
         assert PAGE == 4096

@@ -59,8 +59,9 @@ class Releasing(FakeContext):
         for m in self.mappings:
             if m.iova <= iova < m.iova + m.size:
                 view = self.lent.get(m.iova)
-                if view is not None and _released(view):
+                if view is not None and _released(view) and m.iova not in self.dropped:
                     self.dropped.add(m.iova)
+                    self.epoch += 1  # as the machine's drop_view
 
     def dma_read(self, iova: int, size: int) -> bytes:
         self._notice(iova)

@@ -191,6 +191,11 @@ class _SubmissionQueue:
     scheduled: bool = False
     #: the clock callback that processes this queue (`Nvme._process_sq`), made once
     process: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: the whole ring through `dma_view` (its view, the offset of entry 0) and the
+    #: `dma_epoch` it was given under (0: none kept)
+    ring_epoch: int = field(default=0, repr=False)
+    ring_view: memoryview = field(default=memoryview(b""), repr=False)
+    ring_offset: int = field(default=0, repr=False)
 
 
 @define(eq=False)
@@ -209,13 +214,15 @@ _NO_VIEW = memoryview(b"")
 
 @define(eq=False)
 class _DataWindows:
-    """The mappings a batch's data went through, as `dma_view` gave them (the view of the
-    whole mapping, so any range inside it is reached the same way), one for the device's
-    writes and one for its reads. Valid only while the batch's clock callback runs:
-    `Nvme._process_sq` empties it at its start and its end. An empty window (end 0) has
-    the empty `_NO_VIEW`."""
+    """The mappings the data of earlier commands went through, as `dma_view` gave them
+    (the view of the whole mapping, so any range inside it is reached the same way), one
+    for the device's writes and one for its reads. Valid while the device's `dma_epoch`
+    is `epoch`: `Nvme._process_sq` empties it when the epoch has changed. Used only
+    while `active` (inside `_process_sq`). An empty window (end 0) has the empty
+    `_NO_VIEW`."""
 
     active: bool = False
+    epoch: int = 0
     write_start: int = 0
     write_end: int = 0
     write_view: memoryview = _NO_VIEW
@@ -225,6 +232,7 @@ class _DataWindows:
 
     def clear(self) -> None:
         self.active = False
+        self.epoch = 0
         self.write_start = self.write_end = self.read_start = self.read_end = 0
         self.write_view = self.read_view = _NO_VIEW
 
@@ -262,6 +270,10 @@ class _CompletionQueue:
     phase: int = 1
     held: deque[_Held] = field(factory=deque)
     sqids: set[int] = field(factory=set)
+    #: as `_SubmissionQueue.ring_epoch`: the whole ring's writable view, kept
+    ring_epoch: int = field(default=0, repr=False)
+    ring_view: memoryview = field(default=memoryview(b""), repr=False)
+    ring_offset: int = field(default=0, repr=False)
 
     @property
     def full(self) -> bool:
@@ -656,20 +668,31 @@ class Nvme(DeviceModel):
         run = self._io if sq.qid else None
         fast = run is not None and self._fast_io
         decode = Command.decode
-        windows = self._windows  # data views for this callback only (a stale one never
-        windows.write_end = windows.read_end = 0  # outlives it: emptied here and at the end)
+        # The views kept from earlier callbacks (the ring's, the data's) hold while the
+        # device's DMA epoch is theirs: no mapping, view or attachment changed since.
+        epoch = ctx.dma_epoch()
+        windows = self._windows
+        if windows.epoch != epoch:
+            windows.write_end = windows.read_end = 0
+            windows.write_view = windows.read_view = _NO_VIEW
+            windows.epoch = epoch or 0
         windows.active = True
         while sq.head != sq.tail and sq.outstanding < sq.size:
             head, size = sq.head, sq.size
             count = min((sq.tail if sq.tail > head else size) - head, size - sq.outstanding)
             address = sq.base + head * _SQE_SIZE
-            window = ctx.dma_view(address, count * _SQE_SIZE)
+            window: tuple[memoryview, int] | None
+            if sq.ring_epoch == epoch or self._keep_ring(sq, epoch, _SQE_SIZE, False):
+                window = sq.ring_view, sq.ring_offset + head * _SQE_SIZE
+            else:  # the ring is not one view: this run's entries, if they are
+                window = ctx.dma_view(address, count * _SQE_SIZE)
             first = 0
             if window is not None and fast:
                 first = self._run_io(sq, window[0], window[1], count, held)
                 if first == count:
                     continue
                 window = None  # its owner released the memory: the rest entry by entry
+                sq.ring_epoch = 0
             for i in range(first, count):
                 command = None
                 if window is not None:
@@ -677,6 +700,7 @@ class Nvme(DeviceModel):
                         command = decode(window[0], window[1] + i * _SQE_SIZE)
                     except ValueError:  # its owner released the memory: entry by entry
                         window = None
+                        sq.ring_epoch = 0
                 if command is None:
                     entry = address + i * _SQE_SIZE
                     try:
@@ -695,11 +719,24 @@ class Nvme(DeviceModel):
                 result = run(command) if run is not None else self._admin(sq, command)
                 if result is not None:
                     held.append((sq, command.cid, result.status, result.result))
-        windows.active = False  # windows.clear(), inline
-        windows.write_end = windows.read_end = 0
-        windows.write_view = windows.read_view = _NO_VIEW
+        windows.active = False  # (its views kept for the next callback of this epoch)
         if len(held) > before:  # new completions (an AER may have met a queued event)
             self._post(cq)
+
+    def _keep_ring(
+        self, queue: _SubmissionQueue | _CompletionQueue, epoch: int | None, entry: int, write: bool
+    ) -> bool:
+        """Keep the view of `queue`'s whole ring under `epoch`, if the device reaches it
+        whole through one view; False (nothing kept) otherwise."""
+        ctx = self._ctx
+        assert ctx is not None  # device work: attached
+        window = ctx.dma_view(queue.base, queue.size * entry, write) if epoch else None
+        if window is None:
+            queue.ring_epoch = 0
+            return False
+        queue.ring_view, queue.ring_offset = window
+        queue.ring_epoch = epoch or 0
+        return True
 
     def _run_io(
         self, sq: _SubmissionQueue, ring: memoryview, start: int, count: int, held: deque[_Held]
@@ -822,13 +859,18 @@ class Nvme(DeviceModel):
         posted: set[int] = set()
         pack_into = CQE.pack_into
         failed = False
+        epoch = ctx.dma_epoch()
         while held and not failed:
             tail, size = cq.tail, cq.size
             count = min(len(held), (cq.head - tail - 1) % size, size - tail)  # 0: full
             if not count:
                 break
             address = cq.base + tail * _CQE_SIZE
-            window = ctx.dma_view(address, count * _CQE_SIZE, True)
+            window: tuple[memoryview, int] | None
+            if cq.ring_epoch == epoch or self._keep_ring(cq, epoch, _CQE_SIZE, True):
+                window = cq.ring_view, cq.ring_offset + tail * _CQE_SIZE
+            else:  # the ring is not one view: this run's entries, if they are
+                window = ctx.dma_view(address, count * _CQE_SIZE, True)
             phase = cq.phase
             first = 0
             if window is not None:
@@ -853,6 +895,7 @@ class Nvme(DeviceModel):
                     except (ValueError, TypeError):  # its owner released the memory (for
                         held.appendleft(done)  # pack_into, a TypeError): entry by entry
                         stop = offset
+                        cq.ring_epoch = 0
                         break
                 if last is not None:
                     last.outstanding -= (stop - mark) // _CQE_SIZE
