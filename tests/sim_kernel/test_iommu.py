@@ -435,3 +435,28 @@ def test_dma_epoch_changes_with_everything_a_kept_view_depends_on(rig: Rig) -> N
     rig.bus_master(d2)
     assert _in_device_work(rig, epoch) not in seen | {None}
     buf.close()
+
+
+def test_an_ioas_generation_changes_with_its_mappings() -> None:
+    """As a type1 IOMMU's: what `dma_epoch` answers for a device attached through iommufd."""
+    from aiovfio._uapi.iommufd import IoasMapFlag
+
+    with Machine(iommufd=True) as machine:
+        ioas = machine._topo.new_ioas()
+        other = machine._topo.new_ioas()
+        assert ioas.generation != other.generation  # one number per state, process-wide
+        buf, addr = buffer(2)
+        seen = {ioas.generation, other.generation}
+        flags = IoasMapFlag.READABLE | IoasMapFlag.WRITEABLE | IoasMapFlag.FIXED_IOVA
+        with lent.lend(addr, 2 * PAGE, memoryview(buf)):
+            ioas.map(flags, addr, 2 * PAGE, IOVA)
+        assert ioas.generation not in seen
+        seen.add(ioas.generation)
+        m = ioas.lookup(IOVA)
+        assert m is not None and m.view is not None
+        ioas.drop_view(m)
+        assert m.view is None and ioas.generation not in seen
+        seen.add(ioas.generation)
+        ioas.unmap(IOVA, 2 * PAGE)
+        assert ioas.generation not in seen
+        buf.close()
