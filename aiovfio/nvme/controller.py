@@ -557,6 +557,9 @@ class Controller:
         clock = time.perf_counter
         if poll is True:
             while True:
+                if q.self_polling > 0:  # a batch polls this queue in its own task: not twice
+                    await checkpoint()
+                    continue
                 if not q.reap():
                     if not q.inflight:
                         await q.wait_work()
@@ -755,6 +758,9 @@ class Controller:
         # Commands still in flight (tasks that outlived their block) finish first.
         deadline = time.monotonic() + self.command_timeout
         while any(q.inflight for q in self._queues) and self._failure is None:
+            if any(q.ring_failed for q in self._queues):
+                self.fail("an SQ doorbell write failed: commands in flight may never be seen")
+                return
             if time.monotonic() >= deadline:
                 self.fail("commands still in flight at shutdown did not complete")
                 return

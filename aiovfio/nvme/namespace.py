@@ -19,7 +19,6 @@ see what the controller itself answers.
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -27,7 +26,6 @@ from attrs import define
 
 from .. import errors
 from ..dma import DmaBuffer
-from . import queue as _queue
 from .batch import Batch
 from .errors import NvmeStatusError, TransferOutOfRange
 from .spec import IdentifyNamespace, IoOpcode
@@ -45,7 +43,6 @@ _U32 = 0xFFFF_FFFF
 #: checked to be DmaBuffer first): in CPython 3.11 a property read re-enters the eval
 #: loop from C, ~1k instructions more than this call
 _iova: Callable[[DmaBuffer], int] = vars(DmaBuffer)["iova"].fget
-_clock = time.perf_counter
 _READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 _NAMES: dict[int, str] = {IoOpcode.READ: "Read", IoOpcode.WRITE: "Write", IoOpcode.FLUSH: "Flush"}
 
@@ -246,8 +243,10 @@ class Namespace:
             value = q.start(cid, _READ, self.nsid, prp1, prp2, lba, count - 1)
             if value < 0:
                 value = await q.wait(cid)
-            elif _clock() - q.turn_at >= _queue.YIELD_EVERY:
-                await q.turn()
+            else:
+                q.turn_in -= 1
+                if q.turn_in <= 0:
+                    await q.turn()
         else:  # a failed queue, a cancelled trio task: run raises
             value = await q.run(cid, _READ, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1)
         if value >> 32:
@@ -281,8 +280,10 @@ class Namespace:
             value = q.start(cid, _WRITE, self.nsid, prp1, prp2, lba, count - 1)
             if value < 0:
                 value = await q.wait(cid)
-            elif _clock() - q.turn_at >= _queue.YIELD_EVERY:
-                await q.turn()
+            else:
+                q.turn_in -= 1
+                if q.turn_in <= 0:
+                    await q.turn()
         else:  # a failed queue, a cancelled trio task: run raises
             value = await q.run(
                 cid, _WRITE, self.nsid, prp1, prp2, lba & _U32, lba >> 32, count - 1

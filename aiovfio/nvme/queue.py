@@ -11,8 +11,8 @@ The waits use each backend's own primitives (an asyncio Future; trio's
 A command rung alone looks at the CQ once first: a quick device may have
 answered already (the sim's model run inline after the doorbell does). It
 then returns with no event-loop turn, except one at least every
-`YIELD_EVERY` so other tasks run and deadlines, Task.cancel and trio's
-KeyboardInterrupt arrive; and it reads the interrupt that completion raised
+`TURN_EVERY` such commands so other tasks run and deadlines, Task.cancel
+and trio's KeyboardInterrupt arrive; and it reads the interrupt that completion raised
 (`drain`), which would otherwise wake the loop for nothing later.
 
 Cancelling a task whose command is in flight does not abandon the command:
@@ -39,18 +39,24 @@ from .._log import logger
 from .prp import build_prp
 from .spec import IO_SQE, SQE_SIZE
 
-__all__ = ["POLL_SPIN", "YIELD_EVERY", "QueuePair", "Sink", "running_trio"]
+__all__ = ["POLL_SPIN", "POLL_SPIN_MAX", "TURN_EVERY", "QueuePair", "Sink", "running_trio"]
 
 _U16 = 0xFFFF
-_clock = time.perf_counter
-#: Polled and hybrid modes: seconds a poller watches the CQ between event-loop turns.
+#: Polled and hybrid modes: seconds a poller watches the CQ between event-loop turns (at
+#: least; a batch polling its own queue spins as long as its last turn took, up to
+#: POLL_SPIN_MAX: `QueuePair.spin_for`).
 POLL_SPIN = 50e-6
+#: The longest a batch polling its own queue spins between turns (seconds).
+POLL_SPIN_MAX = 1e-3
 #: A task whose completion is already there when it looks (a quick device; the sim's
-#: inline model) goes on without an event-loop turn, but gives the loop one at least this
-#: often (seconds): other tasks run and cancellation (deadlines, Task.cancel, trio's
-#: KeyboardInterrupt) arrives at least that often. Each turn costs a QD1 command about as
-#: much as the device does in a TCG guest.
-YIELD_EVERY = 10e-3
+#: inline model) goes on without an event-loop turn, but gives the loop one at least every
+#: this many such commands (a batch: completions handed over): other tasks run and
+#: cancellation (deadlines, Task.cancel, trio's KeyboardInterrupt) arrives at least that
+#: often (~3-8 ms at the sim's QD1, ~1-2 ms for its QD32 batch). A count, not a time: the
+#: same run takes its turns at the same points (the exhaustive exit-path sweeps replay
+#: runs point by point), and no clock is read per command. Each turn costs a QD1 command
+#: about as much as the device does in a TCG guest.
+TURN_EVERY = 256
 #: the waiter of a command while `start` runs (its task looks at the CQ itself)
 _HERE: Any = object()
 
@@ -150,9 +156,9 @@ class QueuePair:
     sinks: list[Sink] = field(factory=list, init=False)
     #: CID -> the error its command ends with (it timed out and was aborted)
     expired: dict[int, BaseException] = field(factory=dict, init=False)
-    #: perf_counter when a task submitting here last came back from an event-loop turn
-    #: (older is safe: it only makes the next turn come sooner)
-    turn_at: float = field(default=0.0, init=False)
+    #: commands answered without an event-loop turn left before the next forced turn
+    #: (TURN_EVERY after each; lower is safe: it only makes the next turn come sooner)
+    turn_in: int = field(default=0, init=False)
     #: read the CQ's interrupt eventfd without blocking (set by the interrupt-mode reaper):
     #: a task that reaped its completion itself consumes the interrupt it raised, so it
     #: wakes nobody later
@@ -163,6 +169,18 @@ class QueuePair:
     #: trio: the run's runner, whose `ki_pending` (with the task's cancel status) says
     #: whether checkpoint_if_cancelled must be asked (`_trio_run_flags`)
     _trio_run: Any = field(default=None, init=False)
+    #: polled mode: batches polling this queue in their own task now (`Batch._sleep`);
+    #: while there is one, the reaper task does not poll too (a second spin every turn)
+    self_polling: int = field(default=0, init=False)
+    #: an SQ doorbell write raised (a dead device; an interrupt inside the write): the
+    #: entries written before it may never reach the controller, so nobody waits for
+    #: them (shutdown, a batch leaving): the controller is failed (disabled) instead
+    ring_failed: bool = field(default=False, init=False)
+    #: polled mode: how long a batch's own poll spins between event-loop turns: at least
+    #: POLL_SPIN, and as long as its last turn took (at most POLL_SPIN_MAX), so turns take
+    #: at most about half the wait however dear a turn is (an epoll call and every ready
+    #: task: ~10 us on a host, ~250 us in a TCG guest)
+    spin_for: float = field(default=POLL_SPIN, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.writer is not None:
@@ -172,6 +190,7 @@ class QueuePair:
             self.ring_sq = functools.partial(self.write32, self.sq_doorbell)
             self.ring_cq = functools.partial(self.write32, self.cq_doorbell)
         depth = self.size - 1
+        self.turn_in = TURN_EVERY
         if self.cq_size < self.size:
             self.cq_size = self.size
         self._lazy = self.cq_size - self.size
@@ -310,6 +329,7 @@ class QueuePair:
             try:
                 self.ring_sq(self._tail)
             except Exception as exc:  # a closed region, a dead device: the watchdog sees it
+                self.ring_failed = True
                 logger.warning("nvme.doorbell_failed", qid=self.qid, error=str(exc))
 
     def put(
@@ -364,8 +384,13 @@ class QueuePair:
             self.wake(idle, 0)
 
     def ring(self) -> None:
-        """Ring the SQ tail doorbell now (after `put`)."""
-        self.ring_sq(self._tail)
+        """Ring the SQ tail doorbell now (after `put`); a write that raises marks the
+        queue (`ring_failed`)."""
+        try:
+            self.ring_sq(self._tail)
+        except BaseException:
+            self.ring_failed = True
+            raise
 
     def start(
         self, cid: int, opcode: int, nsid: int, prp1: int, prp2: int, cdw10_11: int, cdw12_13: int
@@ -415,9 +440,17 @@ class QueuePair:
                 ringer, self._ringer = self._ringer, None
                 self.wake(ringer, 0)
             else:
-                self.ring_sq(tail)
+                try:
+                    self.ring_sq(tail)
+                except BaseException:
+                    self.ring_failed = True
+                    raise
             return -1
-        self.ring_sq(tail)
+        try:
+            self.ring_sq(tail)
+        except BaseException:
+            self.ring_failed = True
+            raise
         if self.polled:
             return -1
         cq = self.cq
@@ -477,7 +510,7 @@ class QueuePair:
         """Submit with `cid` and wait: the completion's status << 32 | DW0.
 
         `start`, then `wait` unless it was answered at once; answered commands
-        give the loop a turn at least every YIELD_EVERY (`turn`). On trio a
+        give the loop a turn at least every TURN_EVERY of them (`turn`). On trio a
         cancelled task starts nothing (checkpoint_if_cancelled, asked only when its
         flags say so: `_trio_run_flags`). Namespace.read_into/write_from inline this.
         """
@@ -495,15 +528,17 @@ class QueuePair:
         value = self.start(cid, opcode, nsid, prp1, prp2, cdw10 | cdw11 << 32, cdw12 | cdw13 << 32)
         if value < 0:
             value = await self.wait(cid)
-        elif _clock() - self.turn_at >= YIELD_EVERY:
-            await self.turn()
+        else:
+            self.turn_in -= 1
+            if self.turn_in <= 0:
+                await self.turn()
         return value
 
     async def turn(self) -> None:
         """The event-loop turn a task whose commands are answered at once takes at least
-        every YIELD_EVERY: other tasks run, cancellation arrives (the commands are done)."""
+        every TURN_EVERY: other tasks run, cancellation arrives (the commands are done)."""
         await self._checkpoint()
-        self.turn_at = _clock()
+        self.turn_in = TURN_EVERY
 
     async def _wait_asyncio(self, cid: int) -> int:
         """Sleep until the reap loop sets our future (after `start` returned -1)."""
@@ -603,8 +638,12 @@ class QueuePair:
         self._head = head
         self._phase = phase
         # With nothing in flight nobody waits on the interrupt and the device cannot fill
-        # the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`).
-        if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
+        # the CQ (consumed + in flight < cq_size): the doorbell may wait (`flush`). A
+        # failed queue (nothing in flight) rings nothing: its CQ may be gone (shutdown
+        # disables the controller after failing the queues; a reaper may look once more).
+        if inflight or (
+            (head - self._rung_head) % self.cq_size > self._lazy and self.failure is None
+        ):
             self._rung_head = head
             self.ring_cq(head)
         for sink in self.sinks:
@@ -637,7 +676,9 @@ class QueuePair:
         self._head = head
         inflight = self.inflight - 1
         self.inflight = inflight
-        if inflight or (head - self._rung_head) % self.cq_size > self._lazy:
+        if inflight or (
+            (head - self._rung_head) % self.cq_size > self._lazy and self.failure is None
+        ):
             self._rung_head = head
             self.ring_cq(head)
         return cid
@@ -646,7 +687,7 @@ class QueuePair:
         """Ring the CQ head doorbell if entries were consumed since (before sleeping on the
         interrupt: a device may signal only while it sees entries unconsumed)."""
         head = self._head
-        if head != self._rung_head:
+        if head != self._rung_head and self.failure is None:
             self._rung_head = head
             self.ring_cq(head)
 
@@ -800,8 +841,24 @@ def _trio_run_flags() -> Any:
 # On trio a KeyboardInterrupt inside `start` would land between an entry and its
 # doorbell (the entry unrung: the shutdown waits the command timeout for it, and a later
 # doorbell could expose it after its buffer is gone): it is delivered at the task's next
-# checkpoint instead, as in the public layer (`aiovfio._ki`).
-_ki.protect(QueuePair.start)
+# checkpoint instead, as in the public layer (`aiovfio._ki`). The same for every plain
+# method that moves a CID, an entry or a completion between the rings, the free list and
+# the waiters (a reaper task runs them too): half done, a completion is lost and whoever
+# waits for it waits for ever.
+for _method in (
+    QueuePair.start,
+    QueuePair.put,
+    QueuePair.ring,
+    QueuePair._ring,
+    QueuePair.release,
+    QueuePair.reap,
+    QueuePair.reap_own,
+    QueuePair.flush,
+    QueuePair.fail,
+    QueuePair._expire,
+    QueuePair._wake_sink,
+):
+    _ki.protect(_method)
 
 
 def _abort_failed(_: object) -> Any:

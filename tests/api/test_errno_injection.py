@@ -21,8 +21,11 @@ import errno
 from collections import Counter
 
 import pytest
+import structlog
+import structlog.testing
 
 import aiovfio
+import aiovfio._log
 from aiovfio.testing.target import Target
 
 from ._operations import (
@@ -117,10 +120,23 @@ async def kernel_calls(op: Operation) -> Counter[str]:
         return t.machine.kernel_calls - before
 
 
-def _may_pass(op: Operation, method: str, n: int, count: int, err: int) -> bool:
-    """Whether the operation may complete although the n-th `method` call failed."""
+#: What aiovfio.nvme logs, not raises, when a register access fails where no caller can
+#: be told: while the controller shuts down (CC.SHN, the wait for SHST, CC.EN=0: the body
+#: has ended; the controller is disabled, or the function reset, before its memory is
+#: unmapped), and a CQ head doorbell written by a reaper task (the next write carries
+#: the absolute head again; a dead device is the watchdog's to find).
+NVME_LOGGED = frozenset({"nvme.shutdown_incomplete", "nvme.disable_failed", "nvme.reap_failed"})
+
+
+def _may_pass(
+    op: Operation, method: str, n: int, count: int, err: int, logged: frozenset[str] = frozenset()
+) -> bool:
+    """Whether the operation may complete although the n-th `method` call failed
+    (`logged`: the structlog events of the run)."""
     if method in RELEASES:
         return True
+    if op.name == "nvme_io" and method in ("pread", "pwrite") and logged & NVME_LOGGED:
+        return True  # a register access no caller could be told of: logged, not raised
     if method == "device_set_irqs" and n == count:
         return True  # the last one disables the vectors: a release
     # open_device's REQ probe (the first IRQ info) reads EINVAL as "no REQ index": no watch.
@@ -137,15 +153,26 @@ async def run_injected(op: Operation, method: str, n: int, count: int, err: int)
         assert machine is not None
         injection = machine.inject(method, err, nth=n)
         raised: aiovfio.VfioError | None = None
+        # capture_logs configures structlog, and a configured structlog makes aiovfio
+        # emit its debug events from then on (slow, for every later test): it is put
+        # back unconfigured after
+        was_configured = structlog.is_configured()
         try:
-            await op(t)
-        except aiovfio.VfioError as exc:
-            raised = exc
-        except BaseException as exc:
-            pytest.fail(f"{case}: {type(exc).__name__} escaped, not a VfioError: {exc!r}")
+            with structlog.testing.capture_logs() as logs:
+                try:
+                    await op(t)
+                except aiovfio.VfioError as exc:
+                    raised = exc
+                except BaseException as exc:
+                    pytest.fail(f"{case}: {type(exc).__name__} escaped, not a VfioError: {exc!r}")
+        finally:
+            if not was_configured:
+                structlog.reset_defaults()
+                aiovfio._log.refresh()
         assert injection.fired == 1, "the injected call did not happen"
         if raised is None:
-            assert _may_pass(op, method, n, count, err), "the failure vanished"
+            logged = frozenset(str(entry.get("event")) for entry in logs)
+            assert _may_pass(op, method, n, count, err, logged), "the failure vanished"
         elif isinstance(raised, aiovfio.KernelError):
             assert raised.errno == err
             text = str(raised)

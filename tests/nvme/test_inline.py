@@ -6,6 +6,7 @@ interrupt they raised is read, not left to wake anyone later."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -105,7 +106,7 @@ async def test_answered_commands_take_no_loop_turn_each(
     inline: InlineKernel, reader: Reader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for module in (aiovfio.nvme.queue, aiovfio.nvme.batch):
-        monkeypatch.setattr(module, "YIELD_EVERY", 1e9)  # no forced turn in this test
+        monkeypatch.setattr(module, "TURN_EVERY", 10**9)  # no forced turn in this test
     async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
         async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
             ns = ctrl.namespace()
@@ -121,8 +122,15 @@ async def test_answered_commands_take_no_loop_turn_each(
             assert bytes(buf.view) == await ns.read(39 * 8, 8)
 
 
+@pytest.mark.parametrize("every", [8, aiovfio.nvme.queue.TURN_EVERY])
 @pytest.mark.parametrize("reader", READERS)
-async def test_other_tasks_still_get_turns(inline: InlineKernel, reader: Reader) -> None:
+async def test_other_tasks_still_get_turns(
+    inline: InlineKernel, reader: Reader, every: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn at least every TURN_EVERY answered commands (a count: the same points in
+    every run), whether one at a time or through a batch."""
+    for module in (aiovfio.nvme.queue, aiovfio.nvme.batch):
+        monkeypatch.setattr(module, "TURN_EVERY", every)
     async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
         async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
             ns = ctrl.namespace()
@@ -130,11 +138,13 @@ async def test_other_tasks_still_get_turns(inline: InlineKernel, reader: Reader)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_counting, turns, stop)
                 await anyio.sleep(0.001)
-                before = turns[0]
-                end = anyio.current_time() + 3 * aiovfio.nvme.queue.YIELD_EVERY
-                while anyio.current_time() < end:
-                    await reader(ns, buf, 10)
-                assert turns[0] > before  # the loop had a turn at least every YIELD_EVERY
+                before = [0]
+                commands = 5 * every
+                await reader(ns, buf, commands, lambda: before.__setitem__(0, turns[0]))
+                # one turn per `every` commands, give or take the first (the budget
+                # left over from opening the controller) and trio's shuffled order of
+                # the two tasks in a scheduler batch (a turn seen one turn late)
+                assert 3 <= turns[0] - before[0] <= 6
                 stop.set()
 
 
@@ -313,7 +323,7 @@ async def test_trio_a_scope_cancelled_by_the_task_raises_at_its_next_command(
     status and the pending KeyboardInterrupt flag are read directly (no coroutine per
     command) and trio's checkpoint_if_cancelled asked when either is set."""
     for module in (aiovfio.nvme.queue, aiovfio.nvme.batch):
-        monkeypatch.setattr(module, "YIELD_EVERY", 1e9)  # no forced turn: only the check
+        monkeypatch.setattr(module, "TURN_EVERY", 10**9)  # no forced turn: only the check
     async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
         async with open_controller(dev, queue_depth=1) as ctrl, dev.dma_buffer(4096) as buf:
             ns = ctrl.namespace()
@@ -370,7 +380,7 @@ async def test_trio_without_the_flags_every_command_asks_trio(
         m.setattr(trio.lowlevel, "current_task", lambda: object())
         assert isinstance(_trio_run_flags(), _AskTrio)
     monkeypatch.setattr(aiovfio.nvme.queue, "_trio_run_flags", _AskTrio)
-    monkeypatch.setattr(aiovfio.nvme.queue, "YIELD_EVERY", 1e9)
+    monkeypatch.setattr(aiovfio.nvme.queue, "TURN_EVERY", 10**9)
     asked = [0]
     real = trio.lowlevel.checkpoint_if_cancelled
 
@@ -428,3 +438,33 @@ async def test_trio_a_keyboard_interrupt_never_splits_an_entry_from_its_doorbell
     marked = trio._core._ki._CODE_KI_PROTECTION_STATUS_WMAP  # trio >= 0.27: per code object
     assert marked[QueuePair.start.__code__] is True
     assert trio.lowlevel.currently_ki_protected() is False  # the test itself is not
+
+
+@pytest.mark.parametrize(("depth", "rung_at"), [(8, [4, 8]), (5, [2, 4]), (3, [])])
+async def test_a_batch_rings_when_half_its_depth_is_queued(
+    inline: InlineKernel, depth: int, rung_at: list[int]
+) -> None:
+    """A batch of depth >= 4 rings the SQ doorbell each time depth // 2 entries were
+    written since the last ring (the device starts on them while the rest are written);
+    completions() rings what is left. Smaller batches ring only in completions()."""
+    async with aiovfio.open_device(SIM_NVME, kernel=inline) as dev:  # type: ignore[arg-type]
+        async with open_controller(dev, queue_depth=8) as ctrl:
+            ns = ctrl.namespace()
+            sq_db, _ = doorbell_offsets(1, ctrl.cap.doorbell_stride)
+            doorbell = dev.bar(0).info.offset + sq_db
+            async with contextlib.AsyncExitStack() as stack:
+                bufs = [await stack.enter_async_context(dev.dma_buffer(4096)) for _ in range(depth)]
+                async with ns.batch(depth=depth) as batch:
+                    inline.writes.clear()
+                    rings = []
+                    for i, buf in enumerate(bufs, 1):
+                        batch.read_into(i * 8, buf, i)
+                        if inline.writes.count(doorbell) > len(rings):
+                            rings.append(i)
+                    assert rings == rung_at
+                    tags: list[int] = []
+                    while len(tags) < depth:
+                        tags += await batch.completions()
+                    assert sorted(tags) == list(range(1, depth + 1))
+                    left = depth - (rung_at[-1] if rung_at else 0)
+                    assert inline.writes.count(doorbell) == len(rung_at) + (1 if left else 0)
