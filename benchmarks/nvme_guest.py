@@ -11,14 +11,25 @@ random reads at QD1 and QD32,
   one task per command, `await ns.read_into`;
 * then the controller rebound to the kernel's nvme driver and fio
   (`--direct=1 --ioengine=io_uring --rw=randread --bs=4k`) on /dev/nvme0n1;
-* then rebound to vfio-pci; `--rounds` times, interleaved, best of each (the
-  host's load swings, and TCG shares its cores).
+* then rebound to vfio-pci; `--rounds` times, interleaved (aiovfio, kernel,
+  aiovfio, kernel, ...).
+
+This host moves the kernel's own QD32 figure by up to 2x from round to round
+(TCG shares two cores with everything else), so one round's ratio is noise
+as often as signal: each round's ratio is printed against the kernel's figure
+of the same round, then, per mode, best against best and median against
+median over the rounds, and in how many rounds the target was met.
+
+Each aiovfio run is a child process (`--one`), so `--tree NAME=PATH` (given
+more than once) measures several source trees (PYTHONPATH=PATH) in the same
+boot and the same rounds: a before/after comparison interleaved with the
+kernel's rounds. `--modes` picks modes ("poll batch", "irq tasks", ...).
 
 Printed: IOPS and CPU per I/O of both, and the ratio (aiovfio / kernel).
 Targets: >= 1.0x the kernel's IOPS at QD32, >= 0.6x at QD1. fio's CPU per
 I/O is its own process's (usr + sys); interrupt work the kernel does outside
 fio's context is not in it. The perf tool's own output (`aiovfio nvme perf`)
-for QD32 follows the table.
+for QD32 follows the tables (`--no-perf`: left out).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -119,14 +131,87 @@ async def _aiovfio(
             )
 
 
+def _modes(hybrid_us: float) -> dict[str, tuple[bool | float, bool]]:
+    """Mode name -> (poll=, tasks=)."""
+    polls: dict[str, bool | float] = {"irq": False, "poll": True, "hybrid": hybrid_us / 1e6}
+    modes = {f"{name} batch": (poll, False) for name, poll in polls.items()}
+    return modes | {f"{name} tasks": (poll, True) for name, poll in polls.items()}
+
+
+def _one(bdf: str, qd: int, mode: str, seconds: float, hybrid_us: float) -> int:
+    """The child: one aiovfio run, its figures as one JSON line."""
+    poll, tasks = _modes(hybrid_us)[mode]
+    r = anyio.run(_aiovfio, bdf, qd, poll, seconds, tasks)
+    print(json.dumps({"iops": r.iops, "cpu_us": r.cpu_per_io_us}), flush=True)
+    return 0
+
+
+def _run_child(
+    tree: str | None, bdf: str, qd: int, mode: str, seconds: float, hybrid_us: float
+) -> tuple[float, float]:
+    """(IOPS, CPU us per I/O) of one aiovfio run in a child on `tree` (None: this one)."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = tree
+    argv = [sys.executable, os.path.abspath(__file__), "--one", str(qd), mode]
+    argv += ["--seconds", f"{seconds:g}", "--hybrid-us", f"{hybrid_us:g}"]
+    out = subprocess.run(argv, env=env, cwd=tree, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"aiovfio run failed ({mode}, QD{qd}, tree {tree}):\n{out.stderr}")
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures["iops"], figures["cpu_us"]
+
+
+def _trees(specs: list[str]) -> dict[str, str | None]:
+    trees: dict[str, str | None] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path, "aiovfio").is_dir():
+            raise SystemExit(
+                f"--tree takes NAME=PATH of a source tree (PATH/aiovfio), not {spec!r}"
+            )
+        trees[name] = os.path.abspath(path)
+    return trees or {"this": None}
+
+
+def _summary(
+    label: str, ours: list[tuple[float, float]], kernel: list[tuple[float, float]], target: float
+) -> str:
+    """One row: best vs best, median vs median, the per-round ratios' range, rounds met."""
+    ratios = [a / k for (a, _), (k, _) in zip(ours, kernel, strict=True) if k]
+    best_a, best_k = max(a for a, _ in ours), max(k for k, _ in kernel)
+    med_a, med_k = statistics.median(a for a, _ in ours), statistics.median(k for k, _ in kernel)
+    cpu_a, cpu_k = statistics.median(c for _, c in ours), statistics.median(c for _, c in kernel)
+    met = sum(r >= target for r in ratios)
+    return (
+        f"{label:<30} {best_a:>7.0f} / {best_k:<7.0f} {best_a / best_k:>5.2f}x "
+        f"{med_a:>7.0f} / {med_k:<7.0f} {med_a / med_k:>5.2f}x "
+        f"{min(ratios):>5.2f}-{max(ratios):<5.2f}x {met:>2}/{len(ratios):<2} "
+        f"{cpu_a:>8.1f} {cpu_k:>8.1f}  >= {target:g}x"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hybrid-us", type=float, default=200.0)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best of)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--qd", default="1,32", help="queue depths, comma separated")
+    parser.add_argument(
+        "--modes", default=None, help='comma separated, e.g. "poll batch,irq tasks" (default: all)'
+    )
     parser.add_argument(
         "--no-tasks", action="store_true", help="leave out the task-per-command rows"
     )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="measure aiovfio from this source tree too (repeatable; default: this one)",
+    )
+    parser.add_argument("--no-perf", action="store_true", help="leave out the perf tool's run")
+    parser.add_argument("--one", nargs=2, metavar=("QD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import logging
 
@@ -138,38 +223,37 @@ def main() -> int:
         print("run in the aiovfio guest with fio installed on the host (apt install fio)")
         return 2
     bdf = bdfs[0]
-    polls: dict[str, bool | float] = {
-        "irq": False,
-        "poll": True,
-        f"hybrid {args.hybrid_us:g}us": args.hybrid_us / 1e6,
-    }
-    modes: dict[str, tuple[bool | float, bool]] = {
-        f"{name} batch": (poll, False) for name, poll in polls.items()
-    }
-    if not args.no_tasks:
-        modes |= {f"{name} tasks": (poll, True) for name, poll in polls.items()}
-    ours: dict[tuple[int, str], PerfResult] = {}
-    kernel: dict[int, tuple[float, float]] = {}
+    if args.one is not None:
+        return _one(bdf, int(args.one[0]), args.one[1], args.seconds, args.hybrid_us)
+    every = _modes(args.hybrid_us)
+    names = list(every) if args.modes is None else [m.strip() for m in args.modes.split(",")]
+    if args.no_tasks:
+        names = [m for m in names if not m.endswith("tasks")]
+    unknown = [m for m in names if m not in every]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}: pick from {', '.join(every)}")
+    depths = [int(q) for q in args.qd.split(",")]
+    trees = _trees(args.tree)
+    ours: dict[tuple[int, str, str], list[tuple[float, float]]] = {}
+    kernel: dict[int, list[tuple[float, float]]] = {qd: [] for qd in depths}
     subprocess.run(["modprobe", "nvme"], check=True)
-    # Interleaved rounds, best of each: the host's load swings (TCG shares its cores).
     for round_ in range(1, args.rounds + 1):
-        for qd in (1, 32):
-            for name, (poll, tasks) in modes.items():
-                r = anyio.run(_aiovfio, bdf, qd, poll, args.seconds, tasks)
-                if (qd, name) not in ours or r.iops > ours[qd, name].iops:
-                    ours[qd, name] = r
-                print(
-                    f"round {round_} aiovfio QD{qd} {name}: {r.iops:.0f} IOPS, "
-                    f"{r.cpu_per_io_us:.1f} us CPU/IO",
-                    flush=True,
-                )
+        for qd in depths:
+            for tree, path in trees.items():
+                for mode in names:
+                    r = _run_child(path, bdf, qd, mode, args.seconds, args.hybrid_us)
+                    ours.setdefault((qd, mode, tree), []).append(r)
+                    print(
+                        f"round {round_} aiovfio QD{qd} {mode} ({tree}): {r[0]:.0f} IOPS, "
+                        f"{r[1]:.1f} us CPU/IO",
+                        flush=True,
+                    )
         _bind(bdf, "nvme")
         try:
             device = _block_device(bdf)
-            for qd in (1, 32):
+            for qd in depths:
                 k = _fio(device, qd, args.seconds)
-                if qd not in kernel or k[0] > kernel[qd][0]:
-                    kernel[qd] = k
+                kernel[qd].append(k)
                 print(
                     f"round {round_} kernel QD{qd}: {k[0]:.0f} IOPS, {k[1]:.1f} us CPU/IO",
                     flush=True,
@@ -177,25 +261,40 @@ def main() -> int:
         finally:
             _bind(bdf, "vfio-pci")
     print(
-        f"\n4 KiB randread, best of {args.rounds} interleaved rounds of {args.seconds:g} s, "
-        f"kernel {os.uname().release}, QEMU nvme ({bdf})"
+        f"\n4 KiB randread, {args.rounds} interleaved rounds of {args.seconds:g} s, "
+        f"kernel {os.uname().release}, QEMU nvme ({bdf}); each round's ratio is against "
+        f"the kernel's figure of the same round"
     )
     print(
-        f"{'QD':>3} {'mode':<20} {'aiovfio IOPS':>13} {'kernel IOPS':>12} {'ratio':>7} "
-        f"{'aiovfio us/IO':>14} {'kernel us/IO':>13}  target"
+        f"{'QD':>3} {'mode (tree)':<30} "
+        + " ".join(f"{'r' + str(i):>14}" for i in range(1, args.rounds + 1))
     )
-    for (qd, name), r in ours.items():
-        k_iops, k_cpu = kernel[qd]
-        ratio = r.iops / k_iops if k_iops else 0.0
-        verdict = "ok" if ratio >= TARGETS[qd] else "MISS"
+    for (qd, mode, tree), runs in ours.items():
+        cells = [
+            f"{a:>6.0f} {a / k:>5.2f}x " if k else f"{a:>6.0f}    -  "
+            for (a, _), (k, _) in zip(runs, kernel[qd], strict=True)
+        ]
+        print(f"{qd:>3} {f'{mode} ({tree})':<30} " + " ".join(cells))
+    for qd in depths:
         print(
-            f"{qd:>3} {name:<20} {r.iops:>13.0f} {k_iops:>12.0f} {ratio:>6.2f}x "
-            f"{r.cpu_per_io_us:>14.1f} {k_cpu:>13.1f}  >= {TARGETS[qd]:g}x: {verdict}"
+            f"{qd:>3} {'kernel (fio)':<30} "
+            + " ".join(f"{k:>6.0f}         " for k, _ in kernel[qd])
         )
+    print(
+        f"\n{'QD mode (tree)':<33} {'best aiovfio / kernel':>23} {'median aiovfio / kernel':>23} "
+        f"{'per round':>11} {'met':>5} {'us/IO ours':>10} {'kernel':>7}"
+    )
+    for (qd, mode, tree), runs in ours.items():
+        print(f"{qd:>2} " + _summary(f"{mode} ({tree})", runs, kernel[qd], TARGETS.get(qd, 1.0)))
+    if args.no_perf or 32 not in depths:
+        return 0
     print("\n$ aiovfio nvme perf --qd 32 --size 4k --pattern randread --seconds 5 (best mode)")
     from aiovfio.nvme import cli
 
-    best = max((m for m in ours if m[0] == 32), key=lambda m: ours[m].iops)[1]
+    best = max(
+        ((m, t) for q, m, t in ours if q == 32),
+        key=lambda mt: statistics.median(a for a, _ in ours[32, mt[0], mt[1]]),
+    )[0]
     kind, style = best.split()[0], best.split()[-1]
     flags = {"poll": ["--poll"], "irq": []}.get(kind, ["--hybrid", f"{args.hybrid_us:g}"])
     flags += ["--tasks"] if style == "tasks" else []

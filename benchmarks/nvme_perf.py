@@ -377,6 +377,7 @@ ns = types.SimpleNamespace(info=info, nsid=1, controller=ctrl)
 batch = Batch(ns, 32)  # entered by hand: its CIDs, its sink on the queue
 batch._q, batch.depth, batch._max_transfer, batch._open = q, 32, ctrl.max_transfer, True
 batch._free = [q.try_take() for _ in range(32)]
+batch._ring_at = 16  # as entering sets it (half the depth: read_into rings at 16 and 32)
 batch._tags = [None] * q.depth
 q.sinks.append(batch._sink)
 bufs = []
