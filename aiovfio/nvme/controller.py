@@ -60,7 +60,7 @@ import anyio
 import anyio.abc
 from attrs import define, field
 
-from .. import errors
+from .. import _ki, errors
 from .._log import logger
 from .errors import (
     CommandTimeout,
@@ -914,3 +914,12 @@ async def open_controller(
             raise inner  # the body's own exception, as it was raised
         finally:
             inner.__context__ = context
+
+
+# The admin lock is taken and released in these two: on trio a KeyboardInterrupt landing
+# between the lock's acquisition and the `async with` body (or in its exit) would leave the
+# lock held by the task, and the shutdown's own admin commands would then fail with
+# "Attempted to acquire an already held Lock". Protected, the interrupt arrives at the
+# command's wait, inside the body, and the lock is released on the way out.
+_ki.protect(Controller.admin_command)
+_ki.protect(Controller._identify_data)
