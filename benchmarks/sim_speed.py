@@ -363,7 +363,8 @@ class NullIoNvme(Nvme):
     """QEMU's nvme, except that an I/O queue's commands transfer no data: each entry is
     fetched, completed with success and posted, and the CQ's vector fires. The QD1 row
     on this device is the floor of what the sim's kernel, clock and interrupt path cost
-    with a device model that does (almost) nothing; not a target, for scale."""
+    with a device model that does (almost) nothing; not a target, for scale. For the
+    QD1 rows only: it neither checks PRPs nor holds completions for a full CQ."""
 
     def _process_sq(self, sq: Any) -> None:
         if not sq.qid:

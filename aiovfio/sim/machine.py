@@ -62,6 +62,15 @@ _BUS_MASTER = 0x04
 _MSIX = IrqType.MSIX  # the member, as a module name (an Enum.MEMBER lookup is slow in 3.11)
 
 
+def _iommu_of(device: SimDevice) -> Type1Iommu | Ioas | None:
+    """The IOMMU a device's DMA goes through: its IOAS (attached through its cdev), else
+    its group's container's, else none. (`Machine._window` has it inline: the hot path.)"""
+    if device.ioas is not None:
+        return device.ioas
+    container = device.group.container
+    return None if container is None else container.iommu
+
+
 class _Context:
     """The DeviceContext a model gets: DMA, interrupts, config, RAM, clock, faults."""
 
@@ -123,15 +132,8 @@ class _Context:
         topo = self._machine._topo
         if not topo.depth or not device.config.phys[_COMMAND] & _BUS_MASTER or topo.noiommu:
             return None
-        iommu: Type1Iommu | Ioas | None = device.ioas
-        if iommu is None:
-            container = device.group.container
-            if container is None:
-                return None
-            iommu = container.iommu
-            if iommu is None:
-                return None
-        return iommu.generation
+        iommu = _iommu_of(device)
+        return None if iommu is None else iommu.generation
 
     def set_intx(self, asserted: bool) -> None:
         with self._machine._topo.lock:
@@ -589,7 +591,7 @@ class Machine:
         the machine lock, so none of this can change until it releases it.
         """
         if size > 0 and device.config.phys[_COMMAND] & _BUS_MASTER and not self._topo.noiommu:
-            iommu: Type1Iommu | Ioas | None = device.ioas
+            iommu: Type1Iommu | Ioas | None = device.ioas  # _iommu_of, inline
             if iommu is None:
                 container = device.group.container
                 if container is not None:
@@ -629,9 +631,7 @@ class Machine:
 
     def _drop_view(self, device: SimDevice, iova: int) -> None:
         """Forget the released view of the mapping holding `iova` (the general path copies)."""
-        iommu: Type1Iommu | Ioas | None = device.ioas
-        if iommu is None and device.group.container is not None:
-            iommu = device.group.container.iommu
+        iommu = _iommu_of(device)
         if iommu is not None:
             m = iommu.lookup(iova)
             if m is not None:
@@ -659,12 +659,9 @@ class Machine:
                     "COMMAND |= 0x4)",
                     "bus_master",
                 )
-            container = device.group.container
             if self._topo.noiommu:
                 return self._dma_physical(device, iova, size, data, fault)
-            iommu: Type1Iommu | Ioas | None = device.ioas  # attached through its cdev
-            if iommu is None and container is not None:
-                iommu = container.iommu
+            iommu = _iommu_of(device)
             if iommu is None:
                 raise fault(
                     "the device's group is not attached to a container with an IOMMU, "

@@ -178,6 +178,10 @@ def _fail(code: Status, *, dnr: bool = True) -> _Result:
     return _Result(_status(code, dnr=dnr))
 
 
+#: the empty view: what an unset window or ring view holds
+_NO_VIEW = memoryview(b"")
+
+
 @define(eq=False)
 class _SubmissionQueue:
     qid: int
@@ -194,7 +198,7 @@ class _SubmissionQueue:
     #: the whole ring through `dma_view` (its view, the offset of entry 0) and the
     #: `dma_epoch` it was given under (0: none kept)
     ring_epoch: int = field(default=0, repr=False)
-    ring_view: memoryview = field(default=memoryview(b""), repr=False)
+    ring_view: memoryview = field(default=_NO_VIEW, repr=False)
     ring_offset: int = field(default=0, repr=False)
 
 
@@ -207,9 +211,6 @@ class _Usage:
     bytes_written: int = 0
     reads: int = 0
     writes: int = 0
-
-
-_NO_VIEW = memoryview(b"")
 
 
 @define(eq=False)
@@ -272,7 +273,7 @@ class _CompletionQueue:
     sqids: set[int] = field(factory=set)
     #: as `_SubmissionQueue.ring_epoch`: the whole ring's writable view, kept
     ring_epoch: int = field(default=0, repr=False)
-    ring_view: memoryview = field(default=memoryview(b""), repr=False)
+    ring_view: memoryview = field(default=_NO_VIEW, repr=False)
     ring_offset: int = field(default=0, repr=False)
 
     @property
@@ -731,11 +732,11 @@ class Nvme(DeviceModel):
         ctx = self._ctx
         assert ctx is not None  # device work: attached
         window = ctx.dma_view(queue.base, queue.size * entry, write) if epoch else None
-        if window is None:
+        if window is None or epoch is None:
             queue.ring_epoch = 0
             return False
         queue.ring_view, queue.ring_offset = window
-        queue.ring_epoch = epoch or 0
+        queue.ring_epoch = epoch
         return True
 
     def _run_io(
@@ -1055,7 +1056,7 @@ class Nvme(DeviceModel):
         assert ctx is not None  # a command runs in the clock's callback: attached
         size = len(data)
         w = self._windows
-        if w.write_start <= prp1 and prp1 + size <= w.write_end:  # the batch's mapping
+        if w.active and w.write_start <= prp1 and prp1 + size <= w.write_end:  # kept
             offset = prp1 - w.write_start
             try:
                 w.write_view[offset : offset + size] = data
@@ -1098,7 +1099,7 @@ class Nvme(DeviceModel):
     def _prp1_from_host(self, prp1: int, length: int) -> bytes | int:
         """`_from_host` for data inside PRP1's page, as `_prp1_to_host` (or `dma_read`)."""
         w = self._windows
-        if w.read_start <= prp1 and prp1 + length <= w.read_end:
+        if w.active and w.read_start <= prp1 and prp1 + length <= w.read_end:  # kept
             offset = prp1 - w.read_start
             try:
                 return bytes(w.read_view[offset : offset + length])
